@@ -1,0 +1,209 @@
+"""Gaussian diffusion over segmentation masks: the only place the diffusion math is written.
+
+Coefficients are computed once, in float64 numpy, for the K-step resampled schedule
+(Nichol & Dhariwal 2021; paper section 3.1) and indexed by the position ``k = 0..K-1``
+(``k = 0`` is ``t = 1``, the least noisy step). Training (q-sample, recycling) and sampling
+(posterior steps) both call these methods, so no formula is written twice.
+
+Shapes: masks are ``(batch, *spatial, classes)``; ``k`` is an int array ``(batch,)`` that is
+broadcast over the trailing axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mask_to_x0(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Label map ``(batch, *spatial)`` int -> ``x0 = 2*onehot - 1`` ``(batch, *spatial, classes)``."""
+    return 2.0 * jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) - 1.0
+
+
+def logits_to_x0(logits: jax.Array) -> jax.Array:
+    """Network logits ``(..., classes)`` -> predicted mask ``x0_hat = 2*softmax - 1`` in [-1, 1]."""
+    return 2.0 * jax.nn.softmax(logits.astype(jnp.float32), axis=-1) - 1.0
+
+
+def x0_to_logits(x0: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Inverse of :func:`logits_to_x0` up to a constant: ``log((x0 + 1) / 2)``, clipped.
+
+    Used when the network predicts noise: the x0 derived from it is a point in [-1, 1]^C,
+    read as class probabilities ``(x0 + 1) / 2``; the log makes it usable as logits.
+    """
+    probs = jnp.clip((x0 + 1.0) / 2.0, eps, 1.0)
+    return jnp.log(probs)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianDiffusion:
+    """A K-step DDPM schedule; all arrays have length K and are float64 (``timesteps`` int).
+
+    Attributes:
+        num_timesteps: T of the original schedule (1000 in the paper).
+        timesteps: ``t_k`` (1-indexed original steps); the network's time input.
+        betas: ``beta_k = 1 - abar_k / abar_{k-1}`` with ``abar_{-1} = 1``.
+        alphas_cumprod: ``abar_k = abar(t_k)``.
+        alphas_cumprod_prev: ``abar_{k-1}`` (1 for ``k = 0``).
+        posterior_variance: ``beta~_k = (1 - abar_{k-1}) / (1 - abar_k) * beta_k``.
+        posterior_mean_coef1: coefficient of ``x0`` in the posterior mean (paper eq. 5).
+        posterior_mean_coef2: coefficient of ``x_k`` in the posterior mean (paper eq. 5).
+    """
+
+    num_timesteps: int
+    timesteps: np.ndarray
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+
+    @classmethod
+    def linear(
+        cls,
+        num_timesteps: int = 1000,
+        num_steps: int = 5,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ) -> GaussianDiffusion:
+        """Linear beta schedule over T steps, resampled to K steps ``t_k = round(linspace(1, T, K))``."""
+        if not 1 <= num_steps <= num_timesteps:
+            raise ValueError(f"num_steps={num_steps} must lie in [1, num_timesteps={num_timesteps}]")
+        full_betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+        full_abar = np.cumprod(1.0 - full_betas)
+        timesteps = np.round(np.linspace(1, num_timesteps, num_steps)).astype(np.int64)
+        if len(np.unique(timesteps)) != num_steps:  # only possible for K > T, excluded above
+            raise ValueError(f"resampled timesteps are not distinct: {timesteps}")
+        abar = full_abar[timesteps - 1]
+        abar_prev = np.concatenate([[1.0], abar[:-1]])
+        betas = 1.0 - abar / abar_prev
+        alphas = 1.0 - betas
+        return cls(
+            num_timesteps=num_timesteps,
+            timesteps=timesteps,
+            betas=betas,
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            posterior_variance=betas * (1.0 - abar_prev) / (1.0 - abar),
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+        )
+
+    @classmethod
+    def from_config(cls, diffusion_cfg: dict, num_steps: int | None = None) -> GaussianDiffusion:
+        """Build from a run config's ``diffusion`` section; ``num_steps`` defaults to ``train_steps``."""
+        return cls.linear(
+            num_timesteps=int(diffusion_cfg["num_timesteps"]),
+            num_steps=int(num_steps if num_steps is not None else diffusion_cfg["train_steps"]),
+            beta_start=float(diffusion_cfg["beta_start"]),
+            beta_end=float(diffusion_cfg["beta_end"]),
+        )
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of resampled steps."""
+        return len(self.timesteps)
+
+    # -- indexing -------------------------------------------------------------------------
+
+    @staticmethod
+    def _take(coef: np.ndarray, k: jax.Array, like: jax.Array) -> jax.Array:
+        """``coef[k]`` as ``like``'s float dtype, shaped ``(batch, 1, ..., 1)`` to broadcast."""
+        values = jnp.asarray(coef, dtype=like.dtype)[k]
+        return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+    def t(self, k: jax.Array) -> jax.Array:
+        """Original step index ``t_k`` (int32) of positions ``k`` — the network's time input."""
+        return jnp.asarray(self.timesteps, dtype=jnp.int32)[k]
+
+    def random_k(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Uniform positions ``k`` in ``[0, K)``, shape ``(batch,)``."""
+        return jax.random.randint(key, (batch_size,), 0, self.num_steps)
+
+    # -- forward process ------------------------------------------------------------------
+
+    def q_sample(self, x0: jax.Array, k: jax.Array, noise: jax.Array) -> jax.Array:
+        """``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) noise``, all ``(batch, *spatial, classes)``."""
+        return (
+            self._take(np.sqrt(self.alphas_cumprod), k, x0) * x0
+            + self._take(np.sqrt(1.0 - self.alphas_cumprod), k, x0) * noise
+        )
+
+    def x0_from_eps(self, x_t: jax.Array, k: jax.Array, eps: jax.Array) -> jax.Array:
+        """Invert :meth:`q_sample` for ``x0`` given the noise."""
+        return (
+            x_t - self._take(np.sqrt(1.0 - self.alphas_cumprod), k, x_t) * eps
+        ) / self._take(np.sqrt(self.alphas_cumprod), k, x_t)
+
+    def eps_from_x0(self, x_t: jax.Array, k: jax.Array, x0: jax.Array) -> jax.Array:
+        """Invert :meth:`q_sample` for the noise given ``x0``."""
+        return (
+            x_t - self._take(np.sqrt(self.alphas_cumprod), k, x_t) * x0
+        ) / self._take(np.sqrt(1.0 - self.alphas_cumprod), k, x_t)
+
+    # -- reverse process ------------------------------------------------------------------
+
+    def q_posterior_mean(self, x0: jax.Array, x_t: jax.Array, k: jax.Array) -> jax.Array:
+        """Mean of ``q(x_{k-1} | x_k, x0)`` (paper eq. 5 with the resampled coefficients)."""
+        return (
+            self._take(self.posterior_mean_coef1, k, x_t) * x0
+            + self._take(self.posterior_mean_coef2, k, x_t) * x_t
+        )
+
+    def p_sample_step(
+        self, x0_hat: jax.Array, x_t: jax.Array, k: jax.Array, noise: jax.Array
+    ) -> jax.Array:
+        """One ancestral step ``x_{k-1} ~ N(mean(x0_hat, x_k), beta~_k)``; no noise at ``k = 0``."""
+        mean = self.q_posterior_mean(x0_hat, x_t, k)
+        std = self._take(np.sqrt(self.posterior_variance), k, x_t)  # exactly 0 at k = 0
+        return mean + std * noise
+
+    def predict_x0(self, output: jax.Array, x_t: jax.Array, k: jax.Array, prediction: str) -> jax.Array:
+        """The network's output read as ``x0_hat`` in [-1, 1]: logits (``x0``) or noise (``epsilon``)."""
+        if prediction == "x0":
+            return logits_to_x0(output)
+        if prediction == "epsilon":
+            return jnp.clip(self.x0_from_eps(x_t, k, output.astype(x_t.dtype)), -1.0, 1.0)
+        raise ValueError(f"prediction must be 'x0' or 'epsilon', got {prediction!r}")
+
+    def sample(
+        self,
+        denoise_fn: Callable[[jax.Array, jax.Array], jax.Array],
+        shape: tuple[int, ...],
+        key: jax.Array,
+        prediction: str = "x0",
+    ) -> jax.Array:
+        """DDPM sampling over all K steps, from ``x_{K-1} ~ N(0, I)`` to the last ``x0_hat``.
+
+        Args:
+            denoise_fn: ``(x_k (batch, *spatial, classes), t (batch,) int32) -> output`` of the
+                same shape (logits for ``x0`` prediction, noise for ``epsilon``).
+            shape: ``(batch, *spatial, classes)``.
+            key: PRNG key.
+            prediction: ``"x0"`` or ``"epsilon"``.
+
+        Returns:
+            Logits ``(batch, *spatial, classes)`` of the last step's ``x0_hat``; the
+            segmentation is their argmax.
+        """
+        key, first = jax.random.split(key)
+        x_t = jax.random.normal(first, shape, dtype=jnp.float32)
+
+        def body(i: int, carry: tuple[jax.Array, jax.Array, jax.Array]):
+            x_t, _, key = carry
+            k = jnp.full((shape[0],), self.num_steps - 1 - i, dtype=jnp.int32)
+            output = denoise_fn(x_t, self.t(k)).astype(jnp.float32)
+            x0_hat = self.predict_x0(output, x_t, k, prediction)
+            key, sub = jax.random.split(key)
+            x_prev = self.p_sample_step(x0_hat, x_t, k, jax.random.normal(sub, shape, jnp.float32))
+            logits = output if prediction == "x0" else x0_to_logits(x0_hat)
+            return x_prev, logits, key
+
+        init = (x_t, jnp.zeros(shape, jnp.float32), key)
+        _, logits, _ = jax.lax.fori_loop(0, self.num_steps, body, init)
+        return logits

@@ -1,0 +1,125 @@
+"""The diffusion schedule, forward process and posterior against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffseg.diffusion import GaussianDiffusion, logits_to_x0, mask_to_x0, x0_to_logits
+
+
+def test_five_step_schedule_matches_design():
+    d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=5)
+    np.testing.assert_array_equal(d.timesteps, [1, 251, 500, 750, 1000])
+    np.testing.assert_allclose(
+        d.alphas_cumprod, [0.9999, 0.5214, 0.07859, 0.003351, 4.036e-5], rtol=2e-4
+    )
+    assert d.betas.dtype == np.float64 and d.alphas_cumprod.dtype == np.float64
+    # beta_k = 1 - abar_k / abar_{k-1}, abar_{-1} = 1
+    np.testing.assert_allclose(d.betas[0], 1e-4)
+    np.testing.assert_allclose(d.betas[1:], 1 - d.alphas_cumprod[1:] / d.alphas_cumprod[:-1])
+
+
+def test_full_schedule_is_the_original_linear_schedule():
+    d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=1000)
+    np.testing.assert_array_equal(d.timesteps, np.arange(1, 1001))
+    np.testing.assert_allclose(d.betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-9, atol=1e-12)
+
+
+def test_posterior_coefficients_match_bayes_rule():
+    """q(x_{k-1} | x_k, x0) computed from the two Gaussians by hand, for every k > 0."""
+    d = GaussianDiffusion.linear(num_steps=5)
+    for k in range(1, 5):
+        abar_prev, alpha, beta = d.alphas_cumprod[k - 1], 1 - d.betas[k], d.betas[k]
+        # prior x_{k-1} ~ N(sqrt(abar_prev) x0, 1 - abar_prev); likelihood x_k ~ N(sqrt(alpha) x_{k-1}, beta)
+        precision = 1 / (1 - abar_prev) + alpha / beta
+        var = 1 / precision
+        coef_x0 = var * np.sqrt(abar_prev) / (1 - abar_prev)
+        coef_xt = var * np.sqrt(alpha) / beta
+        np.testing.assert_allclose(d.posterior_variance[k], var, rtol=1e-10)
+        np.testing.assert_allclose(d.posterior_mean_coef1[k], coef_x0, rtol=1e-10)
+        np.testing.assert_allclose(d.posterior_mean_coef2[k], coef_xt, rtol=1e-10)
+    # At k = 0 the posterior is x0 itself: no variance, no x_t term.
+    assert d.posterior_variance[0] == 0 and d.posterior_mean_coef2[0] == 0
+    np.testing.assert_allclose(d.posterior_mean_coef1[0], 1.0)
+
+
+def test_hand_computed_k2_coefficients():
+    d = GaussianDiffusion.linear(num_steps=5)
+    a1, a2 = d.alphas_cumprod[1], d.alphas_cumprod[2]
+    beta2 = 1 - a2 / a1
+    np.testing.assert_allclose(d.posterior_mean_coef1[2], np.sqrt(a1) * beta2 / (1 - a2))
+    np.testing.assert_allclose(d.posterior_mean_coef2[2], np.sqrt(1 - beta2) * (1 - a1) / (1 - a2))
+
+
+def test_q_sample_and_eps_round_trip():
+    d = GaussianDiffusion.linear(num_steps=5)
+    key = jax.random.PRNGKey(0)
+    labels = jax.random.randint(key, (4, 6, 5), 0, 3)
+    x0 = mask_to_x0(labels, 3)
+    noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+    k = jnp.array([0, 1, 3, 4])
+    x_t = d.q_sample(x0, k, noise)
+    # at k=4, 1/sqrt(abar)=157 amplifies float32 rounding
+    np.testing.assert_allclose(d.x0_from_eps(x_t, k, noise), x0, atol=2e-3)
+    np.testing.assert_allclose(d.eps_from_x0(x_t, k, x0), noise, atol=1e-4)
+    # hand value for one voxel
+    abar = d.alphas_cumprod[3]
+    expected = np.sqrt(abar) * x0[2, 0, 0] + np.sqrt(1 - abar) * noise[2, 0, 0]
+    np.testing.assert_allclose(x_t[2, 0, 0], expected, rtol=1e-5)
+
+
+def test_mask_and_logit_conversions():
+    x0 = mask_to_x0(jnp.array([[0, 2]]), 3)
+    np.testing.assert_array_equal(x0, [[[1, -1, -1], [-1, -1, 1]]])
+    logits = jnp.array([[0.0, 1.0, -2.0]])
+    p = jax.nn.softmax(logits)
+    np.testing.assert_allclose(logits_to_x0(logits), 2 * p - 1, rtol=1e-6)
+    np.testing.assert_allclose(jax.nn.softmax(x0_to_logits(logits_to_x0(logits))), p, rtol=1e-5)
+
+
+def test_posterior_step_has_no_noise_at_last_step():
+    d = GaussianDiffusion.linear(num_steps=5)
+    x0 = jnp.ones((2, 3, 2))
+    x_t = jnp.zeros((2, 3, 2))
+    k = jnp.zeros((2,), jnp.int32)
+    out = d.p_sample_step(x0, x_t, k, noise=100 * jnp.ones_like(x0))
+    np.testing.assert_allclose(out, x0)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon"])
+def test_sampling_with_an_oracle_recovers_the_mask(prediction):
+    d = GaussianDiffusion.linear(num_steps=5)
+    labels = jax.random.randint(jax.random.PRNGKey(3), (2, 8, 8), 0, 4)
+    x0 = mask_to_x0(labels, 4)
+    seen_t = []
+
+    def oracle(x_t, t):
+        seen_t.append(t)
+        if prediction == "x0":
+            return 10.0 * x0  # logits peaked at the true class
+        k = jnp.searchsorted(jnp.asarray(d.timesteps), t)
+        return d.eps_from_x0(x_t, k, x0)
+
+    logits = jax.jit(lambda key: d.sample(oracle, x0.shape, key, prediction=prediction))(
+        jax.random.PRNGKey(0)
+    )
+    assert logits.shape == x0.shape
+    np.testing.assert_array_equal(jnp.argmax(logits, -1), labels)
+
+
+def test_sampling_feeds_original_timesteps_in_descending_order():
+    d = GaussianDiffusion.linear(num_steps=5)
+    calls = []
+
+    def record(x_t, t):
+        jax.debug.callback(lambda v: calls.append(int(v[0])), t)
+        return jnp.zeros_like(x_t)
+
+    jax.block_until_ready(d.sample(record, (1, 2, 2), jax.random.PRNGKey(0)))
+    assert calls == [1000, 750, 500, 251, 1]
+
+
+def test_bad_step_count():
+    with pytest.raises(ValueError, match="num_steps"):
+        GaussianDiffusion.linear(num_timesteps=10, num_steps=11)

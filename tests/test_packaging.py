@@ -1,0 +1,37 @@
+"""The two install routes stay equivalent, and CI runs the README's test command as written."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"simpleitk": "simpleitk", "matplotlib": "matplotlib-base", "snakemake": "snakemake-minimal"}
+
+
+def _requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+    out = {}
+    for req in reqs:
+        name, bound = re.fullmatch(r"([A-Za-z0-9_.-]+)(>=[0-9.]+)", req).groups()
+        out[name.lower()] = bound
+    return out
+
+
+def test_environment_yml_matches_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    entries = [d for d in env["dependencies"] if isinstance(d, str)]
+    entries += next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    for name, bound in _requirements().items():
+        conda_name = CONDA_NAMES.get(name, name)
+        assert f"{conda_name}{bound}" in entries, f"environment.yml lacks {conda_name}{bound}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
+    assert command.strip() in readme
+    assert "snakemake --cores all results/table2.csv" in readme
