@@ -58,9 +58,9 @@ BASE: dict[str, Any] = {
         "seed": 0,
         "augment": {
             "enabled": True,
-            "rotation_deg": 15.0,
+            "rotation_deg": 5.0,
             "translation_vox": 4.0,
-            "scale": [0.9, 1.1],
+            "scale": [0.85, 1.15],
         },
     },
     "evaluate": {"tolerance_mm": 1.0, "batch_size": 1},

@@ -1,0 +1,32 @@
+# diffseg: the paper's experiments as a graph of jobs (DESIGN.md). Thin: logic lives in diffseg.
+#   snakemake --cores all                       # the phantom demo (config/config.yaml)
+#   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml
+from snakemake.utils import min_version, validate
+
+min_version("8.10")
+
+
+# The demo config is the default; a --configfile (config/paper.yaml, your own) replaces it
+# rather than being merged over it, so the paper never inherits the demo's small settings.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+# Errors name the bad key (jsonschema's path); fills the schema's defaults (results, compute...).
+validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        REPORT_OUTPUTS,

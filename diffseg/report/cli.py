@@ -1,0 +1,87 @@
+"""Report sub-commands: ``diffseg table``, ``diffseg stats``, ``diffseg figure``.
+
+Each reads the workflow config (the merged Snakemake config, dumped by the workflow to
+``{results}/workflow_config.yaml``, or any config YAML) and the runs' ``test/metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffseg.config import load_yaml
+from diffseg.errors import ConfigError
+from diffseg.io import atomic_path, atomic_write_text
+
+
+def _write_csv(df, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _table(args: argparse.Namespace) -> int:
+    from diffseg.report.tables import build_table, to_markdown
+
+    table = build_table(load_yaml(args.config), args.which, args.runs)
+    _write_csv(table, args.out)
+    if args.markdown:
+        atomic_write_text(args.markdown, to_markdown(table))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from diffseg.report.stats import alpha_of, figure3_models, paired_tests, spearman
+
+    config = load_yaml(args.config)
+    _write_csv(paired_tests(config, args.runs), args.ttests)
+    _write_csv(spearman(args.runs, figure3_models(config), alpha_of(config)), args.spearman)
+    return 0
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from diffseg.report.figures import figure2, figure3
+    from diffseg.report.stats import figure3_models
+    from diffseg.report.tables import table1_cells
+
+    config = load_yaml(args.config)
+    results = Path(args.results)
+    if args.which == "figure3":
+        figure3(results / "runs", figure3_models(config), args.out)
+        return 0
+    fig2 = (config.get("figures") or {}).get("figure2") or {}
+    t1 = table1_cells(config)
+    dim = str(fig2.get("dim", t1[-1]["dim"] if t1 else "3d"))
+    panels = [
+        {"dataset": c["dataset"], "seg_run": c["run"], "diff_run": c["pair_run"]}
+        for c in t1
+        if c["dim"] == dim and c["diffusion"] == t1[0]["diffusion"]
+    ]
+    if not panels:
+        raise ConfigError(f"figures.figure2.dim: {dim!r} is not among tables.table1.dims")
+    figure2(results, panels, args.out, cases=int(fig2.get("cases", 2)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``table``, ``stats`` and ``figure`` to the ``diffseg`` command line."""
+    p = sub.add_parser("table", help="build Table 1 or 2 (CSV + markdown) from test metrics")
+    p.add_argument("--which", choices=("table1", "table2"), required=True)
+    p.add_argument("--config", required=True, help="workflow config YAML (the tables: section)")
+    p.add_argument("--runs", required=True, help="the runs folder, {results}/runs")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--markdown", help="markdown rendering to write beside it")
+    p.set_defaults(func=_table)
+
+    p = sub.add_parser("stats", help="paired t-tests and Spearman correlations")
+    p.add_argument("--config", required=True)
+    p.add_argument("--runs", required=True)
+    p.add_argument("--ttests", required=True, help="CSV of paired t-tests")
+    p.add_argument("--spearman", required=True, help="CSV of Spearman correlations")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("figure", help="draw Figure 2 (examples) or Figure 3 (Dice per class)")
+    p.add_argument("--which", choices=("figure2", "figure3"), required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", required=True, help="the results folder")
+    p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
+    p.set_defaults(func=_figure)

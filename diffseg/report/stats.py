@@ -1,0 +1,110 @@
+"""Significance tests and correlations behind the paper's claims.
+
+* ``paired_tests``: paired Student's t-test (``scipy.stats.ttest_rel``) on per-case mean
+  foreground Dice between the paired cells of Tables 1 and 2 (see ``tables`` for the pairs),
+  with ``significant = p < alpha`` (``stats.alpha``, default 0.01).
+* ``spearman``: per model, Spearman's rank correlation across foreground classes between the
+  class's mean volume share (``volume_share`` column of metrics.csv, the class's share of the
+  label volume, averaged over test cases) and its mean Dice over test cases (Figure 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from scipy import stats
+
+from diffseg.errors import DataError
+from diffseg.report.tables import _y, cells, metrics_path, paired_ttest, per_case, read_metrics
+
+
+def alpha_of(config: Mapping[str, Any]) -> float:
+    """The significance level ``stats.alpha`` (default 0.01)."""
+    return float((config.get("stats") or {}).get("alpha", 0.01))
+
+
+def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFrame:
+    """One row per distinct pair of each configured table.
+
+    Columns: ``table, dataset, dim, comparison, run_a, run_b, n, mean_a, mean_b, mean_diff,
+    t, p_value, alpha, significant`` (``mean_diff = mean_a - mean_b`` of per-case mean Dice;
+    ``run_b`` is the reference: Table 1's Y cell, Table 2's ``diff`` run).
+    """
+    alpha = alpha_of(config)
+    rows, seen = [], set()
+    for which in ("table1", "table2"):
+        if which not in (config.get("tables") or {}):
+            continue
+        for cell in cells(config, which):
+            a, b = cell["run"], cell["pair_run"]
+            if which == "table1" and cell["diffusion"] == _y(config):
+                continue  # the same pair as the N row's, tested there as N (a) vs Y (b)
+            key = (which, cell["dataset"], a, b)
+            if a == b or key in seen:
+                continue
+            seen.add(key)
+            ma = read_metrics(metrics_path(runs_dir, cell["dataset"], a))
+            mb = read_metrics(metrics_path(runs_dir, cell["dataset"], b))
+            t, p, n = paired_ttest(ma, mb)
+            da, db = per_case(ma)["dice"].mean(), per_case(mb)["dice"].mean()
+            rows.append({
+                "table": which, "dataset": cell["dataset"], "dim": cell["dim"],
+                "comparison": cell.get("ablation", "diffusion"), "run_a": a, "run_b": b, "n": n,
+                "mean_a": da, "mean_b": db, "mean_diff": da - db, "t": t, "p_value": p,
+                "alpha": alpha, "significant": bool(p < alpha) if pd.notna(p) else False,
+            })
+    return pd.DataFrame(rows)
+
+
+def class_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per foreground class: ``class, class_name, dice, volume_share, n`` (means over cases).
+
+    Dice counts a miss as 0; NaN Dice (class absent from label and prediction) is skipped.
+    """
+    if "volume_share" not in metrics.columns:
+        raise DataError("metrics.csv: no volume_share column, needed for the Spearman correlation")
+    m = metrics.copy()
+    if "class_name" not in m.columns:
+        m["class_name"] = m["class"].astype(str)
+    out = m.groupby(["class", "class_name"], sort=True).agg(
+        dice=("dice", "mean"), volume_share=("volume_share", "mean"), n=("uid", "nunique")
+    )
+    return out.reset_index()
+
+
+def spearman(
+    runs_dir: str | Path, models: list[tuple[str, str]], alpha: float = 0.01
+) -> pd.DataFrame:
+    """Spearman r between class mean volume share and class mean Dice, one row per model.
+
+    Args:
+        runs_dir: ``{results}/runs``.
+        models: ``(dataset, run)`` pairs.
+        alpha: significance level.
+
+    Returns:
+        Columns ``dataset, run, classes, r, p_value, alpha, significant``.
+    """
+    rows = []
+    for dataset, run in models:
+        cs = class_summary(read_metrics(metrics_path(runs_dir, dataset, run))).dropna(
+            subset=["dice", "volume_share"]
+        )
+        if len(cs) >= 3:
+            res = stats.spearmanr(cs["volume_share"], cs["dice"])
+            r, p = float(res.statistic), float(res.pvalue)
+        else:  # a correlation over fewer than 3 classes means nothing
+            r = p = float("nan")
+        rows.append({
+            "dataset": dataset, "run": run, "classes": len(cs), "r": r, "p_value": p,
+            "alpha": alpha, "significant": bool(p < alpha) if pd.notna(p) else False,
+        })
+    return pd.DataFrame(rows)
+
+
+def figure3_models(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The models of Figure 3 (and the Spearman table): every Table 1 cell, in table order."""
+    return [(c["dataset"], c["run"]) for c in cells(config, "table1")]

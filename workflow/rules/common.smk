@@ -1,0 +1,69 @@
+# Shared helpers: the run matrix (from tables: + experiments:), paths and resources.
+import re
+
+import yaml
+
+from diffseg.config import resolve_run_config, save_run_config
+from diffseg.errors import ConfigError
+from diffseg.io import atomic_write_text
+from diffseg.report.stats import figure3_models
+from diffseg.report.tables import cells, runs_needed
+
+RESULTS = config["results"]
+RESOURCES = config["resources"]
+DOWNLOADED = ("prostate_mr", "abdominal_ct")  # sources fetched from Zenodo
+RUNS = runs_needed(config)  # [(dataset, run)]: every table cell and experiment
+for _d, _r in RUNS:
+    if _d not in config["datasets"]:
+        raise ConfigError(f"config: run {_r!r} needs dataset {_d!r}, which is not under datasets:")
+WORKFLOW_CONFIG = f"{RESULTS}/workflow_config.yaml"
+TABLE1 = config["tables"].get("table1")
+TABLE2 = config["tables"].get("table2")
+
+
+wildcard_constraints:
+    dataset="|".join(re.escape(d) for d in config["datasets"]),
+    run=r"(2d|3d)-[A-Za-z0-9_]+(-[A-Za-z0-9_]+)*",
+
+
+def run_dir(dataset, run):
+    return f"{RESULTS}/runs/{dataset}/{run}"
+
+
+def metrics_of(pairs):
+    return [f"{run_dir(d, r)}/test/metrics.csv" for d, r in pairs]
+
+
+COMPUTE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "slurm_extra": ""}
+
+
+def compute(stage, key):
+    """A resource of a stage from config compute.{stage}.{key}, else COMPUTE_DEFAULTS (the schema's)."""
+    return ((config.get("compute") or {}).get(stage) or {}).get(key, COMPUTE_DEFAULTS[key])
+
+
+def download_input(wildcards):
+    source = config["datasets"][wildcards.dataset]["source"]
+    return [f"{RESOURCES}/{wildcards.dataset}/manifest.json"] if source in DOWNLOADED else []
+
+
+def table_runs(which):
+    return sorted({(c["dataset"], r) for c in cells(config, which) for r in (c["run"], c["pair_run"])})
+
+
+def table_input(wildcards):
+    return metrics_of(table_runs(wildcards.which))
+
+
+TABLES = [t for t in ("table1", "table2") if t in config["tables"]]
+STATS_RUNS = sorted({p for t in TABLES for p in table_runs(t)})
+USED = sorted({d for d, _ in RUNS})  # datasets some run needs
+PHANTOMS = [d for d in USED if config["datasets"][d]["source"] == "phantom"]
+REPORT_OUTPUTS = (
+    [f"{RESULTS}/{t}.{ext}" for t in TABLES for ext in ("csv", "md")]
+    + [f"{RESULTS}/stats/ttests.csv", f"{RESULTS}/stats/spearman.csv"]
+    + metrics_of(RUNS)  # experiments: runs outside the tables are trained and tested too
+    + [f"{RESULTS}/figures/phantom_{d}.png" for d in PHANTOMS]
+)
+if TABLE1:
+    REPORT_OUTPUTS += [f"{RESULTS}/figures/figure{i}.{e}" for i in (2, 3) for e in ("png", "pdf")]

@@ -1,0 +1,40 @@
+# Training: one job per (dataset, run); the run config is resolved once and saved beside it.
+
+
+rule run_config:
+    output:
+        f"{RESULTS}/runs/{{dataset}}/{{run}}/config.yaml",
+    params:
+        # The resolved config is a rerun trigger: change a variant and only its runs retrain.
+        cfg=lambda w: resolve_run_config(config, w.dataset, w.run),
+    log:
+        f"{RESULTS}/logs/run_config/{{dataset}}/{{run}}.log",
+    run:
+        save_run_config(params.cfg, output[0])
+
+
+rule train:
+    input:
+        cfg=f"{RESULTS}/runs/{{dataset}}/{{run}}/config.yaml",
+        split=f"{RESULTS}/data/{{dataset}}/split.csv",
+    output:
+        best=f"{RESULTS}/runs/{{dataset}}/{{run}}/best.json",
+        log=f"{RESULTS}/runs/{{dataset}}/{{run}}/train_log.csv",
+        valid=f"{RESULTS}/runs/{{dataset}}/{{run}}/valid.csv",
+    params:
+        data=lambda w: f"{RESULTS}/data/{w.dataset}",
+        out=lambda w: run_dir(w.dataset, w.run),
+    log:
+        f"{RESULTS}/logs/train/{{dataset}}/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{dataset}}/{{run}}.tsv"
+    threads: compute("train", "threads")
+    resources:
+        mem_mb=compute("train", "mem_mb"),
+        runtime=compute("train", "runtime"),
+        gpu=compute("train", "gpu"),
+        slurm_extra=compute("train", "slurm_extra"),
+    conda:
+        "../../environment.yml"
+    shell:
+        "diffseg train --run-config {input.cfg} --data {params.data} --out {params.out} 2> {log}"
