@@ -136,6 +136,13 @@ def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``{"train.steps": 10}``) in ``cfg`` in place; unknown keys are errors."""
+    for key, value in (overrides or {}).items():
+        _set_dotted(cfg, key, value)
+    return cfg
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["train.steps=10", "model.channels=[8,16]"]`` -> ``{"train.steps": 10, ...}`` (YAML values)."""
     out: dict[str, Any] = {}
@@ -181,8 +188,7 @@ def resolve_run_config(
     cfg = deep_merge(cfg, VARIANTS.get(variant, {}))
     cfg = deep_merge(cfg, (config.get("variants") or {}).get(variant))
     cfg = deep_merge(cfg, (datasets[dataset] or {}).get("training"))
-    for key, value in (overrides or {}).items():
-        _set_dotted(cfg, key, value)
+    apply_overrides(cfg, overrides)
     if seed is not None:
         cfg["train"]["seed"] = seed
     cfg.update(dataset=dataset, run=run, dim=dim, variant=variant, seed=cfg["train"]["seed"])

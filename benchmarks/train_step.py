@@ -1,0 +1,277 @@
+"""Train-step speed of the diffseg U-Net: JAX (fast conv, plain XLA conv) vs the same net in PyTorch.
+
+One step = forward, cross-entropy + foreground Dice loss, backward, AdamW update (jitted in JAX,
+eager in PyTorch), timed after warm-up as the median of ``--repeats`` runs. The JAX and PyTorch
+timings are interleaved round by round so that load from other processes hits both alike.
+
+    python benchmarks/train_step.py                      # 3D, 64×64×16, batch 2, channels 32–256
+    python benchmarks/train_step.py --skip-xla --repeats 5
+
+Writes ``benchmarks/results/train_step_{backend}.json``; the LAST printed line is the speed ratio
+``torch_seconds / jax_seconds`` (≥ 1 means JAX is faster). Needs the ``benchmark`` extra (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffseg.model import UNet
+from diffseg.model.unet import num_groups
+
+LR = 1e-4
+
+
+# ----------------------------------------------------------------------------------------- JAX
+def jax_loss(logits: jax.Array, onehot: jax.Array) -> jax.Array:
+    """Cross-entropy + (1 − foreground soft Dice). logits/onehot ``(B, *S, C)`` → scalar."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
+    prob = jnp.exp(logp)
+    axes = tuple(range(1, logits.ndim - 1))
+    inter = jnp.sum(prob * onehot, axis=axes)
+    denom = jnp.sum(prob + onehot, axis=axes)
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + 1.0 - jnp.mean(dice[:, 1:])
+
+
+def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
+    """Return (state, jitted step(state, batch) -> (state, loss))."""
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], batch["mask"], batch["t"])
+    tx = optax.adamw(LR)
+    state = (params, tx.init(params))
+
+    @jax.jit
+    def step(state, batch):
+        params, opt = state
+
+        def loss_fn(p):
+            logits = model.apply(p, batch["image"], batch["mask"], batch["t"], train=True)
+            return jax_loss(logits, batch["onehot"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+    return state, step
+
+
+# ------------------------------------------------------------------------------------- PyTorch
+def build_torch(num_classes: int, channels: list[int], dims: int, time_dim: int, in_ch: int):
+    """The same U-Net as ``diffseg.model.UNet`` (conditional), in PyTorch, channels-first."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    ConvNd = nn.Conv3d if dims == 3 else nn.Conv2d
+
+    class ResBlock(nn.Module):
+        def __init__(self, cin: int, cout: int):
+            super().__init__()
+            self.conv1 = ConvNd(cin, cout, 3, padding=1)
+            self.norm1 = nn.GroupNorm(num_groups(cout), cout, eps=1e-6)
+            self.time = nn.Linear(time_dim, 2 * cout)
+            self.conv2 = ConvNd(cout, cout, 3, padding=1)
+            self.norm2 = nn.GroupNorm(num_groups(cout), cout, eps=1e-6)
+            self.skip = ConvNd(cin, cout, 1) if cin != cout else None
+
+        def forward(self, x, temb):
+            h = self.norm1(self.conv1(x))
+            scale, shift = self.time(F.silu(temb)).chunk(2, dim=1)
+            view = (h.shape[0], -1) + (1,) * dims
+            h = F.silu(h * (1 + scale.view(view)) + shift.view(view))
+            h = F.silu(self.norm2(self.conv2(h)))
+            return h + (self.skip(x) if self.skip is not None else x)
+
+    class TorchUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.time_mlp1 = nn.Linear(time_dim, 4 * time_dim)
+            self.time_mlp2 = nn.Linear(4 * time_dim, time_dim)
+            self.stem = ConvNd(in_ch, channels[0], 3, padding=1)
+            self.down = nn.ModuleList(
+                ResBlock(channels[max(i - 1, 0)] if i else channels[0], c) for i, c in enumerate(channels)
+            )
+            self.up = nn.ModuleList(ResBlock(channels[i + 1] + channels[i], channels[i]) for i in
+                                    range(len(channels) - 1))
+            self.head = ConvNd(channels[0], num_classes, 1)
+            self.pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
+
+        def forward(self, x, t):
+            half = time_dim // 2
+            freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+            args = t.float()[:, None] * freqs[None].to(t.device)
+            temb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+            temb = self.time_mlp2(F.silu(self.time_mlp1(temb)))
+            h = self.stem(x)
+            skips = []
+            for i, block in enumerate(self.down):
+                if i:
+                    h = self.pool(h, 2)
+                h = block(h, temb)
+                skips.append(h)
+            for i in range(len(channels) - 2, -1, -1):
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+                h = self.up[i](torch.cat([h, skips[i]], dim=1), temb)
+            return self.head(h)
+
+    return TorchUNet()
+
+
+def torch_loss(logits, onehot):
+    """Same loss as ``jax_loss``; logits/onehot ``(B, C, *S)``."""
+    import torch
+
+    logp = torch.log_softmax(logits, dim=1)
+    ce = -(onehot * logp).sum(1).mean()
+    prob = logp.exp()
+    axes = tuple(range(2, logits.ndim))
+    dice = (2 * (prob * onehot).sum(axes) + 1e-5) / ((prob + onehot).sum(axes) + 1e-5)
+    return ce + 1.0 - dice[:, 1:].mean()
+
+
+# ---------------------------------------------------------------------------------------- main
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs="+", default=[64, 64, 16], help="spatial shape")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
+    ap.add_argument("--classes", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--impl", default="auto", help="conv_impl of the fast JAX model")
+    ap.add_argument("--skip-xla", action="store_true", help="skip the (slow on CPU) plain-XLA model")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 compute for the JAX models")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default by backend)")
+    args = ap.parse_args(argv)
+
+    dims = len(args.shape)
+    backend = jax.default_backend()
+    device = str(jax.devices()[0].device_kind)
+    c, b, spatial = args.classes, args.batch, tuple(args.shape)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, c, size=(b, *spatial))
+    onehot = np.eye(c, dtype=np.float32)[labels]
+    image = rng.standard_normal((b, *spatial, 1)).astype(np.float32)
+    mask = (2 * onehot - 1 + 0.5 * rng.standard_normal(onehot.shape)).astype(np.float32)
+    t = np.array([251, 750][:b] + [500] * max(0, b - 2), dtype=np.int32)
+    batch = {k: jnp.asarray(v) for k, v in dict(image=image, mask=mask, t=t, onehot=onehot).items()}
+
+    runners: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    impls = [("jax_fast", args.impl)] + ([] if args.skip_xla else [("jax_xla", "xla")])
+    for name, impl in impls:
+        model = UNet(num_classes=c, channels=tuple(args.channels), spatial_dims=dims, dtype=dtype, conv_impl=impl)
+        state, step = make_jax_step(model, batch)
+        counts["jax"] = sum(int(p.size) for p in jax.tree.leaves(state[0]))
+        holder = {"state": state}
+
+        def run(step=step, holder=holder):
+            holder["state"], loss = step(holder["state"], batch)
+            jax.block_until_ready(loss)
+
+        t0 = time.perf_counter()
+        run()
+        print(f"{name} ({impl}): compile + first step {time.perf_counter() - t0:.1f} s", flush=True)
+        runners[name] = run
+
+    torch_device = None
+    if not args.skip_torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        tnet = build_torch(c, args.channels, dims, 128, 1 + c).to(torch_device)
+        counts["torch"] = sum(p.numel() for p in tnet.parameters())
+        topt = torch.optim.AdamW(tnet.parameters(), lr=LR)
+        perm = (0, dims + 1, *range(1, dims + 1))
+        tx = torch.from_numpy(np.concatenate([image, mask], -1).transpose(perm).copy()).to(torch_device)
+        toh = torch.from_numpy(onehot.transpose(perm).copy()).to(torch_device)
+        tt = torch.from_numpy(t).to(torch_device)
+
+        def run_torch():
+            topt.zero_grad(set_to_none=True)
+            loss = torch_loss(tnet(tx, tt), toh)
+            loss.backward()
+            topt.step()
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
+
+        runners["torch"] = run_torch
+
+    print(f"parameters: {counts}", flush=True)
+    if "torch" in counts and counts["torch"] != counts["jax"]:
+        print("WARNING: parameter counts differ", file=sys.stderr)
+    for run in runners.values():
+        for _ in range(args.warmup):
+            run()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.repeats):  # interleaved rounds: shared-CPU noise hits every model alike
+        for name, run in runners.items():
+            times[name] += timed(run, 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:9s} {v:.3f} s/step  (all: {', '.join(f'{x:.3f}' for x in times[k])})", flush=True)
+
+    ratio = med["torch"] / med["jax_fast"] if "torch" in med else float("nan")
+    result = {
+        "backend": backend,
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "jaxlib": __import__("jaxlib").__version__,
+            "flax": __import__("flax").__version__,
+            "torch": __import__("torch").__version__ if not args.skip_torch else None,
+        },
+        "torch_device": torch_device,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "config": {
+            "shape": list(spatial), "batch": b, "channels": args.channels, "classes": c, "dims": dims,
+            "repeats": args.repeats, "impl": args.impl, "bf16": args.bf16,
+        },
+        "parameters": counts,
+        "seconds_per_step": med,
+        "all_seconds": times,
+        "ratio_torch_over_jax_fast": ratio,
+    }
+    if "jax_xla" in med:
+        result["ratio_torch_over_jax_xla"] = med["torch"] / med["jax_xla"] if "torch" in med else None
+        result["speedup_fast_over_xla"] = med["jax_xla"] / med["jax_fast"]
+    out = args.out or Path(__file__).parent / "results" / f"train_step_{backend}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    print(f"JAX/PyTorch speed ratio (torch_time / jax_time, >=1 means JAX faster): {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""diffseg.data: phantoms, Zenodo downloads, preprocessing, splits, loading and augmentation.
+
+Public API::
+
+    prepare_dataset(name, ds_cfg, out_dir, resources_dir) -> dict      # dataset.json
+    load_dataset(data_dir) -> Dataset                                 # .info, .split(name), ...
+    augment_batch(key, images, labels, cfg) -> (images, labels)       # pure JAX, jit-able
+    generate_phantom(anatomy, shape, spacing, seed, index) -> (image, label)
+    download_dataset(name, ds_cfg, resources_dir, base_url=None) -> dict  # manifest.json
+"""
+
+from diffseg.data.dataset import Dataset, augment_batch, load_dataset
+from diffseg.data.download import download_dataset, download_file, fetch_record, md5sum
+from diffseg.data.phantom import CLASSES, generate_phantom
+from diffseg.data.prepare import prepare_dataset
+from diffseg.data.preprocess import (
+    crop_or_pad,
+    normalize_intensity,
+    preprocess_case,
+    read_nifti,
+    resample,
+    write_nifti,
+)
+from diffseg.data.sources import Case, Source, list_source
+from diffseg.data.splits import make_split, random_split, read_split_csv, write_split_csv
+
+__all__ = [
+    "CLASSES",
+    "Case",
+    "Dataset",
+    "Source",
+    "augment_batch",
+    "crop_or_pad",
+    "download_dataset",
+    "download_file",
+    "fetch_record",
+    "generate_phantom",
+    "list_source",
+    "load_dataset",
+    "make_split",
+    "md5sum",
+    "normalize_intensity",
+    "prepare_dataset",
+    "preprocess_case",
+    "random_split",
+    "read_nifti",
+    "read_split_csv",
+    "resample",
+    "write_nifti",
+    "write_split_csv",
+]

@@ -1,0 +1,145 @@
+"""``diffseg download``, ``diffseg data`` and ``diffseg data-figure``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffseg.config import load_yaml
+from diffseg.data.dataset import load_dataset
+from diffseg.data.download import download_dataset
+from diffseg.data.prepare import prepare_dataset
+from diffseg.errors import ConfigError, DataError
+from diffseg.io import atomic_path
+
+
+def _dataset_entry(config_path: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The workflow config and its ``datasets.{name}`` entry (ConfigError when absent)."""
+    cfg = load_yaml(config_path)
+    datasets = cfg.get("datasets") or {}
+    if name not in datasets:
+        raise ConfigError(f"{config_path}: datasets.{name} not found (have: {sorted(datasets)})")
+    return cfg, dict(datasets[name])
+
+
+def _download(args: argparse.Namespace) -> int:
+    cfg, entry = _dataset_entry(args.config, args.dataset)
+    download_dataset(args.dataset, entry, cfg.get("resources", "resources"), base_url=args.zenodo_url)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    cfg, entry = _dataset_entry(args.config, args.dataset)
+    out = Path(cfg.get("results", "results")) / "data" / args.dataset
+    prepare_dataset(args.dataset, entry, out, Path(cfg.get("resources", "resources")) / args.dataset)
+    return 0
+
+
+def _display_window(info: dict[str, Any], image: np.ndarray) -> tuple[float, float]:
+    """Grey-level range: the CT soft-tissue window (W400 L40) when the HU clip is known, else percentiles."""
+    clip = info.get("clip")
+    if info.get("modality") == "CT" and clip:
+        lo, hi = float(clip[0]), float(clip[1])
+        to_norm = lambda hu: 2.0 * (min(max(hu, lo), hi) - lo) / (hi - lo) - 1.0
+        return to_norm(-160.0), to_norm(240.0)
+    lo, hi = np.percentile(image, [1.0, 99.5])
+    return float(lo), float(hi)
+
+
+def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[str]:
+    """Mid axial slices of the first ``cases`` cases, image and label overlay, with a class legend.
+
+    Returns the uids shown. Written atomically (format from the ``out`` suffix).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    ds = load_dataset(data_dir)
+    from diffseg.data.preprocess import read_nifti
+
+    uids = sorted(ds._split)[:cases]
+    if not uids:
+        raise DataError(f"{Path(data_dir) / 'split.csv'}: no cases to show")
+    n_cls = ds.num_classes
+    colors = [matplotlib.colormaps["tab20"](i % 20) for i in range(1, n_cls)]
+    cmap = ListedColormap(colors)
+    sx, sy, _ = ds.spacing
+    fig, axes = plt.subplots(2, len(uids), figsize=(2.6 * len(uids) + 2.2, 5.6), squeeze=False)
+    for j, uid in enumerate(uids):
+        image, _ = read_nifti(ds.dir / "images" / f"{uid}.nii.gz")
+        label, _ = read_nifti(ds.dir / "labels" / f"{uid}.nii.gz")
+        z = image.shape[2] // 2
+        # Array (X, Y): transpose so X runs horizontally; aspect from the in-plane spacing.
+        img2d, lab2d = image[:, :, z].T, label[:, :, z].T.astype(int)
+        vmin, vmax = _display_window(ds.info, image)
+        for ax in axes[:, j]:
+            ax.imshow(
+                img2d,
+                cmap="gray",
+                origin="lower",
+                aspect=sy / sx,
+                interpolation="nearest",
+                vmin=vmin,
+                vmax=vmax,
+            )
+            ax.axis("off")
+        overlay = np.ma.masked_equal(lab2d, 0) - 1
+        axes[1, j].imshow(
+            overlay,
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=n_cls - 1.5,
+            alpha=0.55,
+            origin="lower",
+            aspect=sy / sx,
+            interpolation="nearest",
+        )
+        axes[0, j].set_title(f"{uid} (z={z})", fontsize=8)
+    handles = [Patch(color=colors[c - 1], label=f"{c} {ds.class_names[c]}") for c in range(1, n_cls)]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(
+        f"{ds.info.get('name', Path(data_dir).name)} ({ds.info.get('modality', '')}): "
+        "mid axial slices, image and labels",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (2.6 * len(uids) + 2.2), 0.95))
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return uids
+
+
+def _figure(args: argparse.Namespace) -> int:
+    data_figure(args.data, args.out, args.cases)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the data stage's sub-commands to the ``diffseg`` parser."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = subparsers.add_parser("download", help="download and verify a Zenodo dataset into {resources}/{NAME}")
+    p.add_argument("--config", required=True, help="workflow config YAML (resources, results, datasets)")
+    p.add_argument("--dataset", required=True, help="dataset name under datasets:")
+    p.add_argument(
+        "--zenodo-url", default=None, help="Zenodo base URL (default $DIFFSEG_ZENODO_URL or zenodo.org)"
+    )
+    p.set_defaults(func=_download)
+
+    p = subparsers.add_parser("data", help="preprocess a dataset into {results}/data/{NAME}")
+    p.add_argument("--config", required=True, help="workflow config YAML (resources, results, datasets)")
+    p.add_argument("--dataset", required=True, help="dataset name under datasets:")
+    p.set_defaults(func=_data)
+
+    p = subparsers.add_parser("data-figure", help="figure of a few prepared cases with their labels")
+    p.add_argument("--data", required=True, help="a prepared dataset folder (results/data/NAME)")
+    p.add_argument("--out", required=True, help="output image (png/pdf)")
+    p.add_argument("--cases", type=int, default=4, help="number of cases to show")
+    p.set_defaults(func=_figure)

@@ -1,0 +1,354 @@
+"""Procedural pelvis (MR-like) and abdomen (CT-like) phantoms, deterministic by (seed, case index).
+
+Organs are ellipsoids, shells, vertical tubes and torus arcs placed in physical space (mm), so
+the voxel spacing matters: a phantom's extent is ``shape * spacing`` and an anisotropic grid
+samples the same anatomy anisotropically. To stay non-trivial, each case draws its own pose
+(global rotation/translation), organ sizes, positions and rotations, class intensities that
+overlap between organs, smooth texture, a multiplicative bias field (MR), partial-volume
+averaging along the thick slices, blur and noise. Small structures (seminal vesicles,
+neurovascular bundles, adrenal glands, esophagus) stay below 0.5 % of the volume but are painted
+last so every case contains every class.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+CLASSES: dict[str, list[str]] = {
+    "pelvis": [
+        "background",
+        "bladder",
+        "bone",
+        "obturator_internus",
+        "transition_zone",
+        "central_gland",
+        "rectum",
+        "seminal_vesicle",
+        "neurovascular_bundle",
+    ],
+    "abdomen": [
+        "background",
+        "spleen",
+        "right_kidney",
+        "left_kidney",
+        "gallbladder",
+        "esophagus",
+        "liver",
+        "stomach",
+        "aorta",
+        "inferior_vena_cava",
+        "pancreas",
+        "right_adrenal_gland",
+        "left_adrenal_gland",
+        "duodenum",
+        "bladder",
+        "prostate_uterus",
+    ],
+}
+MODALITY: dict[str, str] = {"pelvis": "MR", "abdomen": "CT"}
+
+# The canonical anatomy is drawn in units of R = half the smaller in-plane extent (mm), which
+# keeps physical shapes (a sphere stays a sphere in mm whatever the spacing).
+Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass
+class _Canvas:
+    """High-resolution painting target: label and intensity, both ``(X, Y, Z * sub)``."""
+
+    label: np.ndarray
+    image: np.ndarray
+    rng: np.random.Generator
+
+    def paint(self, mask: np.ndarray, cls: int | None, value: float | np.ndarray) -> None:
+        """Paint ``mask`` with class ``cls`` (``None`` keeps the labels) and intensity ``value``."""
+        if cls is not None:
+            self.label[mask] = cls
+        self.image[mask] = value if np.isscalar(value) else np.asarray(value)[mask]
+
+
+def _rot(ax: float = 0.0, ay: float = 0.0, az: float = 0.0) -> np.ndarray:
+    """3x3 rotation matrix from angles in degrees about x, then y, then z."""
+    a, b, c = np.deg2rad([ax, ay, az])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+class _Anatomy:
+    """Shape primitives on a grid of canonical coordinates with per-case random jitter."""
+
+    def __init__(self, grid: Grid, rng: np.random.Generator, jitter: float = 1.0):
+        self.x, self.y, self.z = grid
+        self.rng = rng
+        self.jitter = jitter
+
+    def _j(self, scale: float) -> float:
+        return float(self.rng.normal(0.0, scale * self.jitter))
+
+    def ellipsoid_r(
+        self,
+        center: Sequence[float],
+        radii: Sequence[float],
+        rot_deg: Sequence[float] = (0, 0, 0),
+        size_jitter: float = 0.12,
+        pos_jitter: float = 0.04,
+        rot_jitter: float = 12.0,
+    ) -> np.ndarray:
+        """Normalised radius ``(X, Y, Zs)``: < 1 inside a randomly perturbed, rotated ellipsoid."""
+        c = np.asarray(center, float) + [self._j(pos_jitter) for _ in range(3)]
+        common = self.rng.uniform(1 - size_jitter, 1 + size_jitter)
+        r = np.asarray(radii, float) * common * self.rng.uniform(0.93, 1.07, 3)
+        rot = _rot(
+            rot_deg[0] + self._j(rot_jitter / 2),
+            rot_deg[1] + self._j(rot_jitter / 2),
+            rot_deg[2] + self._j(rot_jitter),
+        )
+        dx, dy, dz = self.x - c[0], self.y - c[1], self.z - c[2]
+        # Coordinates in the ellipsoid's own frame: R^T (p - c).
+        u = rot[0, 0] * dx + rot[1, 0] * dy + rot[2, 0] * dz
+        v = rot[0, 1] * dx + rot[1, 1] * dy + rot[2, 1] * dz
+        w = rot[0, 2] * dx + rot[1, 2] * dy + rot[2, 2] * dz
+        return np.sqrt((u / r[0]) ** 2 + (v / r[1]) ** 2 + (w / r[2]) ** 2)
+
+    def tube_d(
+        self,
+        xy: Sequence[float],
+        radius: float,
+        z_range: Sequence[float],
+        wiggle: float = 0.05,
+        pos_jitter: float = 0.03,
+    ) -> np.ndarray:
+        """Normalised distance ``(X, Y, Zs)`` to a wiggly vertical tube (< 1 inside), inf outside z_range."""
+        cx = xy[0] + self._j(pos_jitter)
+        cy = xy[1] + self._j(pos_jitter)
+        r = radius * self.rng.uniform(0.85, 1.15)
+        ph, fx, fy = self.rng.uniform(0, 2 * np.pi, 3)
+        # The centreline drifts smoothly with z so the tube is not a straight extrusion.
+        px = cx + wiggle * np.sin(1.7 * self.z + ph + fx)
+        py = cy + wiggle * np.cos(1.3 * self.z + ph + fy)
+        d = np.sqrt((self.x - px) ** 2 + (self.y - py) ** 2) / r
+        z0, z1 = z_range
+        return np.where((self.z >= z0) & (self.z <= z1), d, np.inf)
+
+    def arc_d(
+        self, center: Sequence[float], rho: float, angles_deg: Sequence[float], radius: float
+    ) -> np.ndarray:
+        """Normalised distance ``(X, Y, Zs)`` to a torus arc in a tilted plane (a C-shaped tube)."""
+        c = np.asarray(center, float) + [self._j(0.03) for _ in range(3)]
+        rot = _rot(self._j(10.0), self._j(10.0), self._j(15.0))
+        dx, dy, dz = self.x - c[0], self.y - c[1], self.z - c[2]
+        u = rot[0, 0] * dx + rot[1, 0] * dy + rot[2, 0] * dz
+        v = rot[0, 1] * dx + rot[1, 1] * dy + rot[2, 1] * dz
+        w = rot[0, 2] * dx + rot[1, 2] * dy + rot[2, 2] * dz
+        ang = np.rad2deg(np.arctan2(v, u))
+        a0, a1 = angles_deg
+        d = np.sqrt((np.sqrt(u**2 + v**2) - rho) ** 2 + w**2) / (radius * self.rng.uniform(0.85, 1.15))
+        return np.where((ang >= a0) & (ang <= a1), d, np.inf)
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Smooth zero-mean unit-std random field ``shape`` (organ texture)."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return f / (f.std() + 1e-6)
+
+
+def _bias_field(rng: np.random.Generator, grid: Grid, amplitude: float) -> np.ndarray:
+    """Smooth multiplicative bias field ``(X, Y, Z)``: exp of a random quadratic polynomial."""
+    x, y, z = grid
+    terms = [x, y, z * 0.5, x * y, x**2, y**2]
+    log_b = sum(rng.normal(0, 1) * t for t in terms)
+    log_b = log_b / (np.abs(log_b).max() + 1e-6) * amplitude
+    return np.exp(log_b)
+
+
+def _pelvis(a: _Anatomy, cv: _Canvas, zmax: float) -> None:
+    """Paint the pelvis phantom (T2-like contrast, arbitrary units ~ [0, 1])."""
+    rng = cv.rng
+    level = lambda mean, sd=0.04: float(rng.normal(mean, sd))  # per-case class intensity
+    body = a.ellipsoid_r((0, 0, 0), (1.25, 1.05, 8.0), size_jitter=0.05, rot_jitter=4)
+    cv.paint(body > 1, None, level(0.02, 0.01))  # air outside the body (only at the corners)
+    fat = level(0.75, 0.05)
+    cv.paint(body <= 1, None, fat)
+    # Distractors labelled background: gluteal muscles, a posterior muscle band.
+    for sx in (-1, 1):
+        cv.paint(a.ellipsoid_r((sx * 0.75, -0.7, 0), (0.35, 0.25, 4.0)) < 1, None, level(0.3))
+    cv.paint(a.ellipsoid_r((0, -0.95, 0), (0.6, 0.12, 4.0)) < 1, None, level(0.35))
+    # 2 bone: femoral heads / acetabulum as shells (dark cortex, fatty marrow).
+    marrow, cortex = level(0.55, 0.06), level(0.1, 0.03)
+    for sx in (-1, 1):
+        r = a.ellipsoid_r((sx * 0.85, 0.15, 0.05), (0.2, 0.28, 3.0), rot_deg=(0, 0, sx * 15))
+        cv.paint(r < 1, 2, cortex)
+        cv.paint(r < 0.7, 2, marrow)
+    # Pubic symphysis anteriorly (present only in the lower slices).
+    r = a.ellipsoid_r((0, 0.82, -0.45), (0.3, 0.1, 0.4))
+    cv.paint(r < 1, 2, cortex)
+    cv.paint(r < 0.6, 2, marrow)
+    # 3 obturator internus: muscle sheets medial to the bone.
+    muscle = level(0.3, 0.04)
+    for sx in (-1, 1):
+        cv.paint(
+            a.ellipsoid_r((sx * 0.56, 0.05, 0), (0.09, 0.38, 2.0), rot_deg=(0, 0, sx * 10)) < 1, 3, muscle
+        )
+    # 1 bladder: bright fluid, superior-anterior, with a thin dark wall.
+    r = a.ellipsoid_r((0, 0.42, zmax * 0.6), (0.33, 0.28, 0.45))
+    cv.paint(r < 1, 1, level(0.3))
+    cv.paint(r < 0.88, 1, level(0.95, 0.05))
+    # 6 rectum: posterior tube with muscular wall and dark (air/stool) lumen.
+    d = a.tube_d((0, -0.5), 0.17, (-9, 9))
+    cv.paint(d < 1, 6, level(0.32))
+    cv.paint(d < 0.55, 6, level(0.12, 0.05))
+    # 5 central gland as an outer shell of the prostate, 4 transition zone inside it.
+    pz = a.ellipsoid_r((0, 0.02, -0.1), (0.3, 0.25, 0.55), size_jitter=0.08)
+    cv.paint(pz < 1, 5, level(0.55, 0.06))
+    cv.paint(
+        a.ellipsoid_r((0, 0.07, -0.12), (0.18, 0.14, 0.42), size_jitter=0.1, pos_jitter=0.02) < 1,
+        4,
+        level(0.42, 0.05),
+    )
+    # 7 seminal vesicles: small bright paired bodies posterior-superior to the gland.
+    sv = level(0.8, 0.06)
+    for sx in (-1, 1):
+        r = a.ellipsoid_r(
+            (sx * 0.15, -0.24, 0.45),
+            (0.15, 0.07, 0.22),
+            rot_deg=(0, 0, sx * 25),
+            pos_jitter=0.02,
+            size_jitter=0.08,
+        )
+        cv.paint(r < 1, 7, sv)
+    # 8 neurovascular bundles: thin dark tubes posterolateral to the prostate.
+    nvb = level(0.22, 0.04)
+    for sx in (-1, 1):
+        cv.paint(a.tube_d((sx * 0.27, -0.17), 0.055, (-0.6, 0.5), wiggle=0.02, pos_jitter=0.015) < 1, 8, nvb)
+
+
+def _abdomen(a: _Anatomy, cv: _Canvas, zmax: float) -> None:
+    """Paint the abdomen phantom (CT-like Hounsfield units, contrast-enhanced)."""
+    rng = cv.rng
+    hu = lambda mean, sd=8.0: float(rng.normal(mean, sd))  # per-case class HU
+    body = a.ellipsoid_r((0, 0.02, 0), (1.25, 0.92, 8.0), size_jitter=0.04, rot_jitter=3)
+    cv.paint(body > 1, None, -1000.0)
+    cv.paint(body <= 1, None, hu(45))  # abdominal wall muscle
+    cv.paint(body <= 0.92, None, hu(-100, 10))  # subcutaneous fat
+    cv.paint(body <= 0.84, None, hu(-85, 10))  # visceral fat
+    # Background distractors: bowel loops (soft tissue, some with gas), paraspinal muscles, spine.
+    for _ in range(10):
+        c = (rng.uniform(-0.7, 0.8), rng.uniform(-0.2, 0.75), rng.uniform(-zmax, zmax))
+        r = a.ellipsoid_r(c, (0.14, 0.11, 0.3), rot_jitter=60)
+        cv.paint(r < 1, None, hu(30, 10))
+        if rng.random() < 0.4:
+            cv.paint(r < 0.5, None, hu(-750, 80))
+    for sx in (-1, 1):
+        cv.paint(a.ellipsoid_r((sx * 0.3, -0.72, 0), (0.17, 0.12, 8.0), rot_jitter=4) < 1, None, hu(50))
+    vert = a.ellipsoid_r((0, -0.66, 0), (0.15, 0.14, 8.0), rot_jitter=2)
+    cv.paint(vert < 1, None, hu(700, 60))
+    cv.paint(vert < 0.72, None, hu(250, 40))
+    # 6 liver (right, large) and 1 spleen (left, posterior).
+    cv.paint(a.ellipsoid_r((-0.55, 0.05, zmax * 0.45), (0.55, 0.55, 0.8)) < 1, 6, hu(60))
+    cv.paint(a.ellipsoid_r((0.8, -0.3, zmax * 0.45), (0.2, 0.32, 0.45), rot_deg=(0, 0, -30)) < 1, 1, hu(52))
+    # 4 gallbladder: water density under the liver.
+    cv.paint(a.ellipsoid_r((-0.45, 0.35, 0.0), (0.13, 0.12, 0.28)) < 1, 4, hu(8, 5))
+    # 7 stomach: wall, fluid content and an air cap.
+    r = a.ellipsoid_r((0.42, 0.2, zmax * 0.5), (0.3, 0.22, 0.45), rot_deg=(0, 0, 20))
+    cv.paint(r < 1, 7, hu(45))
+    cv.paint(r < 0.8, 7, hu(15, 6))
+    cv.paint((r < 0.8) & (a.y > 0.32), 7, hu(-800, 50))
+    # 2/3 kidneys: enhancing cortex, darker medulla.
+    for cls, sx in ((2, -1), (3, 1)):
+        r = a.ellipsoid_r((sx * 0.58, -0.42, sx * 0.05 - 0.1), (0.18, 0.22, 0.5), rot_deg=(0, 0, sx * 20))
+        cv.paint(r < 1, cls, hu(170, 15))
+        cv.paint(r < 0.6, cls, hu(90, 12))
+    # 13 duodenum: a C-shaped tube around the pancreatic head.
+    cv.paint(a.arc_d((-0.05, -0.05, -0.15), 0.28, (60, 300), 0.08) < 1, 13, hu(35))
+    # 10 pancreas: an elongated, tilted body.
+    cv.paint(a.ellipsoid_r((0.18, -0.12, -0.05), (0.4, 0.08, 0.16), rot_deg=(0, 0, 18)) < 1, 10, hu(45))
+    # 8 aorta / 9 inferior vena cava: vertical vessels, bright arterial contrast.
+    cv.paint(a.tube_d((0.1, -0.44), 0.09, (-9, 9), wiggle=0.02) < 1, 8, hu(220, 20))
+    cv.paint(a.tube_d((-0.2, -0.38), 0.09, (-9, 9), wiggle=0.02) < 1, 9, hu(150, 15))
+    # 14 bladder and 15 prostate/uterus in the lowest slices.
+    cv.paint(a.ellipsoid_r((0, 0.3, -zmax * 0.95), (0.3, 0.22, 0.35)) < 1, 14, hu(10, 5))
+    cv.paint(a.ellipsoid_r((0, -0.08, -zmax * 0.95), (0.15, 0.12, 0.3), size_jitter=0.08) < 1, 15, hu(40))
+    # Small structures last: 5 esophagus (upper slices), 11/12 adrenals.
+    cv.paint(a.tube_d((0.04, -0.32), 0.075, (zmax * 0.25, 9), wiggle=0.02, pos_jitter=0.015) < 1, 5, hu(40))
+    for cls, sx in ((11, -1), (12, 1)):
+        r = a.ellipsoid_r(
+            (sx * 0.32, -0.3, zmax * 0.5),
+            (0.06, 0.15, 0.3),
+            rot_deg=(0, 0, sx * 30),
+            pos_jitter=0.015,
+            size_jitter=0.06,
+        )
+        cv.paint(r < 1, cls, hu(35))
+
+
+_PAINTERS: dict[str, Callable[[_Anatomy, _Canvas, float], None]] = {"pelvis": _pelvis, "abdomen": _abdomen}
+
+
+def generate_phantom(
+    anatomy: str,
+    shape: Sequence[int] = (64, 64, 16),
+    spacing: Sequence[float] = (0.75, 0.75, 2.5),
+    seed: int = 0,
+    index: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom case.
+
+    Args:
+        anatomy: ``"pelvis"`` (MR-like, arbitrary units) or ``"abdomen"`` (CT-like HU).
+        shape: grid size ``(X, Y, Z)``.
+        spacing: voxel size in mm ``(sx, sy, sz)``.
+        seed, index: the case is a pure function of ``(anatomy, seed, index)``.
+
+    Returns:
+        image float32 ``(X, Y, Z)`` and label uint8 ``(X, Y, Z)`` with values ``0..len(CLASSES)-1``.
+    """
+    if anatomy not in _PAINTERS:
+        raise ValueError(f"unknown phantom anatomy {anatomy!r}: expected one of {sorted(_PAINTERS)}")
+    shape = tuple(int(s) for s in shape)
+    spacing = tuple(float(s) for s in spacing)
+    ss = np.random.SeedSequence([int(seed), int(index), zlib.crc32(anatomy.encode())])
+    rng = np.random.default_rng(ss)
+    # Sub-sample along the thick axis so that thick slices average tissue (partial volume).
+    sub = int(min(3, max(1, round(spacing[2] / min(spacing[:2])))))
+    half = [(n * s) / 2 for n, s in zip(shape, spacing, strict=True)]
+    scale = min(half[0], half[1])  # mm per canonical unit
+    ax = [(np.arange(n) + 0.5) * s - h for n, s, h in zip(shape, spacing, half, strict=True)]
+    az_fine = (np.arange(shape[2] * sub) + 0.5) * (spacing[2] / sub) - half[2]
+    x, y, z = np.meshgrid(ax[0] / scale, ax[1] / scale, az_fine / scale, indexing="ij")
+    # Global pose of the patient: rotation about Z and translation, in canonical units.
+    theta = np.deg2rad(rng.uniform(-12, 12))
+    tx, ty, tz = rng.normal(0, 0.06, 3)
+    xr = np.cos(theta) * (x - tx) + np.sin(theta) * (y - ty)
+    yr = -np.sin(theta) * (x - tx) + np.cos(theta) * (y - ty)
+    zr = z - tz
+    grid: Grid = (xr.astype(np.float32), yr.astype(np.float32), zr.astype(np.float32))
+    zmax = half[2] / scale
+    canvas = _Canvas(np.zeros(x.shape, np.uint8), np.zeros(x.shape, np.float32), rng)
+    _PAINTERS[anatomy](_Anatomy(grid, rng), canvas, zmax)
+
+    # Labels at voxel centres; intensities averaged over each thick slice (partial volume).
+    label = canvas.label[..., sub // 2 :: sub]
+    image = canvas.image.reshape(*shape[:2], shape[2], sub).mean(-1)
+    coarse: Grid = tuple(g[..., sub // 2 :: sub] for g in grid)  # type: ignore[assignment]
+    if anatomy == "pelvis":
+        image = image * (1 + 0.08 * _texture(rng, shape, 2.0))  # tissue heterogeneity
+        image = ndimage.gaussian_filter(image, sigma=(0.7, 0.7, 0.3))  # point-spread function
+        image = image * _bias_field(rng, coarse, amplitude=0.3)
+        noise = 0.045
+        re = image + rng.normal(0, noise, shape)
+        im = rng.normal(0, noise, shape)
+        image = np.sqrt(re**2 + im**2)  # Rician magnitude noise
+        image = image * rng.uniform(200, 1500)  # arbitrary MR scanner units
+    else:
+        image = image + 12 * _texture(rng, shape, 1.5)
+        image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
+        image = image + rng.normal(0, rng.uniform(15, 25), shape)
+        image = np.clip(image, -1024, 3071)
+    return image.astype(np.float32), np.ascontiguousarray(label, dtype=np.uint8)

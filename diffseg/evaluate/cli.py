@@ -1,0 +1,62 @@
+"""``diffseg test`` (a run's test split -> test/metrics.csv) and ``diffseg predict`` (a new scan)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _test(args: argparse.Namespace) -> int:
+    from diffseg.evaluate.test_split import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.data, seed=args.seed)
+    per_case = metrics.groupby("uid")["dice"].mean()
+    print(
+        f"{args.run_dir}: {per_case.size} test cases, mean foreground Dice {per_case.mean():.4f}, "
+        f"{int(metrics['missed'].sum())} missed structures"
+    )
+    return 0
+
+
+def entropy_path(mask_path: Path) -> Path:
+    """Default uncertainty map path: ``mask.nii.gz`` -> ``mask_entropy.nii.gz``."""
+    name = mask_path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return mask_path.with_name(name.removesuffix(suffix) + "_entropy" + suffix)
+    return mask_path.with_name(name + "_entropy.nii.gz")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from diffseg.evaluate.predict import predict_scan
+    from diffseg.train.loop import load_trained
+
+    model, params, run_cfg, info = load_trained(args.run)
+    out = Path(args.output)
+    uncertainty = args.uncertainty or (entropy_path(out) if args.samples > 1 else None)
+    predict_scan(model, params, run_cfg, info, args.image, out, args.samples, uncertainty, args.seed)
+    print(f"wrote {out}" + (f" and {uncertainty}" if uncertainty else ""))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``test`` and ``predict`` to the ``diffseg`` command line."""
+    test = subparsers.add_parser("test", help="segment a run's test split and write test/metrics.csv")
+    test.add_argument("--run-dir", required=True, help="trained run folder (results/runs/D/R)")
+    test.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
+    test.add_argument("--seed", type=int, default=0, help="sampling seed for diffusion runs")
+    test.set_defaults(func=_test)
+
+    predict = subparsers.add_parser("predict", help="segment a new NIfTI scan with a trained run")
+    predict.add_argument("image", help="input scan (.nii or .nii.gz, one modality)")
+    predict.add_argument("--run", required=True, help="trained run folder (results/runs/D/R)")
+    predict.add_argument("-o", "--output", required=True, help="output mask (.nii.gz), on the input's grid")
+    predict.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="diffusion samples; > 1 writes their majority vote and an entropy map",
+    )
+    predict.add_argument("--uncertainty", help="entropy map path (default: OUTPUT with _entropy)")
+    predict.add_argument("--seed", type=int, default=0)
+    predict.set_defaults(func=_predict)

@@ -1,0 +1,108 @@
+"""Inference: one forward pass for ``seg`` runs, K-step DDPM sampling for diffusion runs.
+
+Volumes go in as ``(N, X, Y, Z)``; the 2D network sees them as ``N*Z`` axial slices. Batches
+are jit-compiled once per shape and split over every local device (data parallel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffseg.diffusion import GaussianDiffusion
+
+
+def make_logits_fn(model: Any, run_cfg: dict[str, Any]) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """``logits(params, image (B, *S, 1), key) -> (B, *S, C)`` float32 for the run's model."""
+    diff_cfg = run_cfg["diffusion"]
+    if not diff_cfg["enabled"]:
+        return lambda params, image, key: model.apply(params, image).astype(jnp.float32)
+    diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=int(diff_cfg["sample_steps"]))
+
+    def logits(params, image, key):
+        shape = (*image.shape[:-1], model.num_classes)
+        denoise = lambda x_t, t: model.apply(params, image, x_t, t)
+        return diffusion.sample(denoise, shape, key, diff_cfg["prediction"])
+
+    return logits
+
+
+class Segmenter:
+    """Segments volumes with a trained model; compiled once per input shape.
+
+    Args:
+        model: the run's ``UNet``; params: its parameters; run_cfg: the resolved run config.
+        batch_size: volumes (3D) or slices (2D) per device call; rounded up to the devices.
+    """
+
+    def __init__(self, model: Any, params: Any, run_cfg: dict[str, Any], batch_size: int | None = None):
+        self.model, self.run_cfg = model, run_cfg
+        self.spatial_dims = int(run_cfg["model"]["spatial_dims"])
+        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self.params = params
+        default = int(run_cfg["evaluate"]["batch_size"]) * (16 if self.spatial_dims == 2 else 1)
+        wanted = batch_size or default
+        self.batch_size = -(-wanted // self.mesh.size) * self.mesh.size
+        self._logits = jax.jit(make_logits_fn(model, run_cfg))
+        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+
+    @property
+    def params(self) -> Any:
+        """The model parameters, replicated over the devices; assign new ones to re-use the compilation."""
+        return self._params
+
+    @params.setter
+    def params(self, params: Any) -> None:
+        self._params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+
+    def probabilities(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
+        """Class probabilities ``(X, Y, Z, C)`` float32 of one normalised volume ``(X, Y, Z)``."""
+        if self.spatial_dims == 3:
+            inputs = volume[None, ..., None]  # (1, X, Y, Z, 1)
+        else:
+            inputs = np.moveaxis(volume, -1, 0)[..., None]  # (Z, X, Y, 1): slices as a batch
+        outputs = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
+            padded[: len(chunk)] = chunk  # fixed batch shape: one compilation per volume shape
+            key, sub = jax.random.split(key)
+            logits = self._logits(self.params, jax.device_put(padded, self._batch_sharding), sub)
+            outputs.append(np.asarray(jax.nn.softmax(logits, axis=-1))[: len(chunk)])
+        probs = np.concatenate(outputs)
+        return probs[0] if self.spatial_dims == 3 else np.moveaxis(probs, 0, -2)
+
+    def segment(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
+        """Label map ``(X, Y, Z)`` uint8 of one normalised volume ``(X, Y, Z)``."""
+        return np.argmax(self.probabilities(volume, key), axis=-1).astype(np.uint8)
+
+
+def segment(
+    model: Any, params: Any, images: np.ndarray, run_cfg: dict[str, Any], key: jax.Array
+) -> np.ndarray:
+    """Label maps ``(N, X, Y, Z)`` uint8 of normalised volumes ``(N, X, Y, Z)``."""
+    segmenter = Segmenter(model, params, run_cfg)
+    keys = jax.random.split(key, len(images))
+    return np.stack([segmenter.segment(volume, k) for volume, k in zip(images, keys, strict=True)])
+
+
+def vote_and_entropy(samples: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Majority vote and voxel-wise entropy (nats) across segmentation samples.
+
+    Args:
+        samples: ``(S, X, Y, Z)`` integer label maps from S independent samples.
+
+    Returns:
+        vote ``(X, Y, Z)`` uint8 (ties go to the lower class) and entropy ``(X, Y, Z)`` float32
+        of the empirical class distribution, 0 where all samples agree, at most ``log(min(S, C))``.
+    """
+    counts = np.stack([(samples == c).sum(axis=0) for c in range(num_classes)], axis=-1)
+    freq = counts / samples.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(np.where(freq > 0, freq * np.log(freq), 0.0), axis=-1)
+    return np.argmax(counts, axis=-1).astype(np.uint8), entropy.astype(np.float32)
