@@ -45,9 +45,7 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Ar
     """Plain XLA convolution, channels-last, SAME padding. x (B, *S, Cin) → (B, *S', Cout)."""
     d = x.ndim - 2
     spatial = "XYZ"[:d]
-    dn = lax.conv_dimension_numbers(
-        x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-    )
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape, (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
     return lax.conv_general_dilated(x, kernel, tuple(strides), "SAME", dimension_numbers=dn)
 
 
