@@ -30,9 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for progress: orbax logs every checkpoint operation at INFO via absl."""
+    import logging
+
+    for name in ("absl", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.WARNING)
+    except ImportError:  # absl comes with jax/orbax; nothing to quiet without it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; sub-commands set ``func`` and return an exit code."""
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except (InputError, FileNotFoundError) as err:
