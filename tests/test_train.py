@@ -136,13 +136,13 @@ def test_recycling_passes_no_gradient_through_the_first_pass():
 
     params = {"w": jnp.array(0.7), "b": jnp.array(0.1)}
     key = jax.random.key(0)
-    grads = jax.grad(lambda p: jnp.sum(noisy_input(apply_fn, p, diffusion, image, x0, k, key, "x0", True)))(
-        params
-    )
+    grads = jax.grad(
+        lambda p: jnp.sum(noisy_input(apply_fn, p, diffusion, image, x0, k, key, "x0", True)[0])
+    )(params)
     assert float(grads["w"]) == 0.0 and float(grads["b"]) == 0.0
     # and the first pass does change the input (recycling is not a no-op)
-    plain = noisy_input(apply_fn, params, diffusion, image, x0, k, key, "x0", False)
-    recycled = noisy_input(apply_fn, params, diffusion, image, x0, k, key, "x0", True)
+    plain, _ = noisy_input(apply_fn, params, diffusion, image, x0, k, key, "x0", False)
+    recycled, _ = noisy_input(apply_fn, params, diffusion, image, x0, k, key, "x0", True)
     assert not np.allclose(plain, recycled)
 
 

@@ -111,8 +111,8 @@ def noisy_input(
     key: jax.Array,
     prediction: str,
     recycle: bool,
-) -> jax.Array:
-    """The network's training input ``x_k`` ``(B, *S, C)`` at positions ``k`` ``(B,)``.
+) -> tuple[jax.Array, jax.Array]:
+    """The network's training input ``x_k`` ``(B, *S, C)`` at positions ``k`` ``(B,)``, and its noise.
 
     Without recycling, the ground truth ``x0`` noised to ``k``. With recycling (paper eq. 8-9):
     noise the ground truth one step further, let the model predict ``x0`` from it without
@@ -127,7 +127,8 @@ def noisy_input(
         x_next = diffusion.q_sample(x0, k_next, jax.random.normal(key_first, x0.shape))
         output = apply_fn(params, image, x_next, diffusion.t(k_next)).astype(jnp.float32)
         start = jax.lax.stop_gradient(diffusion.predict_x0(output, x_next, k_next, prediction))
-    return diffusion.q_sample(start, k, jax.random.normal(key_noise, x0.shape))
+    noise = jax.random.normal(key_noise, x0.shape)
+    return diffusion.q_sample(start, k, noise), noise
 
 
 def make_loss_fn(
@@ -152,16 +153,17 @@ def make_loss_fn(
         x0 = mask_to_x0(label, num_classes)  # (B, *S, C) in {-1, 1}
         onehot = (x0 + 1.0) / 2.0
         k = diffusion.random_k(key_k, label.shape[0])
-        x_t = noisy_input(model.apply, params, diffusion, image, x0, k, key_noise, prediction, recycle)
+        x_t, noise = noisy_input(model.apply, params, diffusion, image, x0, k, key_noise, prediction, recycle)
         output = model.apply(params, image, x_t, diffusion.t(k)).astype(jnp.float32)
         if prediction == "x0":
             return segmentation_loss(output, onehot, loss_cfg)
-        # epsilon: the target is the noise that takes the ground truth to x_t (with recycling
-        # x_t was built from the prediction, so this is not the sampled noise)
-        eps_target = diffusion.eps_from_x0(x_t, k, x0)
+        # epsilon: the L2 target is the noise drawn for x_t. (With recycling, the noise that
+        # would lead from x_t back to the ground truth is (x_t - sqrt(abar) x0) / sqrt(1 - abar),
+        # which blows up as 1 / sqrt(1 - abar) = 100 at t = 1: an ill-posed target.) The ground
+        # truth reaches the network through the segmentation loss on x0_hat.
         x0_hat = diffusion.predict_x0(output, x_t, k, prediction)
         seg = segmentation_loss(x0_to_logits(x0_hat), onehot, loss_cfg)
-        return seg + float(loss_cfg["eps_l2_weight"]) * jnp.mean((output - eps_target) ** 2)
+        return seg + float(loss_cfg["eps_l2_weight"]) * jnp.mean((output - noise) ** 2)
 
     return diffusion_loss
 
