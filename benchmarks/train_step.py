@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         run()
         print(f"{name} ({impl}): compile + first step {time.perf_counter() - t0:.1f} s", flush=True)
         runners[name] = run
+        if name == "jax_fast":  # XLA's own count of the step's floating-point operations
+            cost = step.lower(holder["state"], batch).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            flops = float((cost or {}).get("flops", float("nan")))
 
     torch_device = None
     if not args.skip_torch:
@@ -287,7 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_step": med,
         "all_seconds": times,
         "ratio_torch_over_jax_fast": ratio,  # best PyTorch variant timed / JAX fast
+        "jax_fast_flops_per_step": flops,
+        "jax_fast_tflops_per_s": flops / med["jax_fast"] / 1e12,
+        # peak device memory (accelerators report it; the CPU backend does not)
+        "jax_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
     }
+    print(
+        f"JAX fast: {flops / 1e9:.1f} GFLOP/step,"
+        f" {result['jax_fast_tflops_per_s'] * 1e3:.1f} GFLOP/s achieved,"
+        f" steps/s {1 / med['jax_fast']:.3f}, peak device memory {result['jax_peak_bytes']}",
+        flush=True,
+    )
     if "jax_xla" in med:
         result["ratio_torch_over_jax_xla"] = best_torch / med["jax_xla"]
         result["speedup_fast_over_xla"] = med["jax_xla"] / med["jax_fast"]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 from numpy.testing import assert_allclose, assert_array_equal
-from test_train import TINY, toy_data, toy_volumes  # noqa: F401 (toy_data is a fixture)
+from test_train import TINY, toy_data  # noqa: F401 (toy_data is a fixture)
 
 from diffseg.cli import main
 from diffseg.config import resolve_run_config, save_run_config
@@ -91,15 +91,26 @@ def test_predict_maps_the_mask_back_onto_the_input_grid(trained_run, tmp_path, m
     assert dice(to_array(mask_img) == 1, scan > 1.5) > 0.85
 
 
-def test_predict_samples_write_vote_and_entropy(trained_run, tmp_path):
-    scan = toy_volumes(1, shape=(20, 12, 6))[0][0]
+def test_predict_samples_on_a_resampled_phantom_write_vote_and_entropy(trained_run, tmp_path):
+    from diffseg.data import generate_phantom
+    from diffseg.data.preprocess import resample
+
+    image, _ = generate_phantom("pelvis", (32, 32, 8), (0.75, 0.75, 2.5), seed=3, index=0)
+    native = sitk.GetImageFromArray(np.ascontiguousarray(image.transpose(2, 1, 0)))
+    native.SetSpacing((0.75, 0.75, 2.5))
+    native.SetOrigin((-12.0, 4.0, 30.0))
+    scan = resample(native, (1.1, 0.9, 2.0), is_label=False)  # another grid than the run's
     path = tmp_path / "scan.nii"
-    _write_scan(path, scan, (1.2, 1.0, 2.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(scan, str(path))
     out = tmp_path / "mask.nii.gz"
     assert main(["predict", str(path), "--run", str(trained_run), "-o", str(out), "--samples", "3"]) == 0
-    mask = to_array(sitk.ReadImage(str(out)))
-    entropy = to_array(sitk.ReadImage(str(tmp_path / "mask_entropy.nii.gz")))
-    assert mask.shape == entropy.shape == scan.shape
+    mask_img = sitk.ReadImage(str(out))
+    entropy_img = sitk.ReadImage(str(tmp_path / "mask_entropy.nii.gz"))
+    for written in (mask_img, entropy_img):
+        assert written.GetSize() == scan.GetSize()
+        assert_allclose(written.GetSpacing(), scan.GetSpacing())
+        assert_allclose(written.GetOrigin(), scan.GetOrigin())
+    mask, entropy = to_array(mask_img), to_array(entropy_img)
     assert mask.max() < 3 and entropy.min() >= 0 and entropy.max() <= np.log(3) + 1e-5
 
 
