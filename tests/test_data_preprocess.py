@@ -22,7 +22,8 @@ def test_nifti_round_trip(tmp_path):
     np.testing.assert_array_equal(back, arr)
     assert spacing == (0.75, 0.5, 2.5)
     img = nib.load(tmp_path / "a.nii.gz")
-    np.testing.assert_allclose(np.diag(img.affine)[:3], (0.75, 0.5, 2.5))
+    np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), (0.75, 0.5, 2.5))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")  # the preprocessing's array order
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # no temporary left
 
 

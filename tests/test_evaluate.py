@@ -133,3 +133,20 @@ def test_predict_refuses_several_modalities(trained_run, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.float32), np.eye(4)), str(path))
     assert main(["predict", str(path), "--run", str(trained_run), "-o", str(tmp_path / "m.nii.gz")]) == 2
     assert "2 volumes/modalities" in capsys.readouterr().err
+
+
+def test_predict_on_a_preprocessed_case_sees_it_as_training_did(trained_run, toy_data, tmp_path, monkeypatch):  # noqa: F811
+    # The data stage's own files must come back in the array order the network was trained on,
+    # not mirrored by a header that disagrees with the preprocessing's orientation.
+    seen = {}
+
+    def record(self, volume, key):
+        seen["volume"] = volume
+        return np.zeros(volume.shape, np.uint8)
+
+    monkeypatch.setattr(inference.Segmenter, "segment", record)
+    path = toy_data / "images" / "case5.nii.gz"
+    assert main(["predict", str(path), "--run", str(trained_run), "-o", str(tmp_path / "m.nii.gz")]) == 0
+    trained_on, _ = read_nifti(path)
+    assert seen["volume"].shape == trained_on.shape
+    assert np.corrcoef(seen["volume"].ravel(), trained_on.ravel())[0, 1] > 0.99

@@ -184,8 +184,14 @@ def preprocess_case(
 
 
 def write_nifti(path: str | Path, array: np.ndarray, spacing: Sequence[float]) -> None:
-    """Write ``array`` ``(X, Y, Z)`` atomically as NIfTI with an affine carrying ``spacing`` (mm)."""
-    affine = np.diag([*(float(s) for s in spacing), 1.0])
+    """Write ``array`` ``(X, Y, Z)`` atomically as NIfTI with an affine carrying ``spacing`` (mm).
+
+    Arrays here are in LPS order (preprocessing reorients with ``DICOMOrient(..., "LPS")``), and
+    NIfTI affines are RAS: the first two axes get negative steps, so that SimpleITK (``predict``)
+    and viewers read the file in the same orientation as the arrays the network was trained on.
+    """
+    sx, sy, sz = (float(s) for s in spacing)
+    affine = np.diag([-sx, -sy, sz, 1.0])
     img = nib.Nifti1Image(array, affine)
     img.header.set_zooms(tuple(float(s) for s in spacing))
     img.header.set_xyzt_units("mm")
