@@ -30,6 +30,7 @@ from medpy.metric import binary as medpy_binary  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from diffseg.evaluate.metrics import segmentation_metrics  # noqa: E402
+from diffseg.io import atomic_write_json  # noqa: E402
 
 SHAPE = (256, 256, 48)
 SPACING = (0.75, 0.75, 2.5)
@@ -145,7 +146,7 @@ def main() -> None:
         "per_class": json.loads(df.to_json(orient="records")),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result)
     print(f"ratio medpy_hd95_time / our_all_metrics_time = {ratio:.1f}x")
 
 

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/train_step_{backend}.json``; the LAST printed line i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.unet import num_groups
 
@@ -58,7 +58,7 @@ def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
         params, opt = state
 
         def loss_fn(p):
-            logits = model.apply(p, batch["image"], batch["mask"], batch["t"], train=True)
+            logits = model.apply(p, batch["image"], batch["mask"], batch["t"])
             return jax_loss(logits, batch["onehot"])
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 topt_cl.zero_grad(set_to_none=True)
                 torch_loss(tnet_cl(tx_cl, tt), toh_cl).backward()
                 topt_cl.step()
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
 
             runners["torch_cl"] = run_torch_cl
 
@@ -306,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio_torch_over_jax_xla"] = best_torch / med["jax_xla"]
         result["speedup_fast_over_xla"] = med["jax_xla"] / med["jax_fast"]
     out = args.out or Path(__file__).parent / "results" / f"train_step_{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     print(f"JAX/PyTorch speed ratio (torch_time / jax_time, >=1 means JAX faster): {ratio:.3f}")
     return 0

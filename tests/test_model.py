@@ -70,7 +70,7 @@ def test_unet_jit_and_finite_gradient(cond3d):
     model, params, (image, mask, t), _ = cond3d
 
     def loss(p):
-        return jnp.mean(model.apply(p, image, mask, t, train=True) ** 2)
+        return jnp.mean(model.apply(p, image, mask, t) ** 2)
 
     grads = jax.jit(jax.grad(loss))(params)
     leaves = jax.tree.leaves(grads)

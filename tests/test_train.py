@@ -19,11 +19,11 @@ from numpy.testing import assert_allclose
 from diffseg.config import resolve_run_config
 from diffseg.data.preprocess import write_nifti
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0
+from diffseg.parallel import data_mesh
 from diffseg.train.losses import cross_entropy, dice_loss, segmentation_loss
 from diffseg.train.step import (
     build_model,
     build_optimizer,
-    data_mesh,
     init_state,
     make_train_step,
     noisy_input,

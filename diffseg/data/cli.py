@@ -13,6 +13,8 @@ from diffseg.config import load_yaml
 from diffseg.data.dataset import load_dataset
 from diffseg.data.download import download_dataset
 from diffseg.data.prepare import prepare_dataset
+from diffseg.data.preprocess import read_nifti
+from diffseg.data.splits import SPLITS
 from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
 
@@ -63,9 +65,7 @@ def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[s
     from matplotlib.patches import Patch
 
     ds = load_dataset(data_dir)
-    from diffseg.data.preprocess import read_nifti
-
-    uids = sorted(ds._split)[:cases]
+    uids = sorted(u for split in SPLITS for u in ds.uids(split))[:cases]
     if not uids:
         raise DataError(f"{Path(data_dir) / 'split.csv'}: no cases to show")
     n_cls = ds.num_classes

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from diffseg.errors import DataError
-from diffseg.io import atomic_write_json
+from diffseg.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -157,23 +156,16 @@ def zip_ok(path: str | Path) -> bool:
 def extract(archive: str | Path, out_dir: str | Path) -> Path:
     """Extract a zip into ``out_dir`` atomically (via a temporary sibling folder)."""
     archive, out_dir = Path(archive), Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(archive) as z:
-            root = tmp.resolve()
-            for name in z.namelist():  # refuse members that would escape the folder
-                if not (root / name).resolve().is_relative_to(root):
-                    raise DataError(f"{archive}: unsafe member path {name!r}")
-            z.extractall(tmp)
-    except zipfile.BadZipFile as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{archive}: not a valid zip archive ({err})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        try:
+            with zipfile.ZipFile(archive) as z:
+                root = tmp.resolve()
+                for name in z.namelist():  # refuse members that would escape the folder
+                    if not (root / name).resolve().is_relative_to(root):
+                        raise DataError(f"{archive}: unsafe member path {name!r}")
+                z.extractall(tmp)
+        except zipfile.BadZipFile as err:
+            raise DataError(f"{archive}: not a valid zip archive ({err})") from None
     return out_dir
 
 

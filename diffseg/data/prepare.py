@@ -7,8 +7,6 @@ so a failure (bad input, interruption) never leaves a partial dataset behind.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from diffseg.data.preprocess import normalize_intensity, preprocess_case, write_
 from diffseg.data.sources import list_source
 from diffseg.data.splits import make_split, split_counts, write_split_csv
 from diffseg.errors import ConfigError
-from diffseg.io import atomic_write_json
+from diffseg.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +64,9 @@ def prepare_dataset(
     num_classes = len(source.classes)
     seed = int(ds_cfg.get("seed", 0))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "labels").mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
         for case in tqdm(source.cases, desc=f"prepare {name}", unit="case", disable=None):
             if case.image is None:  # phantom: generated directly on the target grid
                 image, label = generate_phantom(
@@ -99,13 +94,5 @@ def prepare_dataset(
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
         atomic_write_json(tmp / "dataset.json", info)  # last: the dataset is complete
-        # Swap the finished folder into place; the old one (if any) is removed afterwards.
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s: %d cases in %s", name, len(source.cases), out_dir)
     return info

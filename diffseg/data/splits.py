@@ -32,7 +32,8 @@ def random_split(
             f"{where}: counts {counts} sum to {sum(counts.values())}, but there are {len(uids)} cases"
         )
     order = np.random.default_rng(seed).permutation(len(uids))
-    ordered = [sorted(uids)[i] for i in order]
+    ordered_uids = sorted(uids)
+    ordered = [ordered_uids[i] for i in order]
     out, start = {}, 0
     for name in SPLITS:
         for uid in ordered[start : start + counts[name]]:
@@ -49,9 +50,7 @@ def amos_split(
     where: str = "split",
 ) -> dict[str, str]:
     """AMOS: every imagesTr case is train; the imagesVa cases split randomly into valid/test."""
-    sub = random_split(
-        valid_uids, {"valid": counts.get("valid", 10), "test": counts.get("test", 90)}, seed, where
-    )
+    sub = random_split(valid_uids, {k: counts.get(k, AMOS_SPLIT[k]) for k in AMOS_SPLIT}, seed, where)
     return {**dict.fromkeys(sorted(train_uids), "train"), **sub}
 
 

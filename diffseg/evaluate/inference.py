@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffseg.diffusion import GaussianDiffusion
+from diffseg.parallel import batch_sharding, data_mesh, replicated
 
 
 def make_logits_fn(model: Any, run_cfg: dict[str, Any]) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
@@ -43,13 +43,13 @@ class Segmenter:
     def __init__(self, model: Any, params: Any, run_cfg: dict[str, Any], batch_size: int | None = None):
         self.model, self.run_cfg = model, run_cfg
         self.spatial_dims = int(run_cfg["model"]["spatial_dims"])
-        self.mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self.mesh = data_mesh()
         self.params = params
         default = int(run_cfg["evaluate"]["batch_size"]) * (16 if self.spatial_dims == 2 else 1)
         wanted = batch_size or default
         self.batch_size = -(-wanted // self.mesh.size) * self.mesh.size
         self._logits = jax.jit(make_logits_fn(model, run_cfg))
-        self._batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._batch_sharding = batch_sharding(self.mesh)
 
     @property
     def params(self) -> Any:
@@ -58,7 +58,7 @@ class Segmenter:
 
     @params.setter
     def params(self, params: Any) -> None:
-        self._params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        self._params = jax.device_put(params, replicated(self.mesh))
 
     def probabilities(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
         """Class probabilities ``(X, Y, Z, C)`` float32 of one normalised volume ``(X, Y, Z)``."""

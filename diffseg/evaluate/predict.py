@@ -72,8 +72,6 @@ def predict_scan(
         raise DataError(f"--samples must be >= 1, got {samples}")
     check_scan(image_path)
     original = read_image(image_path)
-    if original.GetDimension() == 4:  # (X, Y, Z, 1): drop the singleton modality axis
-        original = original[:, :, :, 0]
     oriented = resample(sitk.DICOMOrient(original, "LPS"), info["spacing"], is_label=False)
     volume = normalize_intensity(to_array(oriented), info.get("modality", "MR"), info.get("clip"))
 

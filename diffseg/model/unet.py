@@ -120,12 +120,8 @@ class UNet(nn.Module):
         image: jax.Array,
         mask: jax.Array | None = None,
         t: jax.Array | None = None,
-        train: bool = False,
     ) -> jax.Array:
-        """image ``(B, *S, 1)``, mask ``(B, *S, C)`` float, t ``(B,)`` int → logits ``(B, *S, C)`` f32.
-
-        ``train`` is accepted for API symmetry (no dropout/batch-norm state).
-        """
+        """image ``(B, *S, 1)``, mask ``(B, *S, C)`` float, t ``(B,)`` int → logits ``(B, *S, C)`` f32."""
         d = self.spatial_dims
         if d not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {d}")

@@ -16,11 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from diffseg.data.preprocess import read_nifti  # noqa: E402
 from diffseg.errors import DataError  # noqa: E402
 from diffseg.io import atomic_path  # noqa: E402
 from diffseg.report.stats import class_summary, spearman  # noqa: E402
@@ -71,7 +71,7 @@ def figure3(
 def _load(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: not found (needed for Figure 2)")
-    return np.asarray(nib.load(str(path)).dataobj)
+    return read_nifti(path)[0]
 
 
 def figure2(

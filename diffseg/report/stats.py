@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from diffseg.errors import DataError
-from diffseg.report.tables import _y, cells, metrics_path, paired_ttest, per_case, read_metrics
+from diffseg.report.tables import cells, metrics_path, paired_ttest, per_case, read_metrics
 
 
 def alpha_of(config: Mapping[str, Any]) -> float:
@@ -40,8 +40,6 @@ def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFram
             continue
         for cell in cells(config, which):
             a, b = cell["run"], cell["pair_run"]
-            if which == "table1" and cell["diffusion"] == _y(config):
-                continue  # the same pair as the N row's, tested there as N (a) vs Y (b)
             key = (which, cell["dataset"], a, b)
             if a == b or key in seen:
                 continue

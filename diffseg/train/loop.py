@@ -20,7 +20,6 @@ import jax
 import numpy as np
 import pandas as pd
 import yaml
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from diffseg.config import load_yaml
@@ -29,8 +28,16 @@ from diffseg.errors import ConfigError, DataError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text
+from diffseg.parallel import data_mesh, replicated
 from diffseg.train.checkpoint import RunCheckpoints, abstract, restore_best
-from diffseg.train.step import build_model, build_optimizer, data_mesh, init_state, make_train_step
+from diffseg.train.step import (
+    build_model,
+    build_optimizer,
+    init_params,
+    init_state,
+    input_shape,
+    make_train_step,
+)
 
 LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s"]
 
@@ -91,11 +98,12 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     model = build_model(run_cfg, num_classes)
     tx, schedule = build_optimizer(run_cfg)
     mesh = data_mesh()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    spatial = train_images.shape[1:] if model.spatial_dims == 3 else train_images.shape[1:3]
+    copies = replicated(mesh)
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
-    state = jax.device_put(init_state(model, tx, tuple(spatial), key_init), replicated)
+    state = jax.device_put(
+        init_state(model, tx, input_shape(dataset.shape, model.spatial_dims), key_init), copies
+    )
 
     checkpoints = RunCheckpoints(run_dir)
     config_hash = _config_hash(run_cfg)
@@ -118,8 +126,8 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
             checkpoints = RunCheckpoints(run_dir)
 
-    images = jax.device_put(train_images, replicated)
-    labels = jax.device_put(train_labels, replicated)
+    images = jax.device_put(train_images, copies)
+    labels = jax.device_put(train_labels, copies)
     step_fn = make_train_step(model, tx, run_cfg, num_classes, mesh)
     segmenter = Segmenter(model, state["params"], run_cfg)  # compiled once, reused at each validation
     start = int(state["step"])
@@ -145,8 +153,9 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
             now = time.perf_counter()
             rate = (step - window_step) / max(now - window_start, 1e-9)
             window_start, window_step = now, step
-            logs["train"].append([step, loss, float(schedule(step - 1)), seconds_before + now - clock, rate])
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{float(schedule(step - 1)):.2e}")
+            lr = float(schedule(step - 1))
+            logs["train"].append([step, loss, lr, seconds_before + now - clock, rate])
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
         if step % every == 0 or step == total:
             segmenter.params = state["params"]
@@ -166,7 +175,8 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
             )
     progress.close()
     checkpoints.close()
-    _write_outputs(run_dir, logs)  # also when the run was already complete
+    if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
+        _write_outputs(run_dir, logs)
     return logs["best"]
 
 
@@ -179,8 +189,7 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[st
     run_cfg = load_yaml(run_dir / "config.yaml")
     info = json.loads((run_dir / "dataset.json").read_text())
     model = build_model(run_cfg, int(info["num_classes"]))
-    tx, _ = build_optimizer(run_cfg)
-    spatial = tuple(info["shape"]) if model.spatial_dims == 3 else tuple(info["shape"][:2])
-    shapes = jax.eval_shape(lambda: init_state(model, tx, spatial, jax.random.key(0))["params"])
+    spatial = input_shape(tuple(info["shape"]), model.spatial_dims)
+    shapes = jax.eval_shape(lambda: init_params(model, spatial, jax.random.key(0)))
     params, _ = restore_best(run_dir, shapes)
     return model, params, run_cfg, info

@@ -15,13 +15,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from diffseg.data import augment_batch
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0, x0_to_logits
 from diffseg.model import UNet
+from diffseg.parallel import batch_sharding
 from diffseg.train.losses import segmentation_loss
 
 State = dict[str, Any]  # {"params", "opt_state", "step"}
@@ -58,19 +58,23 @@ def build_optimizer(run_cfg: dict[str, Any]) -> tuple[optax.GradientTransformati
     return tx, schedule
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over every local device; the batch axis is split along ``"data"``."""
-    return Mesh(np.array(jax.local_devices()), ("data",))
+def input_shape(volume_shape: tuple[int, ...], spatial_dims: int) -> tuple[int, ...]:
+    """The network's spatial input for volumes ``(X, Y, Z)``: all of it in 3D, a slice ``(X, Y)`` in 2D."""
+    return tuple(volume_shape) if spatial_dims == 3 else tuple(volume_shape[:2])
+
+
+def init_params(model: UNet, spatial_shape: tuple[int, ...], key: jax.Array) -> Any:
+    """Fresh parameters for inputs of ``spatial_shape`` (one sample)."""
+    image = jnp.zeros((1, *spatial_shape, 1), jnp.float32)
+    mask = jnp.zeros((1, *spatial_shape, model.num_classes), jnp.float32)
+    return model.init(key, image, mask, jnp.zeros((1,), jnp.int32))
 
 
 def init_state(
     model: UNet, tx: optax.GradientTransformation, spatial_shape: tuple[int, ...], key: jax.Array
 ) -> State:
     """Fresh parameters and optimizer state for inputs of ``spatial_shape`` (one sample)."""
-    num_classes = model.num_classes
-    image = jnp.zeros((1, *spatial_shape, 1), jnp.float32)
-    mask = jnp.zeros((1, *spatial_shape, num_classes), jnp.float32)
-    params = model.init(key, image, mask, jnp.zeros((1,), jnp.int32))
+    params = init_params(model, spatial_shape, key)
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
@@ -182,14 +186,14 @@ def make_train_step(
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {mesh.size} devices")
     augment_cfg = dict(train_cfg["augment"])
     loss_fn = make_loss_fn(model, run_cfg, num_classes)
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    split = batch_sharding(mesh)
 
     def step(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
         key = jax.random.fold_in(key, state["step"])  # the step's randomness: resume-safe
         key_batch, key_loss = jax.random.split(key)
         image, label = sample_batch(key_batch, images, labels, batch_size, spatial_dims, augment_cfg)
-        image = jax.lax.with_sharding_constraint(image, batch_sharding)
-        label = jax.lax.with_sharding_constraint(label, batch_sharding)
+        image = jax.lax.with_sharding_constraint(image, split)
+        label = jax.lax.with_sharding_constraint(label, split)
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], image, label, key_loss)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
