@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 from diffseg.model import Conv, UNet, conv_nd
+from diffseg.model import conv as conv_module
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import downsample, upsample
 
@@ -108,10 +109,20 @@ def _ref_conv(x, k):
 
 
 @pytest.mark.parametrize(
-    "impl,spatial,ksize",
-    [("fold", (5, 7, 3), 3), ("fold", (6, 4, 8), 3), ("fold", (5, 6, 7), 1), ("im2col", (5, 6, 4), 3)],
+    "impl,spatial,ksize,tile_rows",
+    [
+        ("fold", (5, 7, 3), 3, None),
+        ("fold", (6, 4, 8), 3, None),
+        ("fold", (5, 6, 7), 1, None),
+        ("tiled", (5, 7, 3), 3, 4096),  # one chunk per batch element
+        ("tiled", (6, 4, 8), 3, 100),  # chunks end mid-plane (a padded plane is 8·6 = 48 rows)
+        ("tiled", (5, 6, 4), 3, 7),  # several chunks per plane
+    ],
 )
-def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize):
+def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize, tile_rows, monkeypatch):
+    if tile_rows is not None:  # exercise the tiled path on planes this small
+        monkeypatch.setattr(conv_module, "TILED_MIN_PLANE", 0)
+        monkeypatch.setattr(conv_module, "TILE_ROWS", tile_rows)
     kx, kk, kc = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, *spatial, 3))
     k = jax.random.normal(kk, (ksize,) * 3 + (3, 5))
@@ -132,6 +143,23 @@ def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize):
     np.testing.assert_allclose(jnp.moveaxis(zxy, 1, 3), _ref_conv(x, k), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kshape", [(3, 5, 1), (1, 3, 5)])
+def test_tiled_conv_with_unequal_odd_kernel_sizes(kshape):
+    kx, kk, kc = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(kx, (2, 6, 5, 4, 3))  # (B, X, Y, Z, C)
+    k = jax.random.normal(kk, (*kshape, 3, 2))
+    cot = jax.random.normal(kc, (2, 6, 5, 4, 2))
+
+    def tiled(x, k):  # conv3d_tiled works in the depth-first layout
+        return jnp.moveaxis(conv_module.conv3d_tiled(jnp.moveaxis(x, 3, 1), k), 1, 3)
+
+    np.testing.assert_allclose(tiled(x, k), _ref_conv(x, k), rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda x, k: jnp.sum(tiled(x, k) * cot), argnums=(0, 1))(x, k)
+    g_ref = jax.grad(lambda x, k: jnp.sum(_ref_conv(x, k) * cot), argnums=(0, 1))(x, k)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 def test_conv_module_params_match_flax_conv():
     import flax.linen as nn
 
@@ -145,7 +173,7 @@ def test_conv_module_params_match_flax_conv():
 
 
 def test_resolve_impl():
-    expected = "fold" if jax.default_backend() == "cpu" else "xla"
+    expected = "tiled" if jax.default_backend() == "cpu" else "xla"
     assert resolve_impl("auto", 3) == expected
     assert resolve_impl("auto", 2) == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
