@@ -111,8 +111,8 @@ def _as_rows(x: jax.Array, kx: int, ky: int, kz: int) -> _Rows:
     b, z, sx, sy, c = x.shape
     py = sy + ky - 1
     plane = (sx + kx - 1) * py
-    chunk = min(TILE_ROWS, z * plane)
-    per_batch = -(-z * plane // chunk)
+    per_batch = -(-z * plane // TILE_ROWS)
+    chunk = -(-z * plane // per_batch)  # equal chunks of at most TILE_ROWS rows: little padding
     halo = (kx - 1) * py + ky - 1
     pads = ((0, 0), _same_pads(kz), _same_pads(kx), _same_pads(ky), (0, 0))
     xp = jnp.pad(x, pads).reshape(b, (z + kz - 1) * plane, c)
