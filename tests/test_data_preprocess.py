@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from diffseg.data import crop_or_pad, normalize_intensity, preprocess_case, read_nifti, resample, write_nifti
+from diffseg.data.preprocess import read_image
 from diffseg.errors import DataError
 
 ARGS = {"num_classes": 9, "spacing": (0.75, 0.75, 2.5), "shape": (16, 16, 8), "modality": "MR"}
@@ -98,6 +99,14 @@ def test_nan_voxels(tmp_path, make_case):
     _rewrite(tmp_path / "i.nii.gz", add_nan)
     with pytest.raises(DataError, match=r"i\.nii\.gz: 1 NaN/Inf voxels"):
         preprocess_case(tmp_path / "i.nii.gz", tmp_path / "l.nii.gz", **ARGS)
+
+
+def test_nan_voxels_in_other_formats(tmp_path):
+    arr = np.zeros((4, 5, 6), np.float32)
+    arr[1, 2, 3] = np.inf
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "i.mha"))
+    with pytest.raises(DataError, match=r"i\.mha: 1 NaN/Inf voxels"):
+        read_image(tmp_path / "i.mha")
 
 
 def test_truncated_file(tmp_path, make_case):

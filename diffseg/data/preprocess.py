@@ -20,18 +20,22 @@ GEOMETRY_RTOL = 1e-3
 
 
 def read_image(path: str | Path) -> sitk.Image:
-    """Read a medical image with SimpleITK; a missing, unreadable or truncated file is a ``DataError``."""
+    """Read a medical image with SimpleITK.
+
+    A missing, unreadable or truncated file, or one with NaN/Inf voxels, is a ``DataError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if path.name.endswith((".nii", ".nii.gz")):
+    nifti = path.name.endswith((".nii", ".nii.gz"))
+    if nifti:
         # SimpleITK silently zero-fills a truncated .nii.gz and reads NaN as 0: decode the voxels
         # with nibabel first, which fails on a short file and keeps NaN/Inf.
         check_finite(read_nifti(path)[0], path)
     try:
         img = sitk.ReadImage(str(path))
         # Force the voxel data to be decoded now: a truncated .gz fails here, not later.
-        sitk.GetArrayViewFromImage(img)
+        voxels = sitk.GetArrayViewFromImage(img)
     except RuntimeError as err:
         reason = str(err).strip().splitlines()
         detail = next(
@@ -46,6 +50,8 @@ def read_image(path: str | Path) -> sitk.Image:
         )
     if img.GetDimension() != 3:
         raise DataError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
+    if not nifti:  # other formats: SimpleITK's own decode is all there is
+        check_finite(voxels, path)
     return img
 
 
@@ -166,10 +172,7 @@ def preprocess_case(
     img = read_image(image_path)
     lab = read_image(label_path)
     check_geometry(img, lab, image_path, label_path)
-    check_finite(sitk.GetArrayViewFromImage(img), image_path)
-    lab_arr = sitk.GetArrayViewFromImage(lab)
-    check_finite(lab_arr, label_path)
-    check_labels(lab_arr, num_classes, label_path)
+    check_labels(sitk.GetArrayViewFromImage(lab), num_classes, label_path)
     # Reorient to one axis convention so every case has the same array layout.
     img = sitk.DICOMOrient(img, "LPS")
     lab = sitk.DICOMOrient(sitk.Cast(lab, sitk.sitkUInt8), "LPS")
