@@ -158,6 +158,11 @@ def cells(config: Mapping[str, Any], which: str) -> list[dict[str, str]]:
     raise ConfigError(f"unknown table {which!r}; expected table1 or table2")
 
 
+def table_runs(config: Mapping[str, Any], which: str) -> list[tuple[str, str]]:
+    """Every ``(dataset, run)`` whose metrics ``table1`` or ``table2`` reads (cells and pairs), sorted."""
+    return sorted({(c["dataset"], r) for c in cells(config, which) for r in (c["run"], c["pair_run"])})
+
+
 def build_table(config: Mapping[str, Any], which: str, runs_dir: str | Path) -> pd.DataFrame:
     """Build Table 1 or 2 from the runs' ``test/metrics.csv`` files under ``runs_dir``.
 
@@ -214,9 +219,7 @@ def runs_needed(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     tables = config.get("tables") or {}
     for which in ("table1", "table2"):
         if which in tables:
-            for cell in cells(config, which):
-                need.add((cell["dataset"], cell["run"]))
-                need.add((cell["dataset"], cell["pair_run"]))
+            need.update(table_runs(config, which))
     for i, exp in enumerate(config.get("experiments") or []):
         try:
             seeds = exp.get("seeds") or [None]

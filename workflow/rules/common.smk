@@ -7,7 +7,7 @@ from diffseg.config import resolve_run_config, save_run_config
 from diffseg.errors import ConfigError
 from diffseg.io import atomic_write_text
 from diffseg.report.stats import figure3_models
-from diffseg.report.tables import cells, runs_needed
+from diffseg.report.tables import metrics_path, runs_needed, table_runs
 
 RESULTS = config["results"]
 RESOURCES = config["resources"]
@@ -31,7 +31,7 @@ def run_dir(dataset, run):
 
 
 def metrics_of(pairs):
-    return [f"{run_dir(d, r)}/test/metrics.csv" for d, r in pairs]
+    return [str(metrics_path(f"{RESULTS}/runs", d, r)) for d, r in pairs]
 
 
 COMPUTE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "slurm_extra": ""}
@@ -47,16 +47,12 @@ def download_input(wildcards):
     return [f"{RESOURCES}/{wildcards.dataset}/manifest.json"] if source in DOWNLOADED else []
 
 
-def table_runs(which):
-    return sorted({(c["dataset"], r) for c in cells(config, which) for r in (c["run"], c["pair_run"])})
-
-
 def table_input(wildcards):
-    return metrics_of(table_runs(wildcards.which))
+    return metrics_of(table_runs(config, wildcards.which))
 
 
 TABLES = [t for t in ("table1", "table2") if t in config["tables"]]
-STATS_RUNS = sorted({p for t in TABLES for p in table_runs(t)})
+STATS_RUNS = sorted({p for t in TABLES for p in table_runs(config, t)})
 USED = sorted({d for d, _ in RUNS})  # datasets some run needs
 PHANTOMS = [d for d in USED if config["datasets"][d]["source"] == "phantom"]
 REPORT_OUTPUTS = (
