@@ -160,6 +160,24 @@ def test_tiled_conv_with_unequal_odd_kernel_sizes(kshape):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_tiled_conv_in_bfloat16_keeps_dtypes_and_values():
+    kx, kk, kc = jax.random.split(jax.random.PRNGKey(2), 3)
+    x = jax.random.normal(kx, (2, 4, 6, 5, 3))  # (B, Z, X, Y, C)
+    k = jax.random.normal(kk, (3, 3, 3, 3, 4))
+    cot = jax.random.normal(kc, (2, 4, 6, 5, 4))
+
+    def loss(x, k):
+        return jnp.sum(conv_module.conv3d_tiled(x, k).astype(jnp.float32) * cot)
+
+    bf = [a.astype(jnp.bfloat16) for a in (x, k)]
+    assert conv_module.conv3d_tiled(*bf).dtype == jnp.bfloat16
+    g16 = jax.grad(loss, argnums=(0, 1))(*bf)
+    g32 = jax.grad(loss, argnums=(0, 1))(x, k)
+    for a, b in zip(g16, g32, strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0.05, atol=0.05 * float(jnp.abs(b).max()))
+
+
 def test_conv_module_params_match_flax_conv():
     import flax.linen as nn
 
