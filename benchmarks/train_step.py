@@ -31,21 +31,15 @@ from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import num_groups
+from diffseg.train.losses import cross_entropy, dice_loss
 
 LR = 1e-4
 
 
 # ----------------------------------------------------------------------------------------- JAX
 def jax_loss(logits: jax.Array, onehot: jax.Array) -> jax.Array:
-    """Cross-entropy + (1 − foreground soft Dice). logits/onehot ``(B, *S, C)`` → scalar."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
-    prob = jnp.exp(logp)
-    axes = tuple(range(1, logits.ndim - 1))
-    inter = jnp.sum(prob * onehot, axis=axes)
-    denom = jnp.sum(prob + onehot, axis=axes)
-    dice = (2 * inter + 1e-5) / (denom + 1e-5)
-    return ce + 1.0 - jnp.mean(dice[:, 1:])
+    """Training's loss: cross-entropy + foreground Dice (``diffseg.train.losses``). → scalar."""
+    return cross_entropy(logits, onehot) + dice_loss(logits, onehot)
 
 
 def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
@@ -133,15 +127,23 @@ def build_torch(num_classes: int, channels: list[int], dims: int, time_dim: int,
 
 
 def torch_loss(logits, onehot):
-    """Same loss as ``jax_loss``; logits/onehot ``(B, C, *S)``."""
+    """``jax_loss`` in PyTorch; logits/onehot ``(B, C, *S)``.
+
+    Mirrors ``diffseg.train.losses``: foreground Dice averaged over the classes present in
+    each sample's label (eps 1e-6), plus the mean voxel-wise cross-entropy.
+    """
     import torch
 
     logp = torch.log_softmax(logits, dim=1)
     ce = -(onehot * logp).sum(1).mean()
-    prob = logp.exp()
+    prob = logp.exp()[:, 1:]
+    target = onehot[:, 1:]
     axes = tuple(range(2, logits.ndim))
-    dice = (2 * (prob * onehot).sum(axes) + 1e-5) / ((prob + onehot).sum(axes) + 1e-5)
-    return ce + 1.0 - dice[:, 1:].mean()
+    inter = (prob * target).sum(axes)
+    dice = 2 * inter / (prob.sum(axes) + target.sum(axes) + 1e-6)
+    present = (target.sum(axes) > 0).float()
+    per_sample = ((1 - dice) * present).sum(1) / present.sum(1).clamp(min=1.0)
+    return ce + per_sample.mean()
 
 
 # ---------------------------------------------------------------------------------------- main
