@@ -23,7 +23,7 @@ import seaborn as sns  # noqa: E402
 from diffseg.data.preprocess import read_nifti  # noqa: E402
 from diffseg.errors import DataError  # noqa: E402
 from diffseg.io import atomic_path  # noqa: E402
-from diffseg.report.stats import class_summary, spearman  # noqa: E402
+from diffseg.report.stats import class_spearman, class_summary  # noqa: E402
 from diffseg.report.tables import metrics_path, read_metrics  # noqa: E402
 
 
@@ -39,14 +39,14 @@ def figure3(
     runs_dir: str | Path, models: Sequence[tuple[str, str]], outputs: Sequence[str | Path]
 ) -> pd.DataFrame:
     """Draw Figure 3 and return its data (``dataset, run, class, class_name, dice, volume_share``)."""
-    frames = []
+    frames, rho = [], {}
     for dataset, run in models:
         cs = class_summary(read_metrics(metrics_path(runs_dir, dataset, run)))
+        rho[dataset, run] = class_spearman(cs)[0]
         cs.insert(0, "run", run)
         cs.insert(0, "dataset", dataset)
         frames.append(cs)
     data = pd.concat(frames, ignore_index=True)
-    rho = spearman(runs_dir, list(models)).set_index(["dataset", "run"])["r"]
     datasets = list(dict.fromkeys(d for d, _ in models))
     fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 3.6 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets, strict=True):
@@ -62,7 +62,9 @@ def figure3(
         ax.set_xlabel("")
         ax.set_ylabel("mean Dice")
         ax.set_title(f"{dataset}: mean Dice per class (class volume share in brackets)")
-        ax.legend(title="model (Spearman r)", fontsize=7, title_fontsize=8, loc="upper right")
+        # Beside the axes: inside, it hid the bars of the last classes.
+        legend = dict(fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.legend(title="model (Spearman r)", **legend)
     fig.tight_layout()
     save(fig, outputs)
     return data

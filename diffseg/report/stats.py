@@ -73,6 +73,19 @@ def class_summary(metrics: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def class_spearman(summary: pd.DataFrame) -> tuple[float, float, int]:
+    """Spearman (r, p, classes) of volume share vs Dice over a ``class_summary``'s classes.
+
+    Classes with NaN Dice or share are left out; fewer than 3 classes give NaN (a correlation
+    over so few means nothing).
+    """
+    cs = summary.dropna(subset=["dice", "volume_share"])
+    if len(cs) < 3:
+        return float("nan"), float("nan"), len(cs)
+    res = stats.spearmanr(cs["volume_share"], cs["dice"])
+    return float(res.statistic), float(res.pvalue), len(cs)
+
+
 def spearman(
     runs_dir: str | Path, models: list[tuple[str, str]], alpha: float = 0.01
 ) -> pd.DataFrame:
@@ -88,16 +101,9 @@ def spearman(
     """
     rows = []
     for dataset, run in models:
-        cs = class_summary(read_metrics(metrics_path(runs_dir, dataset, run))).dropna(
-            subset=["dice", "volume_share"]
-        )
-        if len(cs) >= 3:
-            res = stats.spearmanr(cs["volume_share"], cs["dice"])
-            r, p = float(res.statistic), float(res.pvalue)
-        else:  # a correlation over fewer than 3 classes means nothing
-            r = p = float("nan")
+        r, p, n = class_spearman(class_summary(read_metrics(metrics_path(runs_dir, dataset, run))))
         rows.append({
-            "dataset": dataset, "run": run, "classes": len(cs), "r": r, "p_value": p,
+            "dataset": dataset, "run": run, "classes": n, "r": r, "p_value": p,
             "alpha": alpha, "significant": bool(p < alpha) if pd.notna(p) else False,
         })
     return pd.DataFrame(rows)
