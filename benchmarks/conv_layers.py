@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from timing import median_seconds
 
 from diffseg.io import atomic_write_json
 from diffseg.model import conv as conv_module
@@ -35,17 +34,6 @@ LEVELS = [
 ]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def time_jax(impl: str, shape: tuple[int, ...], batch: int, repeats: int) -> float:
     """Seconds for forward + both gradients of one conv in the U-Net's depth-first layout."""
     z, sx, sy, cin, cout = shape
@@ -58,7 +46,7 @@ def time_jax(impl: str, shape: tuple[int, ...], batch: int, repeats: int) -> flo
         return jnp.sum(conv_nd(x, k, impl=impl, layout="zxy") * cot)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return median_seconds(lambda: jax.block_until_ready(grad(x, kernel)), repeats)
+    return median_seconds(lambda: jax.block_until_ready(grad(x, kernel)), repeats)[0]
 
 
 def time_torch(shape: tuple[int, ...], batch: int, repeats: int) -> float:
@@ -76,7 +64,7 @@ def time_torch(shape: tuple[int, ...], batch: int, repeats: int) -> float:
         x.grad = None
         conv(x).backward(cot)
 
-    return median_seconds(step, repeats)
+    return median_seconds(step, repeats)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,14 +20,13 @@ import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 from medpy.metric import binary as medpy_binary  # noqa: E402
 from scipy import ndimage  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from diffseg.evaluate.metrics import segmentation_metrics  # noqa: E402
 from diffseg.io import atomic_write_json  # noqa: E402
@@ -90,17 +89,6 @@ def make_prediction(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return pred
 
 
-def timeit(fn, repeats: int) -> tuple[float, list[float]]:
-    """Median wall time (s) over ``repeats`` runs after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -113,13 +101,15 @@ def main() -> None:
     pred = make_prediction(label, rng)
     classes = range(1, NUM_CLASSES)
 
-    ours_t, ours_all = timeit(lambda: segmentation_metrics(pred, label, NUM_CLASSES, SPACING), args.repeats)
+    ours_t, ours_all = median_seconds(
+        lambda: segmentation_metrics(pred, label, NUM_CLASSES, SPACING), args.repeats
+    )
     df = segmentation_metrics(pred, label, NUM_CLASSES, SPACING)
 
     def medpy_hd95() -> list[float]:
         return [medpy_binary.hd95(pred == c, label == c, voxelspacing=SPACING) for c in classes]
 
-    medpy_t, medpy_all = timeit(medpy_hd95, args.medpy_repeats)
+    medpy_t, medpy_all = median_seconds(medpy_hd95, args.medpy_repeats)
     ratio = medpy_t / ours_t
 
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
@@ -145,7 +135,6 @@ def main() -> None:
         "command": "OMP_NUM_THREADS=1 python benchmarks/metrics.py",
         "per_class": json.loads(df.to_json(orient="records")),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(f"ratio medpy_hd95_time / our_all_metrics_time = {ratio:.1f}x")
 

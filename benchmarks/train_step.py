@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import seconds
 
 from diffseg.io import atomic_write_json
 from diffseg.model import UNet
@@ -46,7 +46,11 @@ def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
     """Return (state, jitted step(state, batch) -> (state, loss))."""
     params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], batch["mask"], batch["t"])
     tx = optax.adamw(LR)
-    state = (params, tx.init(params))
+    return (params, tx.init(params)), jax_step(model, tx)
+
+
+def jax_step(model: UNet, tx: optax.GradientTransformation):
+    """The jitted step(state, batch) -> (state, loss); every ``conv_impl`` takes the same state."""
 
     @jax.jit
     def step(state, batch):
@@ -60,7 +64,7 @@ def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
         updates, opt = tx.update(grads, opt, params)
         return (optax.apply_updates(params, updates), opt), loss
 
-    return state, step
+    return step
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -158,15 +162,6 @@ def xla_flops(step, state, batch) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs="+", default=[64, 64, 16], help="spatial shape")
@@ -216,18 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             holder["state"], loss = step(holder["state"], batch)
             jax.block_until_ready(loss)
 
-        t0 = time.perf_counter()
-        run()
-        print(f"{name} ({impl}): compile + first step {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{name} ({impl}): compile + first step {seconds(run):.1f} s", flush=True)
         runners[name] = run
-        if resolve_impl(impl, dims) == "xla" and flops is None:
-            flops = xla_flops(step, holder["state"], batch)
-    if flops is None:  # count on a compiled (not run) plain-XLA twin of the fast model
-        model = UNet(
+        if resolve_impl(impl, dims) == "xla" and flops is None:  # already compiled: no extra cost
+            flops = xla_flops(step, state, batch)
+    if flops is None:  # compile (never run) the plain-XLA twin on the same state
+        twin = UNet(
             num_classes=c, channels=tuple(args.channels), spatial_dims=dims, dtype=dtype, conv_impl="xla"
         )
-        state_xla, step_xla = make_jax_step(model, batch)
-        flops = xla_flops(step_xla, state_xla, batch)
+        flops = xla_flops(jax_step(twin, optax.adamw(LR)), state, batch)
 
     torch_device = None
     if not args.skip_torch:
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.repeats):  # interleaved rounds: shared-CPU noise hits every model alike
         for name, run in runners.items():
-            times[name] += timed(run, 1)
+            times[name].append(seconds(run))
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:9s} {v:.3f} s/step  (all: {', '.join(f'{x:.3f}' for x in times[k])})", flush=True)
