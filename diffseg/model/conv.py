@@ -82,11 +82,12 @@ def conv3d_fold(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 # Rows of one chunk's GEMM in ``conv3d_tiled``: small enough that the chunk's operands and its
-# (rows, kx·ky·Cout) product stay in the L2/L3 cache (4096 measured best on a 2-core EPYC).
+# (rows, kx·ky·Cout) product stay in the L2/L3 cache (2-core EPYC, benchmark U-Net step:
+# 2048 and 4096 alike, 8192 slower).
 TILE_ROWS = 4096
 # Below this many voxels per (X, Y) plane, "tiled" uses "fold": the per-chunk loop then costs
-# more than XLA's convolution (measured: the U-Net step is fastest with 32×32 planes tiled and
-# 16×16 folded).
+# more than XLA's convolution (``benchmarks/conv_layers.py``: fold is faster on 16×16 planes and
+# smaller, tiled on 32×32 and larger).
 TILED_MIN_PLANE = 1024
 
 
