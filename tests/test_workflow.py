@@ -186,6 +186,15 @@ def test_workflow_wiring_and_report(tmp_path):
                          timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (work / "report.html").stat().st_size > 10_000
+    # A new ablation after a full run: the same invocation plans its runs, and only those.
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["variants"]["diff-k4"] = {"diffusion": {"train_steps": 4, "sample_steps": 4}}
+    cfg["tables"]["table2"]["ablations"]["steps"]["4"] = "diff-k4"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([*base, "-n", "--cores", "1"], capture_output=True, text=True, timeout=120, env=env)
+    planned = res.stdout + res.stderr
+    assert "runs/tiny/3d-diff-k4/best.json" in planned, planned[-3000:]
+    assert "runs/tiny/3d-diff/best.json" not in planned, planned[-3000:]
 
 
 def _stages_available() -> bool:

@@ -1,5 +1,6 @@
 # Shared helpers: the run matrix (from tables: + experiments:), paths and resources.
 import re
+from pathlib import Path
 
 import yaml
 
@@ -17,6 +18,23 @@ for _d, _r in RUNS:
     if _d not in config["datasets"]:
         raise ConfigError(f"config: run {_r!r} needs dataset {_d!r}, which is not under datasets:")
 WORKFLOW_CONFIG = f"{RESULTS}/workflow_config.yaml"
+
+
+def write_workflow_config():
+    """The merged config (config files + --config) as one file for the diffseg CLI.
+
+    Written while the workflow is parsed, and only when it changed, rather than by a rule:
+    jobs read it as ancient() (a config change must not rerun every job), and a rule producing
+    an ancient() input of every job made Snakemake schedule that rule alone, so a new ablation
+    or `--configfile config/paper.yaml` after the demo took two invocations.
+    """
+    text = yaml.safe_dump(dict(config), sort_keys=False)
+    path = Path(WORKFLOW_CONFIG)
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+write_workflow_config()
 TABLE1 = config["tables"].get("table1")
 TABLE2 = config["tables"].get("table2")
 

@@ -1,18 +1,6 @@
 # Data: download (Zenodo sources only), preprocess to results/data/{dataset}, phantom figure.
 
 
-rule workflow_config:
-    """The merged config (config files + --config) as one file, for the diffseg CLI."""
-    output:
-        WORKFLOW_CONFIG,
-    params:
-        config=config,  # rerun when the config changes; consumers read it as ancient()
-    log:
-        f"{RESULTS}/logs/workflow_config.log",
-    run:
-        atomic_write_text(output[0], yaml.safe_dump(dict(params.config), sort_keys=False))
-
-
 rule download:
     input:
         cfg=ancient(WORKFLOW_CONFIG),
