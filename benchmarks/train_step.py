@@ -6,6 +6,10 @@ timings are interleaved round by round so that load from other processes hits bo
 
     python benchmarks/train_step.py                      # 3D, 64×64×16, batch 2, channels 32–256
     python benchmarks/train_step.py --skip-xla --repeats 5
+    python benchmarks/train_step.py --default-malloc      # glibc's malloc as it comes
+
+Like the ``diffseg`` CLI, it first calls ``diffseg.host_memory.reuse_freed_memory()``; JAX and
+PyTorch share the process, so both run with the same allocator settings.
 
 Writes ``benchmarks/results/train_step_{backend}.json``; the LAST printed line is the speed ratio
 ``torch_seconds / jax_seconds`` (≥ 1 means JAX is faster). Needs the ``benchmark`` extra (torch).
@@ -27,6 +31,7 @@ import numpy as np
 import optax
 from timing import seconds
 
+from diffseg.host_memory import reuse_freed_memory
 from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.conv import resolve_impl
@@ -180,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute for the JAX models")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default by backend)")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc instead of diffseg's reuse_freed_memory() (both frameworks)",
+    )
     args = ap.parse_args(argv)
+    # As the diffseg CLI does for training; one process, so PyTorch gets the same allocator.
+    reuse = False if args.default_malloc else reuse_freed_memory()
+    print(f"malloc: {'reuse freed memory' if reuse else 'glibc default'}", flush=True)
 
     dims = len(args.shape)
     backend = jax.default_backend()
@@ -290,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "torch_device": torch_device,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc_reuse_freed_memory": reuse,
         "config": {
             "shape": list(spatial),
             "batch": b,

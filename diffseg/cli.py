@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from diffseg.errors import InputError
+from diffseg.host_memory import reuse_freed_memory
 
 STAGES = ("diffseg.data.cli", "diffseg.train.cli", "diffseg.evaluate.cli", "diffseg.report.cli")
 
@@ -47,6 +48,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; sub-commands set ``func`` and return an exit code."""
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()  # before any computation starts JAX's threads
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)

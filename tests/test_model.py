@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from diffseg.model import Conv, UNet, conv_nd
+from diffseg.model import Conv, UNet, conv_nd, onednn
 from diffseg.model import conv as conv_module
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import downsample, upsample
 
 CH = (4, 8)
+
+# oneDNN is a dependency on Linux x86-64 (pyproject.toml), so there it must load: not skipped.
+needs_onednn = pytest.mark.skipif(
+    not (platform.system() == "Linux" and platform.machine() == "x86_64") or jax.default_backend() != "cpu",
+    reason="the oneDNN convolution is installed on Linux x86-64 CPU only",
+)
 
 
 def _inputs(spatial: tuple[int, ...], c: int = 3, b: int = 2, seed: int = 0):
@@ -117,6 +125,9 @@ def _ref_conv(x, k):
         ("tiled", (5, 7, 3), 3, 4096),  # one chunk per batch element
         ("tiled", (6, 4, 8), 3, 70),  # 64-row chunks end mid-plane (a padded plane is 8·6 = 48 rows)
         ("tiled", (5, 6, 4), 3, 7),  # several chunks per plane
+        pytest.param("onednn", (5, 7, 3), 3, None, marks=needs_onednn),
+        pytest.param("onednn", (2, 6, 8), 3, None, marks=needs_onednn),  # a depth of 2
+        pytest.param("onednn", (5, 6, 7), 1, None, marks=needs_onednn),
     ],
 )
 def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize, tile_rows, monkeypatch):
@@ -141,6 +152,53 @@ def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize, tile_
     # The depth-first layout used inside the U-Net gives the same numbers.
     zxy = conv_nd(jnp.moveaxis(x, 3, 1), k, impl=impl, layout="zxy")
     np.testing.assert_allclose(jnp.moveaxis(zxy, 1, 3), _ref_conv(x, k), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kshape", [(3, 5, 1), (1, 3, 5)])
+@pytest.mark.parametrize("layout", ["xyz", "zxy"])
+def test_onednn_conv_with_unequal_odd_kernel_sizes(kshape, layout):
+    kx, kk, kc = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(kx, (2, 6, 5, 4, 3))  # (B, X, Y, Z, C)
+    k = jax.random.normal(kk, (*kshape, 3, 2))
+    cot = jax.random.normal(kc, (2, 6, 5, 4, 2))
+
+    def ours(x, k):
+        if layout == "xyz":
+            return conv_nd(x, k, impl="onednn", layout="xyz")
+        return jnp.moveaxis(conv_nd(jnp.moveaxis(x, 3, 1), k, impl="onednn", layout="zxy"), 1, 3)
+
+    np.testing.assert_allclose(jax.jit(ours)(x, k), _ref_conv(x, k), rtol=1e-4, atol=1e-4)
+    g = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * cot), argnums=(0, 1)))(x, k)
+    g_ref = jax.grad(lambda x, k: jnp.sum(_ref_conv(x, k) * cot), argnums=(0, 1))(x, k)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@needs_onednn
+def test_onednn_is_float32_only_and_3d_only():
+    assert resolve_impl("onednn", 3, jnp.bfloat16) == "tiled"
+    assert resolve_impl("onednn", 2) == "xla"
+    x = jnp.ones((1, 4, 4, 4, 2), jnp.bfloat16)
+    k = jnp.ones((3, 3, 3, 2, 2), jnp.bfloat16)
+    assert conv_nd(x, k, impl="onednn").dtype == jnp.bfloat16
+
+
+def test_onednn_build_failure_names_the_problem_and_falls_back(monkeypatch, tmp_path):
+    """No compiler: a warning that says so, ``available()`` False, and "auto" stays usable."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("DIFFSEG_CACHE", str(tmp_path / "cache"))
+    try:
+        root = onednn._onednn_root()
+    except onednn.OneDNNUnavailable as err:
+        assert "DIFFSEG_ONEDNN_ROOT" in str(err)
+    else:
+        with pytest.raises(onednn.OneDNNUnavailable, match="compiler .*no-such-c.*not found"):
+            onednn._compile(root)
+    with pytest.warns(UserWarning, match="oneDNN 3D convolution unavailable"):
+        assert onednn.available.__wrapped__() is False
+    monkeypatch.setenv("DIFFSEG_ONEDNN", "0")
+    assert onednn.available.__wrapped__() is False
 
 
 @pytest.mark.parametrize("kshape", [(3, 5, 1), (1, 3, 5)])
@@ -191,7 +249,8 @@ def test_conv_module_params_match_flax_conv():
 
 
 def test_resolve_impl():
-    expected = "tiled" if jax.default_backend() == "cpu" else "xla"
+    cpu = jax.default_backend() == "cpu"
+    expected = ("onednn" if onednn.available() else "tiled") if cpu else "xla"
     assert resolve_impl("auto", 3) == expected
     assert resolve_impl("auto", 2) == "xla"
     with pytest.raises(ValueError, match="conv_impl"):

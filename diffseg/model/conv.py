@@ -1,24 +1,28 @@
 """Convolutions whose implementation is chosen per backend.
 
 XLA's native 3D convolution (``lax.conv_general_dilated`` with three spatial dims) is slow on
-CPU, especially its backward pass. On CPU a ``k×k×k`` convolution is therefore computed with
-depth folded into channels: the ``k`` depth-shifted copies of the input are concatenated on
-channels, so the kernel ``(k, k, k, Cin, Cout)`` is just reshaped to ``(k, k, k·Cin, Cout)``.
-Two ways to finish from there:
+CPU, especially its backward pass. On CPU, a 3D convolution therefore goes elsewhere:
 
-- ``"fold"``: one 2D XLA convolution over (X, Y) with depth folded into the batch.
-- ``"tiled"``: cache-sized GEMMs over chunks of zero-padded (X, Y) planes, with a written-out
-  gradient (``conv3d_tiled``). Faster where the planes are large; on small planes (below
-  ``TILED_MIN_PLANE`` voxels) it uses ``"fold"``.
+- ``"onednn"``: oneDNN's forward, backward-data and backward-weights primitives, called through
+  XLA's FFI (``diffseg.model.onednn``, compiled on first use). float32 only. The fastest.
+- ``"tiled"``: pure XLA. Depth is folded into channels (the ``k`` depth-shifted copies of the
+  input concatenated on channels, so the kernel ``(k, k, k, Cin, Cout)`` is just reshaped to
+  ``(k, k, k·Cin, Cout)``), then cache-sized GEMMs run over chunks of zero-padded (X, Y) planes,
+  with a written-out gradient (``conv3d_tiled``). On small planes (below ``TILED_MIN_PLANE``
+  voxels) it uses ``"fold"``.
+- ``"fold"``: the same depth folding, then one 2D XLA convolution with depth folded into batch.
 
-"auto" is ``"tiled"`` for 3D on the CPU backend; on GPU/TPU the plain XLA convolution is used.
+"auto" is ``"onednn"`` for 3D float32 on the CPU backend, ``"tiled"`` where oneDNN cannot be
+loaded or for bfloat16; on GPU/TPU the plain XLA convolution is used.
 
 Every implementation reads the same parameters (``kernel`` ``(*[k]*d, Cin, Cout)`` and
 ``bias`` ``(Cout,)``, exactly as ``flax.linen.Conv``), so checkpoints are portable.
 
 Layouts: ``"xyz"`` is the library's channels-last ``(B, X, Y, Z, C)``; ``"zxy"`` is
-``(B, Z, X, Y, C)``, used inside the U-Net on CPU so that folding depth is a free reshape
-instead of a transpose per convolution. The kernel is always stored in (X, Y, Z) order.
+``(B, Z, X, Y, C)``, used inside the U-Net with "fold"/"tiled" so that folding depth is a free
+reshape instead of a transpose per convolution. "onednn" takes either; the U-Net gives it "xyz",
+where oneDNN picks its fast kernels (with depth first and only 2 slices deep, it fell back to a
+slower GEMM-based weight gradient). The kernel is always stored in (X, Y, Z) order.
 """
 
 from __future__ import annotations
@@ -31,19 +35,32 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "xla", "fold", "tiled")
+from diffseg.model import onednn
+
+IMPLS = ("auto", "xla", "fold", "tiled", "onednn")
 
 
-def resolve_impl(impl: str, spatial_dims: int) -> str:
-    """Map ``impl`` ("auto" | "xla" | "fold" | "tiled") to a concrete implementation.
+def resolve_impl(impl: str, spatial_dims: int, dtype: Any = jnp.float32) -> str:
+    """Map ``impl`` ("auto" | "xla" | "fold" | "tiled" | "onednn") to a concrete implementation.
 
-    "auto" picks "tiled" for 3D on the CPU backend and "xla" otherwise (2D convolutions and
-    accelerators are already fast in XLA).
+    "auto" picks "onednn" for 3D float32 on the CPU backend ("tiled" where oneDNN cannot be
+    loaded, or for other dtypes) and "xla" otherwise (2D convolutions and accelerators are
+    already fast in XLA). "onednn" is 3D float32 only: it becomes "xla" in 2D and "tiled" for
+    other dtypes.
     """
     if impl not in IMPLS:
         raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "tiled" if spatial_dims == 3 and jax.default_backend() == "cpu" else "xla"
+        if spatial_dims != 3 or jax.default_backend() != "cpu":
+            return "xla"
+        impl = "onednn" if onednn.available() else "tiled"
+    if impl == "onednn":
+        if spatial_dims != 3:
+            return "xla"
+        if jnp.dtype(dtype) != jnp.float32:
+            return "tiled"
+        if not onednn.available():
+            raise onednn.OneDNNUnavailable("conv_impl='onednn', but oneDNN cannot load (see the warning)")
     return impl
 
 
@@ -222,6 +239,31 @@ def _tiled_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Arr
 conv3d_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
+@jax.custom_vjp
+def conv3d_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3D SAME stride-1 float32 convolution by oneDNN (``diffseg.model.onednn``), CPU only.
+
+    Args:
+      x: ``(B, D, H, W, Cin)``, any order of the three spatial axes.
+      kernel: ``(kd, kh, kw, Cin, Cout)`` in the same spatial order as ``x``, every size odd.
+    Returns:
+      ``(B, D, H, W, Cout)``.
+    """
+    return onednn.conv3d_forward(x, kernel)
+
+
+def _onednn_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return onednn.conv3d_forward(x, kernel), (x, kernel)
+
+
+def _onednn_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    return onednn.conv3d_input_grad(dy, kernel), onednn.conv3d_kernel_grad(x, dy, kernel.shape[:3])
+
+
+conv3d_onednn.defvjp(_onednn_fwd, _onednn_bwd)
+
+
 def conv_nd(
     x: jax.Array,
     kernel: jax.Array,
@@ -237,22 +279,27 @@ def conv_nd(
         3D only).
       kernel: ``(*K, Cin, Cout)`` in (X, Y[, Z]) order, as ``flax.linen.Conv`` stores it.
       strides: the same stride on every spatial axis.
-      impl: "auto" | "xla" | "fold" | "tiled" (see ``resolve_impl``).
+      impl: "auto" | "xla" | "fold" | "tiled" | "onednn" (see ``resolve_impl``); "onednn" falls
+        back to "tiled" for dtypes other than float32.
     Returns:
       ``(B, *S', Cout)`` in the same layout, ``S' = ceil(S / strides)``.
     """
     d = x.ndim - 2
-    impl = resolve_impl(impl, d)
+    impl = resolve_impl(impl, d, x.dtype)
     if layout not in ("xyz", "zxy"):
         raise ValueError(f"layout must be 'xyz' or 'zxy', got {layout!r}")
     if layout == "zxy" and d != 3:
         raise ValueError("layout 'zxy' is for 3D inputs only")
     ksize = kernel.shape[:d]
-    if d == 3 and impl != "xla" and strides == 1 and all(k % 2 == 1 for k in ksize):
+    odd_stride1 = strides == 1 and all(k % 2 == 1 for k in ksize)
+    if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl != "xla":
+        return jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
+    if impl == "onednn" and odd_stride1:
+        # oneDNN takes any spatial order; the kernel's axes must follow the data's.
+        return conv3d_onednn(x, kernel if layout == "xyz" else jnp.transpose(kernel, (2, 0, 1, 3, 4)))
+    if d == 3 and impl in ("fold", "tiled") and odd_stride1:
         xz = x if layout == "zxy" else jnp.moveaxis(x, 3, 1)
-        if ksize == (1, 1, 1):
-            out = jnp.dot(xz, kernel.reshape(kernel.shape[-2:]))
-        elif impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
+        if impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
             out = conv3d_fold(xz, kernel)
         else:
             out = conv3d_tiled(xz, kernel)

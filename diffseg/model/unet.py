@@ -6,9 +6,9 @@ residual block) and a final 1^d convolution to the classes. When ``conditional``
 and the noisy mask are concatenated on channels and a sinusoidal embedding of the diffusion
 step is injected as scale/shift after the first normalisation of every residual block.
 
-On CPU the 3D network runs internally in a depth-first layout ``(B, Z, X, Y, C)`` so that the
-fast convolution of ``diffseg.model.conv`` can fold depth with a free reshape; the
-parameters and the input/output layout ``(B, X, Y, Z, C)`` do not depend on this choice.
+With the pure-XLA CPU convolutions ("fold", "tiled") the 3D network runs internally in a
+depth-first layout ``(B, Z, X, Y, C)`` so that ``diffseg.model.conv`` can fold depth with a free
+reshape; the parameters and the input/output layout ``(B, X, Y, Z, C)`` do not depend on this.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class UNet(nn.Module):
       conditional: diffusion model (image ⊕ noisy mask, time embedding) or plain segmenter.
       time_embed_dim: width of the sinusoidal time embedding.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
-      conv_impl: "auto" | "xla" | "fold" | "tiled" (see ``diffseg.model.conv.resolve_impl``).
+      conv_impl: "auto" | "xla" | "fold" | "tiled" | "onednn" (see ``diffseg.model.conv.resolve_impl``).
     """
 
     num_classes: int
@@ -146,9 +146,9 @@ class UNet(nn.Module):
             temb = nn.Dense(4 * self.time_embed_dim, dtype=self.dtype, name="time_mlp1")(temb)
             temb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="time_mlp2")(nn.silu(temb))
 
-        impl = resolve_impl(self.conv_impl, d)
+        impl = resolve_impl(self.conv_impl, d, self.dtype)
         # Depth-first inside the network when the fold/tiled convolution is used (see module doc).
-        layout = "zxy" if (d == 3 and impl != "xla") else "xyz"
+        layout = "zxy" if impl in ("fold", "tiled") else "xyz"
         if layout == "zxy":
             x = jnp.moveaxis(x, 3, 1)
         x = x.astype(self.dtype)
