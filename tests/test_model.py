@@ -157,20 +157,25 @@ def test_fast_conv_matches_xla_forward_and_gradients(impl, spatial, ksize, tile_
 @needs_onednn
 @pytest.mark.parametrize("kshape", [(3, 5, 1), (1, 3, 5)])
 @pytest.mark.parametrize("layout", ["xyz", "zxy"])
-def test_onednn_conv_with_unequal_odd_kernel_sizes(kshape, layout):
+def test_onednn_conv_with_bias_and_unequal_odd_kernel_sizes(kshape, layout):
     kx, kk, kc = jax.random.split(jax.random.PRNGKey(3), 3)
     x = jax.random.normal(kx, (2, 6, 5, 4, 3))  # (B, X, Y, Z, C)
     k = jax.random.normal(kk, (*kshape, 3, 2))
     cot = jax.random.normal(kc, (2, 6, 5, 4, 2))
 
-    def ours(x, k):
-        if layout == "xyz":
-            return conv_nd(x, k, impl="onednn", layout="xyz")
-        return jnp.moveaxis(conv_nd(jnp.moveaxis(x, 3, 1), k, impl="onednn", layout="zxy"), 1, 3)
+    bias = jax.random.normal(kc, (2,))
 
-    np.testing.assert_allclose(jax.jit(ours)(x, k), _ref_conv(x, k), rtol=1e-4, atol=1e-4)
-    g = jax.jit(jax.grad(lambda x, k: jnp.sum(ours(x, k) * cot), argnums=(0, 1)))(x, k)
-    g_ref = jax.grad(lambda x, k: jnp.sum(_ref_conv(x, k) * cot), argnums=(0, 1))(x, k)
+    def ours(x, k, b):  # the bias goes into oneDNN's kernel, its gradient comes back with dk
+        if layout == "xyz":
+            return conv_nd(x, k, b, impl="onednn", layout="xyz")
+        return jnp.moveaxis(conv_nd(jnp.moveaxis(x, 3, 1), k, b, impl="onednn", layout="zxy"), 1, 3)
+
+    def ref(x, k, b):
+        return _ref_conv(x, k) + b
+
+    np.testing.assert_allclose(jax.jit(ours)(x, k, bias), ref(x, k, bias), rtol=1e-4, atol=1e-4)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1, 2)))(x, k, bias)
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1, 2))(x, k, bias)
     for a, b in zip(g, g_ref, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 

@@ -240,25 +240,26 @@ conv3d_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 @jax.custom_vjp
-def conv3d_onednn(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3D SAME stride-1 float32 convolution by oneDNN (``diffseg.model.onednn``), CPU only.
+def conv3d_onednn(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """3D SAME stride-1 float32 convolution plus bias by oneDNN (``diffseg.model.onednn``), CPU only.
 
     Args:
       x: ``(B, D, H, W, Cin)``, any order of the three spatial axes.
       kernel: ``(kd, kh, kw, Cin, Cout)`` in the same spatial order as ``x``, every size odd.
+      bias: ``(Cout,)``.
     Returns:
       ``(B, D, H, W, Cout)``.
     """
-    return onednn.conv3d_forward(x, kernel)
+    return onednn.conv3d_forward(x, kernel, bias)
 
 
-def _onednn_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return onednn.conv3d_forward(x, kernel), (x, kernel)
+def _onednn_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple]:
+    return onednn.conv3d_forward(x, kernel, bias), (x, kernel)
 
 
-def _onednn_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _onednn_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     x, kernel = res
-    return onednn.conv3d_input_grad(dy, kernel), onednn.conv3d_kernel_grad(x, dy, kernel.shape[:3])
+    return onednn.conv3d_input_grad(dy, kernel), *onednn.conv3d_params_grad(x, dy, kernel.shape[:3])
 
 
 conv3d_onednn.defvjp(_onednn_fwd, _onednn_bwd)
@@ -267,17 +268,19 @@ conv3d_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 def conv_nd(
     x: jax.Array,
     kernel: jax.Array,
+    bias: jax.Array | None = None,
     *,
     strides: int = 1,
     impl: str = "auto",
     layout: str = "xyz",
 ) -> jax.Array:
-    """Channels-last SAME convolution, dispatching on ``impl``.
+    """Channels-last SAME convolution plus optional bias, dispatching on ``impl``.
 
     Args:
       x: ``(B, *S, Cin)`` in ``layout`` ("xyz": ``(B, X, Y[, Z], C)``; "zxy": ``(B, Z, X, Y, C)``,
         3D only).
       kernel: ``(*K, Cin, Cout)`` in (X, Y[, Z]) order, as ``flax.linen.Conv`` stores it.
+      bias: ``(Cout,)`` or None.
       strides: the same stride on every spatial axis.
       impl: "auto" | "xla" | "fold" | "tiled" | "onednn" (see ``resolve_impl``); "onednn" falls
         back to "tiled" for dtypes other than float32.
@@ -292,22 +295,24 @@ def conv_nd(
         raise ValueError("layout 'zxy' is for 3D inputs only")
     ksize = kernel.shape[:d]
     odd_stride1 = strides == 1 and all(k % 2 == 1 for k in ksize)
+    # oneDNN and XLA take the kernel in the data's axis order: (X, Y, Z, I, O) → (Z, X, Y, I, O).
+    kernel_as_data = (lambda: kernel) if layout == "xyz" else (lambda: jnp.transpose(kernel, (2, 0, 1, 3, 4)))
     if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl != "xla":
-        return jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
-    if impl == "onednn" and odd_stride1:
-        # oneDNN takes any spatial order; the kernel's axes must follow the data's.
-        return conv3d_onednn(x, kernel if layout == "xyz" else jnp.transpose(kernel, (2, 0, 1, 3, 4)))
-    if d == 3 and impl in ("fold", "tiled") and odd_stride1:
+        out = jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
+    elif impl == "onednn" and odd_stride1:
+        # oneDNN adds the bias inside its kernel (and returns its gradient with the kernel's).
+        b = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
+        return conv3d_onednn(x, kernel_as_data(), b)
+    elif d == 3 and impl in ("fold", "tiled") and odd_stride1:
         xz = x if layout == "zxy" else jnp.moveaxis(x, 3, 1)
         if impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
             out = conv3d_fold(xz, kernel)
         else:
             out = conv3d_tiled(xz, kernel)
-        return out if layout == "zxy" else jnp.moveaxis(out, 1, 3)
-    if layout == "zxy":
-        # Kernel (X, Y, Z, I, O) → (Z, X, Y, I, O) so it matches the data's axis order.
-        kernel = jnp.transpose(kernel, (2, 0, 1, 3, 4))
-    return _xla_conv(x, kernel, (strides,) * d)
+        out = out if layout == "zxy" else jnp.moveaxis(out, 1, 3)
+    else:
+        out = _xla_conv(x, kernel_as_data(), (strides,) * d)
+    return out if bias is None else out + bias
 
 
 class Conv(nn.Module):
@@ -334,9 +339,9 @@ class Conv(nn.Module):
         cin = x.shape[-1]
         kshape = (self.kernel_size,) * self.spatial_dims + (cin, self.features)
         kernel = self.param("kernel", self.kernel_init, kshape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = conv_nd(x, kernel, strides=self.strides, impl=self.impl, layout=self.layout)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            bias = bias.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        return conv_nd(x, kernel, bias, strides=self.strides, impl=self.impl, layout=self.layout)

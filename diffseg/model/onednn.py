@@ -113,26 +113,32 @@ def available() -> bool:
     return True
 
 
-def _call(which: str, shape: tuple[int, ...], *args: jax.Array) -> jax.Array:
+def _call(which: str, shapes: list[tuple[int, ...]], *args: jax.Array) -> list[jax.Array]:
     if not available():
         raise OneDNNUnavailable("the oneDNN convolution is unavailable (see the warning above)")
-    out = jax.ShapeDtypeStruct(shape, np.float32)
+    out = [jax.ShapeDtypeStruct(shape, np.float32) for shape in shapes]
     return jax.ffi.ffi_call(_TARGETS[which][0], out, vmap_method="sequential")(*args)
 
 
-def conv3d_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """SAME stride-1 convolution: x ``(B, D, H, W, Ci)`` → ``(B, D, H, W, Co)``.
+def conv3d_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """SAME stride-1 convolution plus bias: x ``(B, D, H, W, Ci)`` → ``(B, D, H, W, Co)``.
 
-    kernel ``(kd, kh, kw, Ci, Co)``: odd sizes, axes in the data's spatial order. float32 only.
+    kernel ``(kd, kh, kw, Ci, Co)``: odd sizes, axes in the data's spatial order; bias ``(Co,)``.
+    float32 only.
     """
-    return _call("fwd", x.shape[:-1] + kernel.shape[-1:], x, kernel)
+    return _call("fwd", [x.shape[:-1] + kernel.shape[-1:]], x, kernel, bias)[0]
 
 
 def conv3d_input_grad(dy: jax.Array, kernel: jax.Array) -> jax.Array:
     """Gradient w.r.t. the input: dy ``(B, D, H, W, Co)`` → ``(B, D, H, W, Ci)``; kernel as above."""
-    return _call("bwd_data", dy.shape[:-1] + kernel.shape[-2:-1], dy, kernel)
+    return _call("bwd_data", [dy.shape[:-1] + kernel.shape[-2:-1]], dy, kernel)[0]
 
 
-def conv3d_kernel_grad(x: jax.Array, dy: jax.Array, ksize: tuple[int, int, int]) -> jax.Array:
-    """Gradient w.r.t. the kernel. x ``(B, D, H, W, Ci)``, dy ``(B, D, H, W, Co)`` → ``(*ksize, Ci, Co)``."""
-    return _call("bwd_weights", tuple(ksize) + (x.shape[-1], dy.shape[-1]), x, dy)
+def conv3d_params_grad(
+    x: jax.Array, dy: jax.Array, ksize: tuple[int, int, int]
+) -> tuple[jax.Array, jax.Array]:
+    """Gradients w.r.t. kernel and bias: x ``(B, D, H, W, Ci)``, dy ``(B, D, H, W, Co)`` →
+    ``(*ksize, Ci, Co)``, ``(Co,)``."""
+    ci, co = x.shape[-1], dy.shape[-1]
+    dk, db = _call("bwd_weights", [tuple(ksize) + (ci, co), (co,)], x, dy)
+    return dk, db

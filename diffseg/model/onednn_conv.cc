@@ -5,9 +5,10 @@
 // and registers the handlers; diffseg/model/conv.py wires them into a jax.custom_vjp.
 //
 // Every handler is float32, channels-last, stride 1, SAME padding with odd kernel sizes:
-//   DiffsegConv3dFwd         x (N, D, H, W, Ci), w (kd, kh, kw, Ci, Co) -> y  (N, D, H, W, Co)
-//   DiffsegConv3dBwdData     dy (N, D, H, W, Co), w (kd, kh, kw, Ci, Co) -> dx (N, D, H, W, Ci)
-//   DiffsegConv3dBwdWeights  x (N, D, H, W, Ci), dy (N, D, H, W, Co)     -> dw (kd, kh, kw, Ci, Co)
+//   DiffsegConv3dFwd         x (N, D, H, W, Ci), w (kd, kh, kw, Ci, Co), b (Co) -> y (N, D, H, W, Co)
+//   DiffsegConv3dBwdData     dy (N, D, H, W, Co), w (kd, kh, kw, Ci, Co)        -> dx (N, D, H, W, Ci)
+//   DiffsegConv3dBwdWeights  x (N, D, H, W, Ci), dy (N, D, H, W, Co)   -> dw (kd, kh, kw, Ci, Co), db (Co)
+// The bias rides along inside oneDNN's kernels, saving XLA a full pass over y (and one over dy).
 // D, H, W are whatever the caller's three spatial axes are; the kernel's axes follow the same order.
 
 #include <array>
@@ -36,7 +37,7 @@ struct Conv {
   dnnl::convolution_forward fwd;
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
-  memory::desc src, dst, user_w, fwd_w, bwd_data_w, bwd_diff_w;
+  memory::desc src, dst, bias, user_w, fwd_w, bwd_data_w, bwd_diff_w;
   dnnl::reorder to_fwd_w, to_bwd_data_w, from_bwd_diff_w;
 };
 
@@ -56,15 +57,16 @@ Conv Build(const Key& k) {
   c.src = memory::desc(src_dims, f32, Tag::ndhwc);
   c.dst = memory::desc(dst_dims, f32, Tag::ndhwc);
   c.user_w = memory::desc(w_dims, f32, Tag::dhwio);
+  c.bias = memory::desc({k[5]}, f32, Tag::x);
   const memory::desc any_w(w_dims, f32, Tag::any);
   auto& eng = Engine();
   const auto algo = dnnl::algorithm::convolution_direct;
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo, c.src,
-                                                any_w, c.dst, strides, pad, pad);
+                                                any_w, c.bias, c.dst, strides, pad, pad);
   dnnl::convolution_backward_data::primitive_desc bwd_data(eng, algo, c.src, any_w, c.dst, strides, pad,
                                                            pad, fwd);
-  dnnl::convolution_backward_weights::primitive_desc bwd_weights(eng, algo, c.src, any_w, c.dst, strides,
-                                                                 pad, pad, fwd);
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights(eng, algo, c.src, any_w, c.bias, c.dst,
+                                                                 strides, pad, pad, fwd);
   c.fwd = dnnl::convolution_forward(fwd);
   c.bwd_data = dnnl::convolution_backward_data(bwd_data);
   c.bwd_weights = dnnl::convolution_backward_weights(bwd_weights);
@@ -89,6 +91,8 @@ const Conv& Get(const Key& key) {
 
 using Buf = ffi::Buffer<ffi::F32, 5>;
 using Out = ffi::ResultBuffer<ffi::F32, 5>;
+using Vec = ffi::Buffer<ffi::F32, 1>;
+using VecOut = ffi::ResultBuffer<ffi::F32, 1>;
 
 Key MakeKey(ffi::Span<const int64_t> act, int64_t ci, int64_t co, ffi::Span<const int64_t> w) {
   return {act[0], act[1], act[2], act[3], ci, co, w[0], w[1], w[2]};
@@ -111,7 +115,7 @@ ffi::Error Guard(F body) {
   return ffi::Error::Success();
 }
 
-ffi::Error Fwd(Buf x, Buf w, Out y) {
+ffi::Error Fwd(Buf x, Buf w, Vec b, Out y) {
   auto wd = w.dimensions();
   if (auto err = Check(wd); !err.success()) return err;
   return Guard([&] {
@@ -120,8 +124,8 @@ ffi::Error Fwd(Buf x, Buf w, Out y) {
     dnnl::stream s(eng);
     memory user_w(c.user_w, eng, w.typed_data()), conv_w(c.fwd_w, eng);
     c.to_fwd_w.execute(s, user_w, conv_w);
-    memory src(c.src, eng, x.typed_data()), dst(c.dst, eng, y->typed_data());
-    c.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w}, {DNNL_ARG_DST, dst}});
+    memory src(c.src, eng, x.typed_data()), bias(c.bias, eng, b.typed_data()), dst(c.dst, eng, y->typed_data());
+    c.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
     s.wait();
   });
 }
@@ -141,7 +145,7 @@ ffi::Error BwdData(Buf dy, Buf w, Out dx) {
   });
 }
 
-ffi::Error BwdWeights(Buf x, Buf dy, Out dw) {
+ffi::Error BwdWeights(Buf x, Buf dy, Out dw, VecOut db) {
   auto wd = dw->dimensions();
   if (auto err = Check(wd); !err.success()) return err;
   return Guard([&] {
@@ -150,7 +154,11 @@ ffi::Error BwdWeights(Buf x, Buf dy, Out dw) {
     dnnl::stream s(eng);
     memory src(c.src, eng, x.typed_data()), ddst(c.dst, eng, dy.typed_data());
     memory conv_dw(c.bwd_diff_w, eng), user_dw(c.user_w, eng, dw->typed_data());
-    c.bwd_weights.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_DIFF_WEIGHTS, conv_dw}});
+    memory dbias(c.bias, eng, db->typed_data());
+    c.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
+                              {DNNL_ARG_DIFF_DST, ddst},
+                              {DNNL_ARG_DIFF_WEIGHTS, conv_dw},
+                              {DNNL_ARG_DIFF_BIAS, dbias}});
     c.from_bwd_diff_w.execute(s, conv_dw, user_dw);
     s.wait();
   });
@@ -158,8 +166,9 @@ ffi::Error BwdWeights(Buf x, Buf dy, Out dw) {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffsegConv3dFwd, Fwd, ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffsegConv3dFwd, Fwd,
+                              ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Arg<Vec>().Ret<Buf>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffsegConv3dBwdData, BwdData,
                               ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffsegConv3dBwdWeights, BwdWeights,
-                              ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>());
+                              ffi::Ffi::Bind().Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Vec>());
