@@ -1,8 +1,9 @@
 """One 3×3×3 convolution, forward + backward, per implementation and per U-Net level.
 
-Times ``diffseg.model.conv.conv_nd`` with each ``impl`` ("xla", "fold", "tiled") and PyTorch's
-``Conv3d`` (channels_last_3d, if torch is installed) on the four level shapes of the benchmark
-U-Net (64×64×16 input, batch 2, channels 32–256), median of ``--repeats`` after one warm-up:
+Times ``diffseg.model.conv.conv_nd`` with each ``impl`` ("xla", "fold", "tiled", "onednn") and
+PyTorch's ``Conv3d`` (channels_last_3d, if torch is installed) on the four level shapes of the
+benchmark U-Net (64×64×16 input, batch 2, channels 32–256), bias included, median of
+``--repeats`` after one warm-up; each impl in the layout the U-Net gives it:
 
     python benchmarks/conv_layers.py
 
@@ -35,18 +36,21 @@ LEVELS = [
 
 
 def time_jax(impl: str, shape: tuple[int, ...], batch: int, repeats: int) -> float:
-    """Seconds for forward + both gradients of one conv in the U-Net's depth-first layout."""
+    """Seconds for forward + all three gradients of one conv, in the layout the U-Net uses."""
     z, sx, sy, cin, cout = shape
+    layout = "xyz" if impl in ("xla", "onednn") else "zxy"
+    spatial = (sx, sy, z) if layout == "xyz" else (z, sx, sy)
     kx, kk, kc = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (batch, z, sx, sy, cin))
+    x = jax.random.normal(kx, (batch, *spatial, cin))
     kernel = jax.random.normal(kk, (3, 3, 3, cin, cout)) * 0.05
-    cot = jax.random.normal(kc, (batch, z, sx, sy, cout))
+    bias = jnp.zeros(cout)
+    cot = jax.random.normal(kc, (batch, *spatial, cout))
 
-    def loss(x, k):
-        return jnp.sum(conv_nd(x, k, impl=impl, layout="zxy") * cot)
+    def loss(x, k, b):
+        return jnp.sum(conv_nd(x, k, b, impl=impl, layout=layout) * cot)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return median_seconds(lambda: jax.block_until_ready(grad(x, kernel)), repeats)[0]
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return median_seconds(lambda: jax.block_until_ready(grad(x, kernel, bias)), repeats)[0]
 
 
 def time_torch(shape: tuple[int, ...], batch: int, repeats: int) -> float:
@@ -81,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         has_torch = False
     rows = []
-    print("(Z, X, Y, Cin, Cout)        xla ms  fold ms  tiled ms  torch ms", flush=True)
+    print("(Z, X, Y, Cin, Cout)        xla ms  fold ms tiled ms onednn ms torch ms", flush=True)
     for shape in LEVELS:
         row = {"shape": list(shape)}
-        for impl in ("xla", "fold", "tiled"):
+        for impl in ("xla", "fold", "tiled", "onednn"):
             row[impl] = time_jax(impl, shape, args.batch, args.repeats)
         row["torch_channels_last"] = time_torch(shape, args.batch, args.repeats) if has_torch else None
         rows.append(row)

@@ -8,6 +8,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"simpleitk": "simpleitk", "matplotlib": "matplotlib-base", "snakemake": "snakemake-minimal"}
+# oneDNN's PyPI wheels are versioned by oneAPI release (2023.2 = oneDNN 3.2); conda-forge's
+# single "onednn" package carries both the library and the headers.
+CONDA_SPECS = {"onednn-cpu-gomp": "onednn>=3.2", "onednn-devel-cpu-gomp": "onednn>=3.2"}
 
 
 def _requirements() -> dict[str, str]:
@@ -15,7 +18,7 @@ def _requirements() -> dict[str, str]:
     reqs = project["dependencies"] + project["optional-dependencies"]["test"]
     out = {}
     for req in reqs:
-        name, bound = re.fullmatch(r"([A-Za-z0-9_.-]+)(>=[0-9.]+)", req).groups()
+        name, bound = re.fullmatch(r"([A-Za-z0-9_.-]+)(>=[0-9.]+)(?:; .*)?", req).groups()
         out[name.lower()] = bound
     return out
 
@@ -25,8 +28,8 @@ def test_environment_yml_matches_pyproject():
     entries = [d for d in env["dependencies"] if isinstance(d, str)]
     entries += next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     for name, bound in _requirements().items():
-        conda_name = CONDA_NAMES.get(name, name)
-        assert f"{conda_name}{bound}" in entries, f"environment.yml lacks {conda_name}{bound}"
+        spec = CONDA_SPECS.get(name, CONDA_NAMES.get(name, name) + bound)
+        assert spec in entries, f"environment.yml lacks {spec}"
 
 
 def test_ci_runs_the_readme_test_command():

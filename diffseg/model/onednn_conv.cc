@@ -38,6 +38,7 @@ struct Conv {
   dnnl::convolution_backward_data bwd_data;
   dnnl::convolution_backward_weights bwd_weights;
   memory::desc src, dst, bias, user_w, fwd_w, bwd_data_w, bwd_diff_w;
+  memory::desc fwd_scratch, bwd_data_scratch, bwd_weights_scratch;
   dnnl::reorder to_fwd_w, to_bwd_data_w, from_bwd_diff_w;
 };
 
@@ -61,12 +62,19 @@ Conv Build(const Key& k) {
   const memory::desc any_w(w_dims, f32, Tag::any);
   auto& eng = Engine();
   const auto algo = dnnl::algorithm::convolution_direct;
+  // Each call brings its own scratchpad: XLA may run the same primitive from two threads at once
+  // (two devices, or independent ops), and a shared one deadlocked the weight-gradient reduction.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo, c.src,
-                                                any_w, c.bias, c.dst, strides, pad, pad);
+                                                any_w, c.bias, c.dst, strides, pad, pad, attr);
   dnnl::convolution_backward_data::primitive_desc bwd_data(eng, algo, c.src, any_w, c.dst, strides, pad,
-                                                           pad, fwd);
+                                                           pad, fwd, attr);
   dnnl::convolution_backward_weights::primitive_desc bwd_weights(eng, algo, c.src, any_w, c.bias, c.dst,
-                                                                 strides, pad, pad, fwd);
+                                                                 strides, pad, pad, fwd, attr);
+  c.fwd_scratch = fwd.scratchpad_desc();
+  c.bwd_data_scratch = bwd_data.scratchpad_desc();
+  c.bwd_weights_scratch = bwd_weights.scratchpad_desc();
   c.fwd = dnnl::convolution_forward(fwd);
   c.bwd_data = dnnl::convolution_backward_data(bwd_data);
   c.bwd_weights = dnnl::convolution_backward_weights(bwd_weights);
@@ -125,7 +133,12 @@ ffi::Error Fwd(Buf x, Buf w, Vec b, Out y) {
     memory user_w(c.user_w, eng, w.typed_data()), conv_w(c.fwd_w, eng);
     c.to_fwd_w.execute(s, user_w, conv_w);
     memory src(c.src, eng, x.typed_data()), bias(c.bias, eng, b.typed_data()), dst(c.dst, eng, y->typed_data());
-    c.fwd.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv_w}, {DNNL_ARG_BIAS, bias}, {DNNL_ARG_DST, dst}});
+    memory scratch(c.fwd_scratch, eng);
+    c.fwd.execute(s, {{DNNL_ARG_SRC, src},
+                      {DNNL_ARG_WEIGHTS, conv_w},
+                      {DNNL_ARG_BIAS, bias},
+                      {DNNL_ARG_DST, dst},
+                      {DNNL_ARG_SCRATCHPAD, scratch}});
     s.wait();
   });
 }
@@ -140,7 +153,11 @@ ffi::Error BwdData(Buf dy, Buf w, Out dx) {
     memory user_w(c.user_w, eng, w.typed_data()), conv_w(c.bwd_data_w, eng);
     c.to_bwd_data_w.execute(s, user_w, conv_w);
     memory ddst(c.dst, eng, dy.typed_data()), dsrc(c.src, eng, dx->typed_data());
-    c.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_WEIGHTS, conv_w}, {DNNL_ARG_DIFF_SRC, dsrc}});
+    memory scratch(c.bwd_data_scratch, eng);
+    c.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, ddst},
+                           {DNNL_ARG_WEIGHTS, conv_w},
+                           {DNNL_ARG_DIFF_SRC, dsrc},
+                           {DNNL_ARG_SCRATCHPAD, scratch}});
     s.wait();
   });
 }
@@ -154,11 +171,12 @@ ffi::Error BwdWeights(Buf x, Buf dy, Out dw, VecOut db) {
     dnnl::stream s(eng);
     memory src(c.src, eng, x.typed_data()), ddst(c.dst, eng, dy.typed_data());
     memory conv_dw(c.bwd_diff_w, eng), user_dw(c.user_w, eng, dw->typed_data());
-    memory dbias(c.bias, eng, db->typed_data());
+    memory dbias(c.bias, eng, db->typed_data()), scratch(c.bwd_weights_scratch, eng);
     c.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
                               {DNNL_ARG_DIFF_DST, ddst},
                               {DNNL_ARG_DIFF_WEIGHTS, conv_dw},
-                              {DNNL_ARG_DIFF_BIAS, dbias}});
+                              {DNNL_ARG_DIFF_BIAS, dbias},
+                              {DNNL_ARG_SCRATCHPAD, scratch}});
     c.from_bwd_diff_w.execute(s, conv_dw, user_dw);
     s.wait();
   });
