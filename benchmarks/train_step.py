@@ -41,6 +41,14 @@ from diffseg.train.losses import cross_entropy, dice_loss
 LR = 1e-4
 
 
+def _has_avx512() -> bool | None:
+    """Whether the CPU has AVX-512 (oneDNN and XLA pick other kernels with it); None if unknown."""
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 # ----------------------------------------------------------------------------------------- JAX
 def jax_loss(logits: jax.Array, onehot: jax.Array) -> jax.Array:
     """Training's loss: cross-entropy + foreground Dice (``diffseg.train.losses``). → scalar."""
@@ -293,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backend,
         "device": device,
         "cpu_count": os.cpu_count(),
+        "cpu_avx512": _has_avx512(),
         "platform": platform.platform(),
         "versions": {
             "python": platform.python_version(),

@@ -49,8 +49,7 @@ def _onednn_root() -> Path:
     if root := os.environ.get("DIFFSEG_ONEDNN_ROOT"):
         candidates.append(Path(root))
     try:
-        # The wheels install into their environment's data prefix (include/, lib/).
-        # The wheel's headers are data files: <prefix>/include/oneapi/dnnl/dnnl.hpp.
+        # The wheels' headers and library are data files: <prefix>/include/..., <prefix>/lib/...
         for f in importlib.metadata.distribution("onednn-devel-cpu-gomp").files or []:
             if str(f).endswith("include/oneapi/dnnl/dnnl.hpp"):
                 candidates.append(Path(f.locate()).resolve().parents[3])
@@ -80,7 +79,7 @@ def _compile(root: Path) -> Path:
         str(SOURCE), f"-L{root / 'lib'}", "-ldnnl", f"-Wl,-rpath,{root / 'lib'}",
     ]  # fmt: skip
     key = [SOURCE.read_bytes(), (root / "include/oneapi/dnnl/dnnl_version.h").read_bytes()]
-    key += [jax.lib.__version__.encode(), cxx.encode(), " ".join(flags).encode()]
+    key += [importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(flags).encode()]
     cache = Path(os.environ.get("DIFFSEG_CACHE", Path.home() / ".cache" / "diffseg"))
     out = cache / f"onednn_conv-{hashlib.sha256(b'|'.join(key)).hexdigest()[:16]}.so"
     if out.is_file():
