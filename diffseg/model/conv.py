@@ -297,7 +297,9 @@ def conv_nd(
     odd_stride1 = strides == 1 and all(k % 2 == 1 for k in ksize)
     # oneDNN and XLA take the kernel in the data's axis order: (X, Y, Z, I, O) → (Z, X, Y, I, O).
     kernel_as_data = (lambda: kernel) if layout == "xyz" else (lambda: jnp.transpose(kernel, (2, 0, 1, 3, 4)))
-    if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl != "xla":
+    # A 1×1×1 convolution is a matmul; "onednn" keeps it, so the bias rides along and XLA does
+    # not duplicate the fused concatenate that feeds both a decoder block's conv and its skip.
+    if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl in ("fold", "tiled"):
         out = jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
     elif impl == "onednn" and odd_stride1:
         # oneDNN adds the bias inside its kernel (and returns its gradient with the kernel's).
