@@ -243,6 +243,9 @@ conv3d_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 def conv3d_onednn(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """3D SAME stride-1 float32 convolution plus bias by oneDNN (``diffseg.model.onednn``), CPU only.
 
+    With the batch sharded over several CPU devices XLA cannot partition the FFI call, so it
+    gathers the operands: the same numbers (tested), without data parallelism on CPU.
+
     Args:
       x: ``(B, D, H, W, Cin)``, any order of the three spatial axes.
       kernel: ``(kd, kh, kw, Cin, Cout)`` in the same spatial order as ``x``, every size odd.
