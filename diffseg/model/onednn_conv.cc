@@ -87,7 +87,8 @@ Conv Build(const Key& k) {
   return c;
 }
 
-// Primitive creation costs milliseconds (oneDNN JIT-compiles kernels), so build once per shape.
+// Creating a convolution's primitives and reorders takes ~0.2 ms each (ONEDNN_VERBOSE on the
+// benchmark machine), against 1-40 ms per call of the U-Net's convolutions: build once per shape.
 const Conv& Get(const Key& key) {
   static std::mutex mu;
   static std::map<Key, std::unique_ptr<Conv>> cache;
@@ -102,83 +103,65 @@ using Out = ffi::ResultBuffer<ffi::F32, 5>;
 using Vec = ffi::Buffer<ffi::F32, 1>;
 using VecOut = ffi::ResultBuffer<ffi::F32, 1>;
 
-Key MakeKey(ffi::Span<const int64_t> act, int64_t ci, int64_t co, ffi::Span<const int64_t> w) {
-  return {act[0], act[1], act[2], act[3], ci, co, w[0], w[1], w[2]};
-}
-
-ffi::Error Check(ffi::Span<const int64_t> w) {
+// What every handler shares: checks the kernel sizes (w: kd, kh, kw, Ci, Co), finds the primitives
+// for activations `act` (N, D, H, W, ...), runs `body(conv, stream)`, waits, and turns oneDNN's
+// exceptions into an XLA error (exceptions must not cross the FFI).
+template <typename F>
+ffi::Error Run(ffi::Span<const int64_t> act, ffi::Span<const int64_t> w, F body) {
   for (int i = 0; i < 3; ++i)
     if (w[i] % 2 == 0) return ffi::Error::InvalidArgument("diffseg oneDNN conv3d: kernel sizes must be odd");
-  return ffi::Error::Success();
-}
-
-// Runs `body`, turning oneDNN's exceptions into an XLA error (exceptions must not cross the FFI).
-template <typename F>
-ffi::Error Guard(F body) {
   try {
-    body();
+    const Conv& c = Get({act[0], act[1], act[2], act[3], w[3], w[4], w[0], w[1], w[2]});
+    dnnl::stream s(Engine());
+    body(c, s);
+    s.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("diffseg oneDNN conv3d: ") + e.what());
   }
   return ffi::Error::Success();
 }
 
+memory Wrap(const memory::desc& desc, void* data) { return memory(desc, Engine(), data); }
+
+// The caller's (kd, kh, kw, Ci, Co) weights in the layout a primitive asked for.
+memory Reordered(const Conv& c, const dnnl::reorder& to, const memory::desc& layout, float* w,
+                 dnnl::stream& s) {
+  memory user = Wrap(c.user_w, w), out(layout, Engine());
+  to.execute(s, user, out);
+  return out;
+}
+
 ffi::Error Fwd(Buf x, Buf w, Vec b, Out y) {
-  auto wd = w.dimensions();
-  if (auto err = Check(wd); !err.success()) return err;
-  return Guard([&] {
-    const Conv& c = Get(MakeKey(x.dimensions(), wd[3], wd[4], wd));
-    auto& eng = Engine();
-    dnnl::stream s(eng);
-    memory user_w(c.user_w, eng, w.typed_data()), conv_w(c.fwd_w, eng);
-    c.to_fwd_w.execute(s, user_w, conv_w);
-    memory src(c.src, eng, x.typed_data()), bias(c.bias, eng, b.typed_data()), dst(c.dst, eng, y->typed_data());
-    memory scratch(c.fwd_scratch, eng);
-    c.fwd.execute(s, {{DNNL_ARG_SRC, src},
-                      {DNNL_ARG_WEIGHTS, conv_w},
-                      {DNNL_ARG_BIAS, bias},
-                      {DNNL_ARG_DST, dst},
+  return Run(x.dimensions(), w.dimensions(), [&](const Conv& c, dnnl::stream& s) {
+    memory scratch(c.fwd_scratch, Engine());
+    c.fwd.execute(s, {{DNNL_ARG_SRC, Wrap(c.src, x.typed_data())},
+                      {DNNL_ARG_WEIGHTS, Reordered(c, c.to_fwd_w, c.fwd_w, w.typed_data(), s)},
+                      {DNNL_ARG_BIAS, Wrap(c.bias, b.typed_data())},
+                      {DNNL_ARG_DST, Wrap(c.dst, y->typed_data())},
                       {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
   });
 }
 
 ffi::Error BwdData(Buf dy, Buf w, Out dx) {
-  auto wd = w.dimensions();
-  if (auto err = Check(wd); !err.success()) return err;
-  return Guard([&] {
-    const Conv& c = Get(MakeKey(dy.dimensions(), wd[3], wd[4], wd));
-    auto& eng = Engine();
-    dnnl::stream s(eng);
-    memory user_w(c.user_w, eng, w.typed_data()), conv_w(c.bwd_data_w, eng);
-    c.to_bwd_data_w.execute(s, user_w, conv_w);
-    memory ddst(c.dst, eng, dy.typed_data()), dsrc(c.src, eng, dx->typed_data());
-    memory scratch(c.bwd_data_scratch, eng);
-    c.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, ddst},
-                           {DNNL_ARG_WEIGHTS, conv_w},
-                           {DNNL_ARG_DIFF_SRC, dsrc},
+  return Run(dy.dimensions(), w.dimensions(), [&](const Conv& c, dnnl::stream& s) {
+    memory scratch(c.bwd_data_scratch, Engine());
+    c.bwd_data.execute(s, {{DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.typed_data())},
+                           {DNNL_ARG_WEIGHTS, Reordered(c, c.to_bwd_data_w, c.bwd_data_w, w.typed_data(), s)},
+                           {DNNL_ARG_DIFF_SRC, Wrap(c.src, dx->typed_data())},
                            {DNNL_ARG_SCRATCHPAD, scratch}});
-    s.wait();
   });
 }
 
 ffi::Error BwdWeights(Buf x, Buf dy, Out dw, VecOut db) {
-  auto wd = dw->dimensions();
-  if (auto err = Check(wd); !err.success()) return err;
-  return Guard([&] {
-    const Conv& c = Get(MakeKey(x.dimensions(), wd[3], wd[4], wd));
-    auto& eng = Engine();
-    dnnl::stream s(eng);
-    memory src(c.src, eng, x.typed_data()), ddst(c.dst, eng, dy.typed_data());
-    memory conv_dw(c.bwd_diff_w, eng), user_dw(c.user_w, eng, dw->typed_data());
-    memory dbias(c.bias, eng, db->typed_data()), scratch(c.bwd_weights_scratch, eng);
-    c.bwd_weights.execute(s, {{DNNL_ARG_SRC, src},
-                              {DNNL_ARG_DIFF_DST, ddst},
+  return Run(x.dimensions(), dw->dimensions(), [&](const Conv& c, dnnl::stream& s) {
+    memory conv_dw(c.bwd_diff_w, Engine()), scratch(c.bwd_weights_scratch, Engine());
+    c.bwd_weights.execute(s, {{DNNL_ARG_SRC, Wrap(c.src, x.typed_data())},
+                              {DNNL_ARG_DIFF_DST, Wrap(c.dst, dy.typed_data())},
                               {DNNL_ARG_DIFF_WEIGHTS, conv_dw},
-                              {DNNL_ARG_DIFF_BIAS, dbias},
+                              {DNNL_ARG_DIFF_BIAS, Wrap(c.bias, db->typed_data())},
                               {DNNL_ARG_SCRATCHPAD, scratch}});
+    memory user_dw = Wrap(c.user_w, dw->typed_data());
     c.from_bwd_diff_w.execute(s, conv_dw, user_dw);
-    s.wait();
   });
 }
 
