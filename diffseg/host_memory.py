@@ -2,8 +2,9 @@
 
 With glibc's defaults, every large buffer XLA (or PyTorch) allocates is served by fresh pages:
 big blocks are ``mmap``-ed and returned on free, and blocks freed in per-thread arenas are
-trimmed. A CPU train step of the paper's 3D U-Net then takes ~130 000 page faults (~0.1 s of
-1.4 s on the 2-core benchmark machine). One arena, no ``mmap`` for large blocks and no trimming
+trimmed. A CPU train step of the benchmark's 3D U-Net (channels 32–256, 64×64×16, batch 2)
+then takes ~134 000 page faults: 1.38–1.45 s per step against 1.24–1.27 s without them on the
+2-core benchmark machine. One arena, no ``mmap`` for large blocks and no trimming
 make the second and later steps reuse the same pages: zero faults per step.
 
 ``diffseg``'s command line calls ``reuse_freed_memory()`` first thing; ``DIFFSEG_MALLOC=default``

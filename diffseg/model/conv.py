@@ -268,6 +268,11 @@ def _onednn_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Ar
 conv3d_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
+def _kernel_in_data_order(kernel: jax.Array, layout: str) -> jax.Array:
+    """The kernel in the data's axis order, as oneDNN and XLA take it ((Z, X, Y, I, O) in "zxy")."""
+    return kernel if layout == "xyz" else jnp.transpose(kernel, (2, 0, 1, 3, 4))
+
+
 def conv_nd(
     x: jax.Array,
     kernel: jax.Array,
@@ -298,8 +303,6 @@ def conv_nd(
         raise ValueError("layout 'zxy' is for 3D inputs only")
     ksize = kernel.shape[:d]
     odd_stride1 = strides == 1 and all(k % 2 == 1 for k in ksize)
-    # oneDNN and XLA take the kernel in the data's axis order: (X, Y, Z, I, O) → (Z, X, Y, I, O).
-    kernel_as_data = (lambda: kernel) if layout == "xyz" else (lambda: jnp.transpose(kernel, (2, 0, 1, 3, 4)))
     # A 1×1×1 convolution is a matmul; "onednn" keeps it, so the bias rides along and XLA does
     # not duplicate the fused concatenate that feeds both a decoder block's conv and its skip.
     if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl in ("fold", "tiled"):
@@ -307,7 +310,7 @@ def conv_nd(
     elif impl == "onednn" and odd_stride1:
         # oneDNN adds the bias inside its kernel (and returns its gradient with the kernel's).
         b = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
-        return conv3d_onednn(x, kernel_as_data(), b)
+        return conv3d_onednn(x, _kernel_in_data_order(kernel, layout), b)
     elif d == 3 and impl in ("fold", "tiled") and odd_stride1:
         xz = x if layout == "zxy" else jnp.moveaxis(x, 3, 1)
         if impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
@@ -316,7 +319,7 @@ def conv_nd(
             out = conv3d_tiled(xz, kernel)
         out = out if layout == "zxy" else jnp.moveaxis(out, 1, 3)
     else:
-        out = _xla_conv(x, kernel_as_data(), (strides,) * d)
+        out = _xla_conv(x, _kernel_in_data_order(kernel, layout), (strides,) * d)
     return out if bias is None else out + bias
 
 

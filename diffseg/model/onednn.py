@@ -56,6 +56,7 @@ def _onednn_root() -> Path:
     except importlib.metadata.PackageNotFoundError:
         pass
     candidates += [Path(sys.prefix), Path(os.environ.get("CONDA_PREFIX", sys.prefix))]
+    candidates = list(dict.fromkeys(candidates))  # CONDA_PREFIX is often sys.prefix
     for root in candidates:
         if (root / "include/oneapi/dnnl/dnnl.hpp").is_file() and any((root / "lib").glob("libdnnl.so*")):
             return root
