@@ -24,12 +24,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from diffseg.io import atomic_path
 
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {
@@ -85,16 +86,13 @@ def _compile(root: Path) -> Path:
     out = cache / f"onednn_conv-{hashlib.sha256(b'|'.join(key)).hexdigest()[:16]}.so"
     if out.is_file():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
-    # Concurrent jobs may compile at once: each writes its own file, then renames atomically.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    cmd = [cxx, *flags, "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        raise OneDNNUnavailable(f"compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)
+    # Concurrent jobs may compile at once: each writes its own temporary file, renamed atomically.
+    with atomic_path(out) as tmp:
+        cmd = [cxx, *flags, "-o", str(tmp)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = proc.stderr[-2000:]
+            raise OneDNNUnavailable(f"compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{log}")
     return out
 
 
