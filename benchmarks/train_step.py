@@ -1,12 +1,18 @@
 """Train-step speed of the diffseg U-Net: JAX (fast conv, plain XLA conv) vs the same net in PyTorch.
 
-One step = forward, cross-entropy + foreground Dice loss, backward, AdamW update (jitted in JAX,
-eager in PyTorch), timed after warm-up as the median of ``--repeats`` runs. The JAX and PyTorch
-timings are interleaved round by round so that load from other processes hits both alike.
+One step = noise the ground-truth mask to a diffusion step (``--recycle``: the paper's recycling,
+a first forward pass without gradient whose x0 prediction is noised instead), forward, training's
+loss (cross-entropy + foreground Dice), backward, AdamW update; jitted in JAX, eager in PyTorch.
+Timed after warm-up as the median of ``--repeats`` runs.
+
+On a CPU the models are timed interleaved, round by round, so that load from other processes hits
+all alike. On a GPU they run one after the other (PyTorch first, which can hand its memory back),
+so that each has the device's memory to itself.
 
     python benchmarks/train_step.py                      # 3D, 64×64×16, batch 2, channels 32–256
     python benchmarks/train_step.py --skip-xla --repeats 5
     python benchmarks/train_step.py --default-malloc      # glibc's malloc as it comes
+    python benchmarks/train_step.py --shape 256 256 48 --batch 8 --bf16 --recycle   # the paper's step (GPU)
 
 Like the ``diffseg`` CLI, it first calls ``diffseg.host_memory.reuse_freed_memory()``; JAX and
 PyTorch share the process, so both run with the same allocator settings.
@@ -22,6 +28,8 @@ import os
 import platform
 import statistics
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +39,21 @@ import numpy as np
 import optax
 from timing import seconds
 
+from diffseg.diffusion import GaussianDiffusion
 from diffseg.host_memory import reuse_freed_memory
 from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import num_groups
 from diffseg.train.losses import cross_entropy, dice_loss
+from diffseg.train.step import noisy_input
 
 LR = 1e-4
+TIME_EMBED_DIM = 128  # UNet's default
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the FLOP-utilisation basis.
+# Matched in order against ``device_kind``; ``--peak-tflops`` overrides.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def _has_avx512() -> bool | None:
@@ -49,28 +64,66 @@ def _has_avx512() -> bool | None:
         return None
 
 
+def peak_tflops(device_kind: str, bf16: bool, given: float | None) -> float | None:
+    """The device's peak TFLOP/s for the run's precision: ``given``, else the bf16 table, else None."""
+    if given is not None:
+        return given
+    if not bf16:
+        return None
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_kind), None)
+
+
+@dataclass
+class Batch:
+    """One fixed training batch, numpy, channels-last.
+
+    image ``(B, *S, 1)``; onehot ``(B, *S, C)``; x0 = 2·onehot − 1; k ``(B,)`` diffusion positions.
+    """
+
+    image: np.ndarray
+    onehot: np.ndarray
+    x0: np.ndarray
+    k: np.ndarray
+
+    @classmethod
+    def random(cls, batch: int, spatial: tuple[int, ...], classes: int, num_steps: int) -> Batch:
+        rng = np.random.default_rng(0)
+        onehot = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, size=(batch, *spatial))]
+        image = rng.standard_normal((batch, *spatial, 1)).astype(np.float32)
+        k = (np.arange(batch) % num_steps).astype(np.int32)
+        return cls(image=image, onehot=onehot, x0=2.0 * onehot - 1.0, k=k)
+
+
+@dataclass
+class Runner:
+    """A model ready to time: ``run()`` does one step and blocks until it is done."""
+
+    run: Callable[[], None]
+    parameters: int
+    peak_bytes: Callable[[], int | None] = lambda: None
+    close: Callable[[], None] = lambda: None
+
+
 # ----------------------------------------------------------------------------------------- JAX
 def jax_loss(logits: jax.Array, onehot: jax.Array) -> jax.Array:
     """Training's loss: cross-entropy + foreground Dice (``diffseg.train.losses``). → scalar."""
     return cross_entropy(logits, onehot) + dice_loss(logits, onehot)
 
 
-def make_jax_step(model: UNet, batch: dict[str, jax.Array]):
-    """Return (state, jitted step(state, batch) -> (state, loss))."""
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], batch["mask"], batch["t"])
-    tx = optax.adamw(LR)
-    return (params, tx.init(params)), jax_step(model, tx)
+def jax_step(model: UNet, tx: optax.GradientTransformation, diffusion: GaussianDiffusion, recycle: bool):
+    """The jitted ``step(state, batch) -> (state, loss)``; every ``conv_impl`` takes the same state.
 
-
-def jax_step(model: UNet, tx: optax.GradientTransformation):
-    """The jitted step(state, batch) -> (state, loss); every ``conv_impl`` takes the same state."""
+    The noisy input comes from training's own ``diffseg.train.step.noisy_input`` (x0 prediction).
+    """
 
     @jax.jit
     def step(state, batch):
         params, opt = state
 
         def loss_fn(p):
-            logits = model.apply(p, batch["image"], batch["mask"], batch["t"])
+            image, x0, k = batch["image"], batch["x0"], batch["k"]
+            x_t, _ = noisy_input(model.apply, p, diffusion, image, x0, k, batch["key"], "x0", recycle)
+            logits = model.apply(p, image, x_t, diffusion.t(k)).astype(jnp.float32)
             return jax_loss(logits, batch["onehot"])
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -78,6 +131,53 @@ def jax_step(model: UNet, tx: optax.GradientTransformation):
         return (optax.apply_updates(params, updates), opt), loss
 
     return step
+
+
+def jax_inputs(data: Batch) -> dict[str, jax.Array]:
+    """The batch as device arrays, with the PRNG key of the step's noise."""
+    arrays = {k: jnp.asarray(v) for k, v in vars(data).items()}
+    return arrays | {"key": jax.random.PRNGKey(1)}
+
+
+def jax_runner(
+    model: UNet, diffusion: GaussianDiffusion, recycle: bool, batch: dict[str, jax.Array]
+) -> Runner:
+    """Initialise ``model`` and its optimizer; the Runner steps them in place."""
+    t = diffusion.t(batch["k"])
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], batch["x0"], t)
+    tx = optax.adamw(LR)
+    step = jax_step(model, tx, diffusion, recycle)
+    holder = {"state": (params, tx.init(params))}
+
+    def run() -> None:
+        holder["state"], loss = step(holder["state"], batch)
+        jax.block_until_ready(loss)
+
+    def peak() -> int | None:  # the process's peak so far: accelerators report it, the CPU does not
+        return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+    return Runner(run, sum(int(p.size) for p in jax.tree.leaves(params)), peak)
+
+
+def xla_cost(model: UNet, diffusion: GaussianDiffusion, recycle: bool, batch: dict[str, jax.Array]):
+    """Compile (never run) the step on abstract inputs: XLA's FLOP count and memory plan.
+
+    Use ``conv_impl="xla"`` (the same math as every other): the cost analysis counts a while-loop
+    body once, so it under-counts ``tiled``'s loop over chunks, and it cannot see inside the
+    oneDNN custom calls. Returns {"flops", "temp_bytes", "argument_bytes", "output_bytes"}.
+    """
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), spec["image"], spec["x0"], spec["k"])
+    tx = optax.adamw(LR)
+    state = (params, jax.eval_shape(tx.init, params))
+    compiled = jax_step(model, tx, diffusion, recycle).lower(state, spec).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    sizes = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    return {"flops": float((cost or {}).get("flops", float("nan")))} | {
+        name.replace("_size_in", ""): getattr(memory, name, None) for name in sizes
+    }
 
 
 # ------------------------------------------------------------------------------------- PyTorch
@@ -163,16 +263,103 @@ def torch_loss(logits, onehot):
     return ce + per_sample.mean()
 
 
-# ---------------------------------------------------------------------------------------- main
-def xla_flops(step, state, batch) -> float:
-    """XLA's count of a compiled step's floating-point operations.
+def torch_runner(
+    data: Batch,
+    channels: list[int],
+    diffusion: GaussianDiffusion,
+    recycle: bool,
+    bf16: bool,
+    device: str,
+    channels_last: bool,
+) -> Runner:
+    """The PyTorch twin of ``jax_step`` (bf16: autocast, parameters float32 as in the JAX model).
 
-    Call it on a step with ``conv_impl="xla"`` (the same math): the cost analysis counts a
-    while-loop body once, so it under-counts the "tiled" convolution's loop over chunks.
+    The noise is drawn afresh every step, as JAX draws it. The q-sample below is the same
+    ``sqrt(abar_k) x0 + sqrt(1 - abar_k) noise`` as ``GaussianDiffusion.q_sample``, with its
+    float64 coefficients.
     """
-    cost = step.lower(state, batch).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float((cost or {}).get("flops", float("nan")))
+    import torch
+    from torch.nn import functional as F
+
+    dims = data.image.ndim - 2
+    fmt = (torch.channels_last_3d if dims == 3 else torch.channels_last) if channels_last else None
+    net = build_torch(data.onehot.shape[-1], channels, dims, TIME_EMBED_DIM, 1 + data.onehot.shape[-1])
+    net = net.to(device, memory_format=fmt) if fmt else net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=LR)
+    perm = (0, dims + 1, *range(1, dims + 1))
+
+    def tensor(a: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(a.transpose(perm))).to(device)
+        return x.contiguous(memory_format=fmt) if fmt else x
+
+    image, onehot, x0 = tensor(data.image), tensor(data.onehot), tensor(data.x0)
+    view = (-1,) + (1,) * (dims + 1)
+    k_next = np.minimum(data.k + 1, diffusion.num_steps - 1)
+
+    def coefficients(k: np.ndarray):
+        """(sqrt(abar_k), sqrt(1 - abar_k)) shaped to broadcast, and the time input t_k."""
+        abar = diffusion.alphas_cumprod[k]
+        a, b = (torch.tensor(v, dtype=torch.float32, device=device).view(view) for v in (abar, 1 - abar))
+        return a.sqrt(), b.sqrt(), torch.from_numpy(diffusion.timesteps[k]).to(device)
+
+    now, after = coefficients(data.k), coefficients(k_next)
+
+    def net_input(x):
+        return torch.cat([image, x], dim=1)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            start = x0
+            if recycle:  # paper eq. 8-9: noise one step further, predict x0 without gradient
+                with torch.no_grad():
+                    sa, sb, t = after
+                    logits = net(net_input(sa * x0 + sb * torch.randn_like(x0)), t).float()
+                    start = 2 * F.softmax(logits, dim=1) - 1
+            sa, sb, t = now
+            loss = torch_loss(net(net_input(sa * start + sb * torch.randn_like(x0)), t).float(), onehot)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def peak() -> int | None:
+        return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+    def close() -> None:
+        nonlocal net, opt, image, onehot, x0
+        del net, opt, image, onehot, x0
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    return Runner(step, sum(p.numel() for p in net.parameters()), peak, close)
+
+
+# ---------------------------------------------------------------------------------------- main
+def time_runners(
+    factories: dict[str, Callable[[], Runner]], warmup: int, repeats: int, interleave: bool
+) -> tuple[dict[str, list[float]], dict[str, int], dict[str, int | None]]:
+    """Seconds per step of each model (``repeats`` each), its parameter count and peak device memory.
+
+    ``interleave``: build every model first, then time them round by round (shared-CPU noise
+    hits all alike); else build, time and close each in turn (each has the device to itself).
+    """
+    times: dict[str, list[float]] = {name: [] for name in factories}
+    counts: dict[str, int] = {}
+    peaks: dict[str, int | None] = {}
+    groups = [list(factories)] if interleave else [[name] for name in factories]
+    for group in groups:
+        runners = {name: factories[name]() for name in group}
+        for runner in runners.values():
+            for _ in range(warmup):
+                runner.run()
+        for _ in range(repeats):
+            for name, runner in runners.items():
+                times[name].append(seconds(runner.run))
+        for name, runner in runners.items():
+            counts[name], peaks[name] = runner.parameters, runner.peak_bytes()
+            runner.close()
+    return times, counts, peaks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time PyTorch with channels_last(_3d) memory format (best torch is the peer)",
     )
-    ap.add_argument("--bf16", action="store_true", help="bfloat16 compute for the JAX models")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 compute (JAX dtype, PyTorch autocast)")
+    ap.add_argument("--recycle", action="store_true", help="the paper's recycling: two forward passes")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for FLOP utilisation")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default by backend)")
+    ap.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only XLA's FLOP count and memory plan of the step (no run: does it fit this device?)",
+    )
     ap.add_argument(
         "--default-malloc",
         action="store_true",
@@ -202,94 +396,86 @@ def main(argv: list[str] | None = None) -> int:
     # As the diffseg CLI does for training; one process, so PyTorch gets the same allocator.
     reuse = False if args.default_malloc else reuse_freed_memory()
     print(f"malloc: {'reuse freed memory' if reuse else 'glibc default'}", flush=True)
+    # Before JAX starts its backend: on a GPU it would take 75 % of the memory up front, and
+    # PyTorch shares the process. Growing on demand costs only the warm-up steps; PyTorch runs
+    # first and empties its cache, so JAX may then grow to 90 % (the paper's step needs most).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
     dims = len(args.shape)
     backend = jax.default_backend()
     device = str(jax.devices()[0].device_kind)
-    c, b, spatial = args.classes, args.batch, tuple(args.shape)
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, c, size=(b, *spatial))
-    onehot = np.eye(c, dtype=np.float32)[labels]
-    image = rng.standard_normal((b, *spatial, 1)).astype(np.float32)
-    mask = (2 * onehot - 1 + 0.5 * rng.standard_normal(onehot.shape)).astype(np.float32)
-    t = np.array([251, 750][:b] + [500] * max(0, b - 2), dtype=np.int32)
-    batch = {k: jnp.asarray(v) for k, v in dict(image=image, mask=mask, t=t, onehot=onehot).items()}
-
-    runners: dict[str, Any] = {}
-    counts: dict[str, int] = {}
+    diffusion = GaussianDiffusion.linear()  # the paper's: T = 1000 resampled to K = 5
+    data = Batch.random(args.batch, tuple(args.shape), args.classes, diffusion.num_steps)
+    batch = jax_inputs(data)
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-    impls = [("jax_fast", args.impl)] + ([] if args.skip_xla else [("jax_xla", "xla")])
-    flops: float | None = None
-    for name, impl in impls:
-        model = UNet(
-            num_classes=c, channels=tuple(args.channels), spatial_dims=dims, dtype=dtype, conv_impl=impl
+    fast_impl = resolve_impl(args.impl, dims, dtype)
+
+    def unet(impl: str) -> UNet:
+        return UNet(
+            num_classes=args.classes,
+            channels=tuple(args.channels),
+            spatial_dims=dims,
+            time_embed_dim=TIME_EMBED_DIM,
+            dtype=dtype,
+            conv_impl=impl,
         )
-        state, step = make_jax_step(model, batch)
-        counts["jax"] = sum(int(p.size) for p in jax.tree.leaves(state[0]))
-        holder = {"state": state}
 
-        def run(step=step, holder=holder):
-            holder["state"], loss = step(holder["state"], batch)
-            jax.block_until_ready(loss)
+    def xla_plan() -> dict[str, Any]:
+        plan = xla_cost(unet("xla"), diffusion, args.recycle, batch)
+        gib = {k: None if v is None else round(v / 2**30, 2) for k, v in plan.items() if k != "flops"}
+        print(f"XLA's plan: {plan['flops'] / 1e12:.3f} TFLOP/step, GiB {gib}", flush=True)
+        return plan
 
-        print(f"{name} ({impl}): compile + first step {seconds(run):.1f} s", flush=True)
-        runners[name] = run
-        if resolve_impl(impl, dims) == "xla" and flops is None:  # already compiled: no extra cost
-            flops = xla_flops(step, state, batch)
-    if flops is None:  # compile (never run) the plain-XLA twin on the same state
-        twin = UNet(
-            num_classes=c, channels=tuple(args.channels), spatial_dims=dims, dtype=dtype, conv_impl="xla"
-        )
-        flops = xla_flops(jax_step(twin, optax.adamw(LR)), state, batch)
+    config = {
+        "shape": list(args.shape),
+        "batch": args.batch,
+        "channels": args.channels,
+        "classes": args.classes,
+        "dims": dims,
+        "impl": args.impl,
+        "fast_impl": fast_impl,
+        "bf16": args.bf16,
+        "recycle": args.recycle,
+    }
+    if args.compile_only:
+        out = args.out or Path(__file__).parent / "results" / f"train_step_plan_{backend}.json"
+        atomic_write_json(out, {"backend": backend, "device": device, "config": config, "plan": xla_plan()})
+        print(f"wrote {out}")
+        return 0
 
+    def jax_factory(impl: str) -> Callable[[], Runner]:
+        def build() -> Runner:
+            runner = jax_runner(unet(impl), diffusion, args.recycle, batch)
+            print(f"JAX {impl}: compile + first step {seconds(runner.run):.1f} s", flush=True)
+            return runner
+
+        return build
+
+    factories: dict[str, Callable[[], Runner]] = {}
     torch_device = None
     if not args.skip_torch:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-        tnet = build_torch(c, args.channels, dims, 128, 1 + c).to(torch_device)
-        counts["torch"] = sum(p.numel() for p in tnet.parameters())
-        topt = torch.optim.AdamW(tnet.parameters(), lr=LR)
-        perm = (0, dims + 1, *range(1, dims + 1))
-        tx = torch.from_numpy(np.concatenate([image, mask], -1).transpose(perm).copy()).to(torch_device)
-        toh = torch.from_numpy(onehot.transpose(perm).copy()).to(torch_device)
-        tt = torch.from_numpy(t).to(torch_device)
-
-        def run_torch():
-            topt.zero_grad(set_to_none=True)
-            loss = torch_loss(tnet(tx, tt), toh)
-            loss.backward()
-            topt.step()
-            if torch_device == "cuda":
-                torch.cuda.synchronize()
-
-        runners["torch"] = run_torch
-        if args.torch_channels_last:
-            fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
-            tnet_cl = build_torch(c, args.channels, dims, 128, 1 + c).to(torch_device, memory_format=fmt)
-            topt_cl = torch.optim.AdamW(tnet_cl.parameters(), lr=LR)
-            tx_cl, toh_cl = tx.contiguous(memory_format=fmt), toh.contiguous(memory_format=fmt)
-
-            def run_torch_cl():
-                topt_cl.zero_grad(set_to_none=True)
-                torch_loss(tnet_cl(tx_cl, tt), toh_cl).backward()
-                topt_cl.step()
-                if torch_device == "cuda":
-                    torch.cuda.synchronize()
-
-            runners["torch_cl"] = run_torch_cl
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        for name, cl in [("torch", False)] + ([("torch_cl", True)] if args.torch_channels_last else []):
+            factories[name] = lambda cl=cl: torch_runner(
+                data, args.channels, diffusion, args.recycle, args.bf16, torch_device, cl
+            )
+    factories["jax_fast"] = jax_factory(fast_impl)
+    if not args.skip_xla and fast_impl != "xla":
+        factories["jax_xla"] = jax_factory("xla")
+    # PyTorch goes first: it can give its memory back, JAX's allocator keeps what it took.
+    interleave = backend == "cpu"
+    times, counts, peaks = time_runners(factories, args.warmup, args.repeats, interleave)
+    plan = xla_plan()  # after timing: on a GPU, compiling autotunes in memory JAX then keeps
+    flops = plan["flops"]
 
     print(f"parameters: {counts}", flush=True)
-    if "torch" in counts and counts["torch"] != counts["jax"]:
+    if len(set(counts.values())) > 1:
         print("WARNING: parameter counts differ", file=sys.stderr)
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(args.repeats):  # interleaved rounds: shared-CPU noise hits every model alike
-        for name, run in runners.items():
-            times[name].append(seconds(run))
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:9s} {v:.3f} s/step  (all: {', '.join(f'{x:.3f}' for x in times[k])})", flush=True)
@@ -297,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_names = [k for k in ("torch", "torch_cl") if k in med]
     best_torch = min((med[k] for k in torch_names), default=float("nan"))
     ratio = best_torch / med["jax_fast"]
+    peak = peak_tflops(device, args.bf16, args.peak_tflops)
+    achieved = {k: flops / v / 1e12 for k, v in med.items()}
     result = {
         "backend": backend,
         "device": device,
@@ -313,29 +501,26 @@ def main(argv: list[str] | None = None) -> int:
         "torch_device": torch_device,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "malloc_reuse_freed_memory": reuse,
-        "config": {
-            "shape": list(spatial),
-            "batch": b,
-            "channels": args.channels,
-            "classes": c,
-            "dims": dims,
-            "repeats": args.repeats,
-            "impl": args.impl,
-            "bf16": args.bf16,
-        },
+        "config": config
+        | {"repeats": args.repeats, "timing": "interleaved" if interleave else "one model after the other"},
         "parameters": counts,
         "seconds_per_step": med,
+        "steps_per_second": {k: 1 / v for k, v in med.items()},
         "all_seconds": times,
         "ratio_torch_over_jax_fast": ratio,  # best PyTorch variant timed / JAX fast
-        "jax_fast_flops_per_step": flops,
-        "jax_fast_tflops_per_s": flops / med["jax_fast"] / 1e12,
-        # peak device memory (accelerators report it; the CPU backend does not)
-        "jax_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
+        "flops_per_step": flops,  # XLA's count for the plain-XLA step: the same math for all
+        "xla_plan": plan,
+        "tflops_per_s": achieved,
+        "peak_tflops": peak,  # None: unknown for this device/precision (--peak-tflops)
+        "flop_utilisation": {k: v / peak for k, v in achieved.items()} if peak else None,
+        # peak device memory (accelerators report it; the CPU backend does not). JAX's is the
+        # process's peak over every JAX model timed so far.
+        "peak_bytes": peaks,
     }
+    share = f" ({achieved['jax_fast'] / peak:.1%} of {peak} TFLOP/s)" if peak else ""
     print(
-        f"JAX fast: {flops / 1e9:.1f} GFLOP/step,"
-        f" {result['jax_fast_tflops_per_s'] * 1e3:.1f} GFLOP/s achieved,"
-        f" steps/s {1 / med['jax_fast']:.3f}, peak device memory {result['jax_peak_bytes']}",
+        f"JAX fast ({fast_impl}): {flops / 1e9:.1f} GFLOP/step, {achieved['jax_fast'] * 1e3:.1f} GFLOP/s"
+        f" achieved{share}, steps/s {1 / med['jax_fast']:.3f}, peak device memory {peaks['jax_fast']}",
         flush=True,
     )
     if "jax_xla" in med:
