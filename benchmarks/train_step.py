@@ -39,17 +39,17 @@ import numpy as np
 import optax
 from timing import seconds
 
-from diffseg.diffusion import GaussianDiffusion
+from diffseg.diffusion import GaussianDiffusion, mask_to_x0
 from diffseg.host_memory import reuse_freed_memory
 from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import num_groups
 from diffseg.train.losses import cross_entropy, dice_loss
-from diffseg.train.step import noisy_input
+from diffseg.train.step import init_params, noisy_input
 
 LR = 1e-4
-TIME_EMBED_DIM = 128  # UNet's default
+TIME_EMBED_DIM = UNet.time_embed_dim  # the model's default; the PyTorch twin needs it too
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the FLOP-utilisation basis.
 # Matched in order against ``device_kind``; ``--peak-tflops`` overrides.
@@ -88,10 +88,10 @@ class Batch:
     @classmethod
     def random(cls, batch: int, spatial: tuple[int, ...], classes: int, num_steps: int) -> Batch:
         rng = np.random.default_rng(0)
-        onehot = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, size=(batch, *spatial))]
+        x0 = np.asarray(mask_to_x0(rng.integers(0, classes, size=(batch, *spatial)), classes))
         image = rng.standard_normal((batch, *spatial, 1)).astype(np.float32)
         k = (np.arange(batch) % num_steps).astype(np.int32)
-        return cls(image=image, onehot=onehot, x0=2.0 * onehot - 1.0, k=k)
+        return cls(image=image, onehot=(x0 + 1.0) / 2.0, x0=x0, k=k)
 
 
 @dataclass
@@ -133,21 +133,36 @@ def jax_step(model: UNet, tx: optax.GradientTransformation, diffusion: GaussianD
     return step
 
 
+def jax_model(
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    recycle: bool,
+    batch: dict[str, jax.Array],
+    abstract: bool = False,
+):
+    """The jitted step and its first state ``(params, opt_state)``.
+
+    ``abstract``: the state's shapes only (``jax.eval_shape``: nothing computed or allocated).
+    """
+    tx = optax.adamw(LR)
+
+    def init():
+        params = init_params(model, batch["image"].shape[1:-1], jax.random.PRNGKey(0))
+        return params, tx.init(params)
+
+    state = jax.eval_shape(init) if abstract else jax.jit(init)()
+    return jax_step(model, tx, diffusion, recycle), state
+
+
 def jax_inputs(data: Batch) -> dict[str, jax.Array]:
     """The batch as device arrays, with the PRNG key of the step's noise."""
     arrays = {k: jnp.asarray(v) for k, v in vars(data).items()}
     return arrays | {"key": jax.random.PRNGKey(1)}
 
 
-def jax_runner(
-    model: UNet, diffusion: GaussianDiffusion, recycle: bool, batch: dict[str, jax.Array]
-) -> Runner:
-    """Initialise ``model`` and its optimizer; the Runner steps them in place."""
-    t = diffusion.t(batch["k"])
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], batch["x0"], t)
-    tx = optax.adamw(LR)
-    step = jax_step(model, tx, diffusion, recycle)
-    holder = {"state": (params, tx.init(params))}
+def jax_runner(step, state, batch: dict[str, jax.Array]) -> Runner:
+    """Time ``step`` from ``state`` (from ``jax_model``); the Runner updates the state in place."""
+    holder = {"state": state}
 
     def run() -> None:
         holder["state"], loss = step(holder["state"], batch)
@@ -156,21 +171,20 @@ def jax_runner(
     def peak() -> int | None:  # the process's peak so far: accelerators report it, the CPU does not
         return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
-    return Runner(run, sum(int(p.size) for p in jax.tree.leaves(params)), peak)
+    return Runner(run, sum(int(p.size) for p in jax.tree.leaves(state[0])), peak)
 
 
-def xla_cost(model: UNet, diffusion: GaussianDiffusion, recycle: bool, batch: dict[str, jax.Array]):
-    """Compile (never run) the step on abstract inputs: XLA's FLOP count and memory plan.
+def xla_cost(step, state, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    """XLA's FLOP count and memory plan of the jitted ``step`` for ``(state, batch)``.
 
-    Use ``conv_impl="xla"`` (the same math as every other): the cost analysis counts a while-loop
-    body once, so it under-counts ``tiled``'s loop over chunks, and it cannot see inside the
-    oneDNN custom calls. Returns {"flops", "temp_bytes", "argument_bytes", "output_bytes"}.
+    Compiles, never runs; arrays or shapes alike. A step already compiled for these shapes (the
+    timed plain-XLA model) comes from JAX's cache at no cost. Use ``conv_impl="xla"`` (the same
+    math as every other): the cost analysis counts a while-loop body once, so it under-counts
+    ``tiled``'s loop over chunks, and it cannot see inside the oneDNN custom calls.
+    Returns {"flops", "temp_bytes", "argument_bytes", "output_bytes"}.
     """
-    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), spec["image"], spec["x0"], spec["k"])
-    tx = optax.adamw(LR)
-    state = (params, jax.eval_shape(tx.init, params))
-    compiled = jax_step(model, tx, diffusion, recycle).lower(state, spec).compile()
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (state, batch))
+    compiled = step.lower(*spec).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
@@ -416,13 +430,15 @@ def main(argv: list[str] | None = None) -> int:
             num_classes=args.classes,
             channels=tuple(args.channels),
             spatial_dims=dims,
-            time_embed_dim=TIME_EMBED_DIM,
             dtype=dtype,
             conv_impl=impl,
         )
 
+    xla_steps = []  # the plain-XLA step once compiled for timing: its plan then costs nothing
+
     def xla_plan() -> dict[str, Any]:
-        plan = xla_cost(unet("xla"), diffusion, args.recycle, batch)
+        step, state = jax_model(unet("xla"), diffusion, args.recycle, batch, abstract=True)
+        plan = xla_cost(xla_steps[0] if xla_steps else step, state, batch)
         gib = {k: None if v is None else round(v / 2**30, 2) for k, v in plan.items() if k != "flops"}
         print(f"XLA's plan: {plan['flops'] / 1e12:.3f} TFLOP/step, GiB {gib}", flush=True)
         return plan
@@ -446,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def jax_factory(impl: str) -> Callable[[], Runner]:
         def build() -> Runner:
-            runner = jax_runner(unet(impl), diffusion, args.recycle, batch)
+            step, state = jax_model(unet(impl), diffusion, args.recycle, batch)
+            if impl == "xla":
+                xla_steps.append(step)
+            runner = jax_runner(step, state, batch)
             print(f"JAX {impl}: compile + first step {seconds(runner.run):.1f} s", flush=True)
             return runner
 
@@ -470,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     # PyTorch goes first: it can give its memory back, JAX's allocator keeps what it took.
     interleave = backend == "cpu"
     times, counts, peaks = time_runners(factories, args.warmup, args.repeats, interleave)
-    plan = xla_plan()  # after timing: on a GPU, compiling autotunes in memory JAX then keeps
+    plan = xla_plan()
     flops = plan["flops"]
 
     print(f"parameters: {counts}", flush=True)
