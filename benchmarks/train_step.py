@@ -288,7 +288,8 @@ def torch_runner(
 ) -> Runner:
     """The PyTorch twin of ``jax_step`` (bf16: autocast, parameters float32 as in the JAX model).
 
-    The noise is drawn afresh every step, as JAX draws it. The q-sample below is the same
+    Noise is drawn every step, as in the JAX step (there from a fixed key, so the same values,
+    at the same cost). The q-sample below is the same
     ``sqrt(abar_k) x0 + sqrt(1 - abar_k) noise`` as ``GaussianDiffusion.q_sample``, with its
     float64 coefficients.
     """
@@ -474,7 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     factories: dict[str, Callable[[], Runner]] = {}
     torch_device = None
     if not args.skip_torch:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            ap.error("PyTorch is not installed: pip install -e '.[benchmark]', or pass --skip-torch")
 
         torch.set_num_threads(os.cpu_count() or 1)
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
