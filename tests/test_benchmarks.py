@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_step  # noqa: E402
 
+TINY = "--shape 8 8 4 --batch 2 --channels 4 8 --classes 3 --recycle".split()
+
 
 def test_torch_loss_equals_training_loss():
     torch = pytest.importorskip("torch")
@@ -82,10 +84,26 @@ def test_peak_tflops():
 def test_tiny_run_with_recycling_writes_its_json(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "step.json"
-    argv = "--shape 8 8 4 --batch 2 --channels 4 8 --classes 3 --repeats 1 --warmup 0 --recycle".split()
-    assert train_step.main([*argv, "--skip-xla", "--torch-channels-last", "--out", str(out)]) == 0
+    argv = [*TINY, "--repeats", "1", "--warmup", "0", "--skip-xla", "--torch-channels-last"]
+    assert train_step.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["recycle"] is True
     assert set(result["seconds_per_step"]) == {"torch", "torch_cl", "jax_fast"}
     assert len(set(result["parameters"].values())) == 1  # the twin has the same parameters
     assert result["flops_per_step"] > 0
+
+
+def test_compile_only_writes_the_plan_without_running(tmp_path):
+    out = tmp_path / "plan.json"
+    assert train_step.main([*TINY, "--compile-only", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["recycle"] is True and "seconds_per_step" not in result
+    assert result["plan"]["flops"] > 0 and result["plan"]["temp_bytes"] > 0
+
+
+def test_without_pytorch_the_error_says_what_to_do(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(SystemExit) as stop:
+        train_step.main([*TINY, "--repeats", "1", "--warmup", "0"])
+    assert stop.value.code == 2
+    assert "--skip-torch" in capsys.readouterr().err
