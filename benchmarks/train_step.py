@@ -1,5 +1,11 @@
 """Train-step speed of the diffseg U-Net: JAX (fast conv, plain XLA conv) vs the same net in PyTorch.
 
+The network is the project's default, ``diffseg.model.ReferenceUNet`` (``--arch reference``, the
+paper's reference implementation ImgX-DiffSeg v0.1.0), or the older ``diffseg.model.UNet``
+(``--arch legacy``); the JAX side is built by ``diffseg.runs.build_model``/``init_params`` as
+training builds it, the PyTorch side by ``build_torch`` (same layers, same parameter count:
+checked before anything is timed).
+
 One step = noise the ground-truth mask to a diffusion step (``--recycle``: the paper's recycling,
 a first forward pass without gradient whose x0 prediction is noised instead), forward, training's
 loss (cross-entropy + foreground Dice), backward, AdamW update; jitted in JAX, eager in PyTorch.
@@ -10,6 +16,7 @@ all alike. On a GPU they run one after the other (PyTorch first, which can hand 
 so that each has the device's memory to itself.
 
     python benchmarks/train_step.py                      # 3D, 64×64×16, batch 2, channels 32–256
+    python benchmarks/train_step.py --arch legacy        # the older UNet (GroupNorm, SiLU, FiLM)
     python benchmarks/train_step.py --skip-xla --repeats 5
     python benchmarks/train_step.py --default-malloc      # glibc's malloc as it comes
     python benchmarks/train_step.py --shape 256 256 48 --batch 8 --bf16 --recycle   # the paper's step (GPU)
@@ -17,8 +24,9 @@ so that each has the device's memory to itself.
 Like the ``diffseg`` CLI, it first calls ``diffseg.host_memory.reuse_freed_memory()``; JAX and
 PyTorch share the process, so both run with the same allocator settings.
 
-Writes ``benchmarks/results/train_step_{backend}.json``; the LAST printed line is the speed ratio
-``torch_seconds / jax_seconds`` (≥ 1 means JAX is faster). Needs the ``benchmark`` extra (torch).
+Writes ``benchmarks/results/train_step_{backend}_{arch}.json`` (``--out`` to choose); the LAST
+printed line is the speed ratio ``torch_seconds / jax_seconds`` (≥ 1 means JAX is faster). Needs
+the ``benchmark`` extra (torch) unless ``--skip-torch``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +52,13 @@ from diffseg.io import atomic_write_json
 from diffseg.model import UNet
 from diffseg.model.conv import resolve_impl
 from diffseg.model.unet import num_groups
+from diffseg.runs import build_model, count_parameters, init_params
 from diffseg.train.losses import cross_entropy, dice_loss
-from diffseg.train.step import init_params, noisy_input
+from diffseg.train.step import noisy_input
 
 LR = 1e-4
-TIME_EMBED_DIM = UNet.time_embed_dim  # the model's default; the PyTorch twin needs it too
+ARCHS = ("reference", "legacy")
+TIME_EMBED_DIM = UNet.time_embed_dim  # the legacy model's default; its PyTorch twin needs it too
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the FLOP-utilisation basis.
 # Matched in order against ``device_kind``; ``--peak-tflops`` overrides.
@@ -105,12 +114,32 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------------- JAX
+def jax_network(arch: str, num_classes: int, channels: list[int], dims: int, bf16: bool, impl: str):
+    """The conditional (diffusion) network as training builds it: ``diffseg.runs.build_model``.
+
+    ``arch`` "reference" (``ReferenceUNet``, the reference's time placement) or "legacy" (``UNet``).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    run_cfg = {
+        "model": {
+            "arch": arch,
+            "channels": list(channels),
+            "spatial_dims": dims,
+            "time_embed_dim": TIME_EMBED_DIM,
+        },
+        "diffusion": {"enabled": True},
+        "train": {"bf16": bf16},
+    }
+    return build_model(run_cfg, num_classes, conv_impl=impl)
+
+
 def jax_loss(logits: jax.Array, onehot: jax.Array) -> jax.Array:
     """Training's loss: cross-entropy + foreground Dice (``diffseg.train.losses``). → scalar."""
     return cross_entropy(logits, onehot) + dice_loss(logits, onehot)
 
 
-def jax_step(model: UNet, tx: optax.GradientTransformation, diffusion: GaussianDiffusion, recycle: bool):
+def jax_step(model: Any, tx: optax.GradientTransformation, diffusion: GaussianDiffusion, recycle: bool):
     """The jitted ``step(state, batch) -> (state, loss)``; every ``conv_impl`` takes the same state.
 
     The noisy input comes from training's own ``diffseg.train.step.noisy_input`` (x0 prediction).
@@ -134,7 +163,7 @@ def jax_step(model: UNet, tx: optax.GradientTransformation, diffusion: GaussianD
 
 
 def jax_model(
-    model: UNet,
+    model: Any,
     diffusion: GaussianDiffusion,
     recycle: bool,
     batch: dict[str, jax.Array],
@@ -195,7 +224,149 @@ def xla_cost(step, state, batch: dict[str, jax.Array]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- PyTorch
-def build_torch(num_classes: int, channels: list[int], dims: int, time_dim: int, in_ch: int):
+def torch_time_embedding(t, dim: int):
+    """``diffseg.model.unet.sinusoidal_embedding`` in PyTorch: t ``(B,)`` → ``(B, dim)``, cos half first."""
+    import torch
+
+    half = dim // 2
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def build_torch(arch: str, num_classes: int, channels: list[int], dims: int, in_ch: int):
+    """The PyTorch twin of ``jax_network(arch, …)`` (conditional), channels-first; see the two below."""
+    if arch == "reference":
+        return build_torch_reference(num_classes, channels, dims, in_ch)
+    if arch == "legacy":
+        return build_torch_legacy(num_classes, channels, dims, TIME_EMBED_DIM, in_ch)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+def build_torch_reference(num_classes: int, channels: list[int], dims: int, in_ch: int):
+    """``diffseg.model.ReferenceUNet`` (conditional, ``time_conditioning="reference"``) in PyTorch.
+
+    The same modules under the same names as the Flax tree (``stem``, ``enc0``, ``down1``, ``enc1``,
+    …, ``up0``, ``dec0``, ``head``), so ``load_jax_params`` can copy a Flax tree in: convolutions
+    without bias, InstanceNorm with affine (eps 1e-5), GELU with the tanh approximation,
+    kernel-2 stride-2 ``Conv`` (no bias) + InstanceNorm down, kernel-2 stride-2 ``ConvTranspose``
+    (with bias) up plus the skip, a 1^d head with bias; the sinusoidal time embedding of width
+    ``4·channels[0]``, through GELU once, and one ``Linear`` per residual block added before its
+    second InstanceNorm. Channels-first ``(B, C, *S)``; 2D (``dims=2``) takes slices ``(B, C, X, Y)``.
+    """
+    from torch import nn
+    from torch.nn import functional as F
+
+    ConvNd = nn.Conv3d if dims == 3 else nn.Conv2d
+    ConvTNd = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+    NormNd = nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d
+    c0 = channels[0]
+    time_dim = 4 * c0
+
+    def gelu(x):
+        return F.gelu(x, approximate="tanh")
+
+    def norm(ch: int):
+        return NormNd(ch, eps=1e-5, affine=True)
+
+    class ConvNormAct(nn.Module):
+        def __init__(self, cin: int, cout: int):
+            super().__init__()
+            self.conv, self.norm = ConvNd(cin, cout, 3, padding=1, bias=False), norm(cout)
+
+        def forward(self, x):
+            return gelu(self.norm(self.conv(x)))
+
+    class ResBlock(nn.Module):
+        def __init__(self, ch: int):
+            super().__init__()
+            self.conv1, self.norm1 = ConvNd(ch, ch, 3, padding=1, bias=False), norm(ch)
+            self.conv2, self.norm2 = ConvNd(ch, ch, 3, padding=1, bias=False), norm(ch)
+            self.time = nn.Linear(time_dim, ch)
+
+        def forward(self, x, temb):
+            h = self.conv2(gelu(self.norm1(self.conv1(x))))
+            h = h + self.time(temb).view(h.shape[0], -1, *(1,) * dims)  # cancelled by norm2, as in JAX
+            return gelu(self.norm2(h) + x)
+
+    class Down(nn.Module):
+        def __init__(self, cin: int, cout: int):
+            super().__init__()
+            self.conv, self.norm = ConvNd(cin, cout, 2, stride=2, bias=False), norm(cout)
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+    class TorchReferenceUNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.levels = len(channels)
+            self.stem, self.enc0 = ConvNormAct(in_ch, c0), ResBlock(c0)
+            for level, (cin, ch) in enumerate(zip([c0, *channels[:-1]], channels, strict=True), start=1):
+                self.add_module(f"down{level}", Down(cin, ch))
+                self.add_module(f"enc{level}", ResBlock(ch))
+            widths = (c0, *channels[:-1])
+            for level in range(self.levels - 1, -1, -1):
+                cin = channels[-1] if level == self.levels - 1 else widths[level + 1]
+                self.add_module(f"up{level}", ConvTNd(cin, widths[level], 2, stride=2))
+                self.add_module(f"dec{level}", ResBlock(widths[level]))
+            self.head = ConvNd(c0, num_classes, 1)
+
+        def forward(self, x, t):
+            temb = gelu(torch_time_embedding(t, time_dim))
+            h = self.enc0(self.stem(x), temb)
+            skips = [h]
+            for level in range(1, self.levels + 1):
+                h = getattr(self, f"enc{level}")(getattr(self, f"down{level}")(h), temb)
+                skips.append(h)
+            for level in range(self.levels - 1, -1, -1):
+                h = getattr(self, f"up{level}")(h) + skips[level]
+                h = getattr(self, f"dec{level}")(h, temb)
+            return self.head(h)
+
+    return TorchReferenceUNet()
+
+
+def load_jax_params(net, params: Any) -> None:
+    """Copy a Flax ``ReferenceUNet`` parameter tree into ``build_torch_reference``'s net, in place.
+
+    Every leaf has a counterpart (same module path): conv kernels ``(*K, Cin, Cout)`` →
+    ``(Cout, Cin, *K)``; transposed-conv kernels, which ``lax.conv_transpose`` applies flipped,
+    → flipped ``(Cin, Cout, *K)``; Dense ``(E, C)`` → Linear ``(C, E)``; InstanceNorm scale/offset →
+    weight/bias. Raises if any parameter of the net is left unset.
+    """
+    import torch
+    from torch import nn
+
+    leaves = jax.tree_util.tree_flatten_with_path(params["params"])[0]
+    done = set()
+    for path, value in leaves:
+        names = [p.key for p in path]
+        module = net.get_submodule(".".join(names[:-1]))
+        a = np.asarray(value, dtype=np.float32)
+        leaf = names[-1]
+        if leaf in ("scale", "offset", "bias"):
+            target = "weight" if leaf == "scale" else "bias"
+        elif isinstance(module, nn.Linear):
+            target, a = "weight", a.T
+        elif isinstance(module, nn.ConvTranspose2d | nn.ConvTranspose3d):
+            d = a.ndim - 2
+            target, a = "weight", np.flip(a, tuple(range(d))).transpose(d, d + 1, *range(d))
+        else:
+            d = a.ndim - 2
+            target, a = "weight", a.transpose(d + 1, d, *range(d))
+        param = getattr(module, target)
+        if tuple(param.shape) != a.shape:
+            raise ValueError(f"{'.'.join(names)}: {a.shape} does not fit torch's {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.array(a, dtype=np.float32)))
+        done.add(f"{'.'.join(names[:-1])}.{target}")
+    missing = {name for name, _ in net.named_parameters()} - done
+    if missing:
+        raise ValueError(f"parameters of the PyTorch net not in the Flax tree: {sorted(missing)}")
+
+
+def build_torch_legacy(num_classes: int, channels: list[int], dims: int, time_dim: int, in_ch: int):
     """The same U-Net as ``diffseg.model.UNet`` (conditional), in PyTorch, channels-first."""
     import torch
     from torch import nn
@@ -237,11 +408,7 @@ def build_torch(num_classes: int, channels: list[int], dims: int, time_dim: int,
             self.pool = F.avg_pool3d if dims == 3 else F.avg_pool2d
 
         def forward(self, x, t):
-            half = time_dim // 2
-            freqs = torch.exp(-np.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-            args = t.float()[:, None] * freqs[None].to(t.device)
-            temb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-            temb = self.time_mlp2(F.silu(self.time_mlp1(temb)))
+            temb = self.time_mlp2(F.silu(self.time_mlp1(torch_time_embedding(t, time_dim))))
             h = self.stem(x)
             skips = []
             for i, block in enumerate(self.down):
@@ -278,6 +445,7 @@ def torch_loss(logits, onehot):
 
 
 def torch_runner(
+    arch: str,
     data: Batch,
     channels: list[int],
     diffusion: GaussianDiffusion,
@@ -298,7 +466,7 @@ def torch_runner(
 
     dims = data.image.ndim - 2
     fmt = (torch.channels_last_3d if dims == 3 else torch.channels_last) if channels_last else None
-    net = build_torch(data.onehot.shape[-1], channels, dims, TIME_EMBED_DIM, 1 + data.onehot.shape[-1])
+    net = build_torch(arch, data.onehot.shape[-1], channels, dims, 1 + data.onehot.shape[-1])
     net = net.to(device, memory_format=fmt) if fmt else net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=LR)
     perm = (0, dims + 1, *range(1, dims + 1))
@@ -351,6 +519,34 @@ def torch_runner(
 
 
 # ---------------------------------------------------------------------------------------- main
+def check_parameter_counts(
+    arch: str, num_classes: int, channels: list[int], dims: int, shape: tuple[int, ...]
+) -> int:
+    """The JAX network's parameter count (shapes only, nothing computed), equal to its twin's.
+
+    Raises ValueError when they differ. Returns the count.
+    """
+    model = jax_network(arch, num_classes, channels, dims, False, "xla")
+    ours = count_parameters(jax.eval_shape(lambda: init_params(model, shape, jax.random.PRNGKey(0))))
+    net = build_torch(arch, num_classes, channels, dims, 1 + num_classes)
+    theirs = sum(p.numel() for p in net.parameters())
+    if ours != theirs:
+        raise ValueError(f"{arch}: the PyTorch twin has {theirs} parameters, the JAX network {ours}")
+    return ours
+
+
+def isa_settings(torch: Any | None) -> dict[str, Any]:
+    """The instruction-set caps in force: the environment variables and what PyTorch dispatches to.
+
+    ``ONEDNN_MAX_CPU_ISA`` caps oneDNN (diffseg's convolutions and PyTorch's), ``XLA_FLAGS``'s
+    ``--xla_cpu_max_isa`` XLA's own code, ``ATEN_CPU_CAPABILITY`` PyTorch's ATen kernels.
+    """
+    names = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+    out: dict[str, Any] = {name: os.environ.get(name) for name in names}
+    out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability() if torch is not None else None
+    return out
+
+
 def time_runners(
     factories: dict[str, Callable[[], Runner]], warmup: int, repeats: int, interleave: bool
 ) -> tuple[dict[str, list[float]], dict[str, int], dict[str, int | None]]:
@@ -379,6 +575,7 @@ def time_runners(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=ARCHS, default="reference", help="the network (default: reference)")
     ap.add_argument("--shape", type=int, nargs="+", default=[64, 64, 16], help="spatial shape")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -426,14 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.bfloat16 if args.bf16 else jnp.float32
     fast_impl = resolve_impl(args.impl, dims, dtype)
 
-    def unet(impl: str) -> UNet:
-        return UNet(
-            num_classes=args.classes,
-            channels=tuple(args.channels),
-            spatial_dims=dims,
-            dtype=dtype,
-            conv_impl=impl,
-        )
+    def unet(impl: str) -> Any:
+        return jax_network(args.arch, args.classes, args.channels, dims, args.bf16, impl)
 
     xla_steps = []  # the plain-XLA step once compiled for timing: its plan then costs nothing
 
@@ -445,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         return plan
 
     config = {
+        "arch": args.arch,
         "shape": list(args.shape),
         "batch": args.batch,
         "channels": args.channels,
@@ -456,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "recycle": args.recycle,
     }
     if args.compile_only:
-        out = args.out or Path(__file__).parent / "results" / f"train_step_plan_{backend}.json"
+        out = args.out or Path(__file__).parent / "results" / f"train_step_plan_{backend}_{args.arch}.json"
         atomic_write_json(out, {"backend": backend, "device": device, "config": config, "plan": xla_plan()})
         print(f"wrote {out}")
         return 0
@@ -485,11 +677,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         for name, cl in [("torch", False)] + ([("torch_cl", True)] if args.torch_channels_last else []):
             factories[name] = lambda cl=cl: torch_runner(
-                data, args.channels, diffusion, args.recycle, args.bf16, torch_device, cl
+                args.arch, data, args.channels, diffusion, args.recycle, args.bf16, torch_device, cl
             )
     factories["jax_fast"] = jax_factory(fast_impl)
     if not args.skip_xla and fast_impl != "xla":
         factories["jax_xla"] = jax_factory("xla")
+    if not args.skip_torch:  # before any timing: the twin must be the same network
+        check_parameter_counts(args.arch, args.classes, args.channels, dims, tuple(args.shape))
     # PyTorch goes first: it can give its memory back, JAX's allocator keeps what it took.
     interleave = backend == "cpu"
     times, counts, peaks = time_runners(factories, args.warmup, args.repeats, interleave)
@@ -498,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"parameters: {counts}", flush=True)
     if len(set(counts.values())) > 1:
-        print("WARNING: parameter counts differ", file=sys.stderr)
+        raise SystemExit(f"parameter counts differ: {counts}")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:9s} {v:.3f} s/step  (all: {', '.join(f'{x:.3f}' for x in times[k])})", flush=True)
@@ -523,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "torch_device": torch_device,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "isa": isa_settings(None if args.skip_torch else torch),
         "malloc_reuse_freed_memory": reuse,
         "config": config
         | {"repeats": args.repeats, "timing": "interleaved" if interleave else "one model after the other"},
@@ -549,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     if "jax_xla" in med:
         result["ratio_torch_over_jax_xla"] = best_torch / med["jax_xla"]
         result["speedup_fast_over_xla"] = med["jax_xla"] / med["jax_fast"]
-    out = args.out or Path(__file__).parent / "results" / f"train_step_{backend}.json"
+    out = args.out or Path(__file__).parent / "results" / f"train_step_{backend}_{args.arch}.json"
     atomic_write_json(out, result)
     print(f"wrote {out}")
     print(f"JAX/PyTorch speed ratio (torch_time / jax_time, >=1 means JAX faster): {ratio:.3f}")

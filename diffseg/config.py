@@ -26,19 +26,31 @@ from diffseg.errors import ConfigError
 
 BASE: dict[str, Any] = {
     "model": {
+        # "reference": ImgX-DiffSeg v0.1.0's U-Net (docs/FIDELITY.md); "legacy": diffseg's
+        # earlier U-Net (GroupNorm, SiLU, average pooling, concatenated skips).
+        "arch": "reference",
         "spatial_dims": 3,
         "channels": [32, 64, 128, 256],
-        "time_embed_dim": 128,
+        # reference: t added just before an InstanceNorm, which removes it again (the
+        # reference's placement: the network ignores t); after_norm: added after it (t is used).
+        "time_conditioning": "reference",
+        "remat": False,  # rematerialise each block in the backward pass (less memory, more compute)
+        "time_embed_dim": 128,  # legacy network only; the reference's is 4 * channels[0]
     },
     "diffusion": {
         "enabled": True,
         "prediction": "x0",  # x0 | epsilon
-        "num_timesteps": 1000,
+        # The reference's 1001-step linear schedule (num_timesteps_beta), so that 5 steps keep
+        # t = 1, 251, 501, 751, 1001 exactly as its code; the paper's text says T = 1000.
+        "num_timesteps": 1001,
         "beta_start": 1e-4,
         "beta_end": 0.02,
         "train_steps": 5,  # K used for training
         "sample_steps": 5,  # K used for inference
         "recycle": True,
+        # Sampling variance: fixed_large (sigma^2 = beta_k, the reference code) or beta_tilde
+        # (the posterior variance, the paper's text).
+        "variance": "fixed_large",
     },
     "loss": {"cross_entropy": True, "dice": True, "eps_l2_weight": 0.1},
     "optim": {
@@ -46,21 +58,25 @@ BASE: dict[str, Any] = {
         "learning_rate": 1e-4,
         "end_learning_rate": 1e-6,
         "warmup_steps": 100,
+        # Cosine decay ends here (warm-up included, as optax counts it), then the rate is held:
+        # 10 000 of the 12 500 steps in the reference. null: decay over all train.steps.
+        "decay_steps": 10000,
         "weight_decay": 1e-8,
         "grad_clip": 1.0,
     },
     "train": {
         "steps": 12500,
-        "batch_size": 8,
+        "batch_size": 8,  # volumes per step, in 2D too (the 2D network sees all their slices)
         "checkpoint_every": 500,
         "log_every": 10,
         "bf16": False,
         "seed": 0,
+        # The reference's prostate ranges; datasets.abdominal_ct.training sets AMOS's.
         "augment": {
             "enabled": True,
-            "rotation_deg": 5.0,
-            "translation_vox": 4.0,
-            "scale": [0.85, 1.15],
+            "max_rotation": [0.088, 0.088, 0.088],  # radians about X, Y, Z
+            "max_translation": [20, 20, 4],  # voxels
+            "max_scaling": [0.15, 0.15, 0.15],  # +- fraction per axis
         },
     },
     "evaluate": {"tolerance_mm": 1.0, "batch_size": 1},
@@ -78,6 +94,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "diff-nodice": {"loss": {"dice": False}},
     "diff-norecycle": {"diffusion": {"recycle": False}},
     "diff-t1000": {"diffusion": {"train_steps": 1000}},
+    # Beyond the paper: what the reference code changed against its text (table5).
+    "diff-time": {"model": {"time_conditioning": "after_norm"}},
+    "diff-betatilde": {"diffusion": {"variance": "beta_tilde"}},
 }
 
 RUN_NAME = re.compile(
@@ -196,12 +215,21 @@ def resolve_run_config(
     return cfg
 
 
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("model", "arch"): ("reference", "legacy"),
+    ("model", "time_conditioning"): ("reference", "after_norm"),
+    ("diffusion", "prediction"): ("x0", "epsilon"),
+    ("diffusion", "variance"): ("fixed_large", "beta_tilde"),
+}
+
+
 def _check(cfg: Mapping[str, Any], run: str) -> None:
+    for (section, key), allowed in CHOICES.items():
+        if cfg[section][key] not in allowed:
+            raise ConfigError(
+                f"run {run!r}: {section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}"
+            )
     diff = cfg["diffusion"]
-    if diff["prediction"] not in ("x0", "epsilon"):
-        raise ConfigError(
-            f"run {run!r}: diffusion.prediction must be x0 or epsilon, got {diff['prediction']!r}"
-        )
     for key in ("train_steps", "sample_steps"):
         if not 1 <= int(diff[key]) <= int(diff["num_timesteps"]):
             raise ConfigError(f"run {run!r}: diffusion.{key}={diff[key]} must lie in [1, num_timesteps]")

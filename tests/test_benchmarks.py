@@ -1,4 +1,4 @@
-"""The train-step benchmark: the same loss in both frameworks, its timing loop, a whole tiny run.
+"""The train-step benchmark: the same network and loss in both frameworks, its timing loop, whole tiny runs.
 
 The PyTorch tests need the ``benchmark`` extra and are skipped without it.
 """
@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,6 +18,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_step  # noqa: E402
 
 TINY = "--shape 8 8 4 --batch 2 --channels 4 8 --classes 3 --recycle".split()
+
+
+@pytest.mark.parametrize("arch", train_step.ARCHS)
+@pytest.mark.parametrize("dims,shape", [(3, (8, 8, 4)), (2, (8, 8))])
+def test_torch_twin_has_the_parameter_count_of_the_jax_network(arch, dims, shape):
+    pytest.importorskip("torch")
+    count = train_step.check_parameter_counts(arch, 3, [4, 8], dims, shape)
+    assert count > 0
+
+
+def test_torch_twin_of_the_default_network_has_its_parameter_count():
+    """The benchmark's default: ReferenceUNet, 3D, channels 32–256, 9 classes (shapes only in JAX)."""
+    pytest.importorskip("torch")
+    assert train_step.check_parameter_counts("reference", 9, [32, 64, 128, 256], 3, (64, 64, 16)) == 6788841
+
+
+def test_a_twin_with_other_parameters_is_refused(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(train_step, "build_torch", lambda *a: torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="parameters"):
+        train_step.check_parameter_counts("reference", 3, [4, 8], 3, (8, 8, 4))
+
+
+@pytest.mark.parametrize("dims,shape", [(3, (8, 8, 4)), (2, (8, 8))])
+def test_reference_twin_computes_what_the_jax_network_computes(dims, shape):
+    """Same layers, not just as many parameters: with the Flax parameters copied in, same logits."""
+    torch = pytest.importorskip("torch")
+    model = train_step.jax_network("reference", 3, [4, 8], dims, False, "auto")
+    params = train_step.init_params(model, shape, jax.random.PRNGKey(0))
+    net = train_step.build_torch("reference", 3, [4, 8], dims, 1 + 3)
+    train_step.load_jax_params(net, params)
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((2, *shape, 1)).astype(np.float32)
+    mask = rng.standard_normal((2, *shape, 3)).astype(np.float32)
+    t = np.array([3, 700], np.int32)
+    ours = np.asarray(model.apply(params, jnp.asarray(image), jnp.asarray(mask), jnp.asarray(t)))
+    perm = (0, dims + 1, *range(1, dims + 1))
+    x = torch.from_numpy(np.concatenate([image, mask], -1).transpose(perm).copy())
+    with torch.no_grad():
+        theirs = net(x, torch.from_numpy(t)).numpy()
+    theirs = theirs.transpose(0, *range(2, dims + 2), 1)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * float(np.abs(ours).max()))
 
 
 def test_torch_loss_equals_training_loss():
@@ -82,15 +125,28 @@ def test_peak_tflops():
 
 
 def test_tiny_run_with_recycling_writes_its_json(tmp_path):
+    """The default (reference) network, every model: both PyTorch layouts, JAX fast and plain XLA."""
     pytest.importorskip("torch")
     out = tmp_path / "step.json"
-    argv = [*TINY, "--repeats", "1", "--warmup", "0", "--skip-xla", "--torch-channels-last"]
+    argv = [*TINY, "--repeats", "1", "--warmup", "0", "--torch-channels-last"]
     assert train_step.main([*argv, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["config"]["recycle"] is True
-    assert set(result["seconds_per_step"]) == {"torch", "torch_cl", "jax_fast"}
-    assert len(set(result["parameters"].values())) == 1  # the twin has the same parameters
+    assert result["config"]["recycle"] is True and result["config"]["arch"] == "reference"
+    assert set(result["seconds_per_step"]) == {"torch", "torch_cl", "jax_fast", "jax_xla"}
+    assert len(result["parameters"]) == 4 and len(set(result["parameters"].values())) == 1
     assert result["flops_per_step"] > 0
+    assert set(result["isa"]) >= {"ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "torch_cpu_capability"}
+
+
+def test_tiny_run_of_the_legacy_network(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "legacy.json"
+    argv = [*TINY, "--arch", "legacy", "--repeats", "1", "--warmup", "0", "--skip-xla"]
+    assert train_step.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["arch"] == "legacy"
+    assert set(result["seconds_per_step"]) == {"torch", "jax_fast"}
+    assert len(set(result["parameters"].values())) == 1
 
 
 def test_compile_only_writes_the_plan_without_running(tmp_path):
@@ -98,6 +154,7 @@ def test_compile_only_writes_the_plan_without_running(tmp_path):
     assert train_step.main([*TINY, "--compile-only", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["recycle"] is True and "seconds_per_step" not in result
+    assert result["config"]["arch"] == "reference"
     assert result["plan"]["flops"] > 0 and result["plan"]["temp_bytes"] > 0
 
 

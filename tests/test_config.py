@@ -41,6 +41,13 @@ def test_run_names():
         ("3d-diff-t1000", ("diffusion", "sample_steps"), 5),
         ("2d-diff", ("model", "spatial_dims"), 2),
         ("3d-diff", ("model", "spatial_dims"), 3),
+        ("3d-diff", ("model", "arch"), "reference"),
+        ("3d-diff", ("model", "time_conditioning"), "reference"),
+        ("3d-diff-time", ("model", "time_conditioning"), "after_norm"),
+        ("3d-diff", ("diffusion", "variance"), "fixed_large"),
+        ("2d-diff-betatilde", ("diffusion", "variance"), "beta_tilde"),
+        ("3d-diff", ("diffusion", "num_timesteps"), 1001),
+        ("3d-diff", ("optim", "decay_steps"), 10000),
     ],
 )
 def test_variants_and_dims(run, path, value):
@@ -101,3 +108,12 @@ def test_shipped_configs_resolve():
     for dataset in config["datasets"]:
         for run in ("2d-seg", "3d-diff", "3d-diff-t1000"):
             resolve_run_config(config, dataset, run)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("model.arch", "resnet"), ("model.time_conditioning", "film"), ("diffusion.variance", "learned")],
+)
+def test_bad_choices_name_the_key_and_the_allowed_values(key, value):
+    with pytest.raises(ConfigError, match=rf"{key} must be one of .*got '{value}'"):
+        resolve_run_config(CONFIG, "toy", "3d-diff", {key: value})

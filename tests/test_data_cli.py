@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from diffseg.cli import main
@@ -40,3 +41,16 @@ def test_cli_data_and_figure(tmp_path, capsys):
     # A bad dataset name is a one-line error with exit code 2.
     assert main(["data", "--config", str(tmp_path / "cfg.yaml"), "--dataset", "nope"]) == 2
     assert "datasets.nope not found" in capsys.readouterr().err
+
+
+def test_ct_display_window_follows_the_normalisation():
+    import numpy as np
+
+    from diffseg.data.cli import _display_window
+
+    image = np.zeros((2, 2, 2), np.float32)
+    info = {"modality": "CT", "clip": [-991, 362]}
+    lo, hi = _display_window(info, image)  # legacy: [-991, 362] -> [-1, 1]
+    assert lo == pytest.approx(2 * 831 / 1353 - 1) and hi == pytest.approx(2 * 1231 / 1353 - 1)
+    lo, hi = _display_window({**info, "normalize": "reference"}, image)  # reference: -> [0, 1]
+    assert lo == pytest.approx(831 / 1353) and hi == pytest.approx(1231 / 1353)

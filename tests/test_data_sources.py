@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffseg.data import list_source, load_dataset, prepare_dataset
-from diffseg.errors import DataError
+from diffseg.errors import ConfigError, DataError
 
 GEOM = {"spacing": [0.75, 0.75, 2.5], "shape": [16, 16, 8]}
 
@@ -85,27 +85,90 @@ def test_bad_case_leaves_no_partial_output(tmp_path, make_case):
     _no_partial(out)
 
 
-def test_amos_layout(tmp_path, make_case):
+def _amos(tmp_path, make_case, training, validation, skip_files=()):
+    """An extracted amos22.zip: raw/amos22/dataset.json (lists in the given order) + images/labels."""
     raw = tmp_path / "raw" / "amos22"
     raw.mkdir(parents=True)
     labels = {str(i): n for i, n in enumerate(["background", "spleen", "liver"])}
-    (raw / "dataset.json").write_text(json.dumps({"labels": labels}))
-    for sub, ids in (("Tr", (1, 2, 3, 540)), ("Va", (10, 11, 12, 600))):
+    meta = {"labels": labels, "training": [], "validation": []}
+    for key, sub, ids in (("training", "Tr", training), ("validation", "Va", validation)):
         for i in ids:
-            make_case(
-                raw / f"images{sub}" / f"amos_{i:04d}.nii.gz",
-                raw / f"labels{sub}" / f"amos_{i:04d}.nii.gz",
-                seed=i,
-                num_classes=3,
-            )
+            name = f"amos_{i:04d}.nii.gz"
+            meta[key].append({"image": f"./images{sub}/{name}", "label": f"./labels{sub}/{name}"})
+            if i not in skip_files:
+                make_case(raw / f"images{sub}" / name, raw / f"labels{sub}" / name, seed=i, num_classes=3)
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    return raw
+
+
+def test_amos_layout(tmp_path, make_case):
+    # dataset.json lists the validation cases in an order unlike their file names; MR ids > 500 skipped.
+    validation = [33, 12, 600, 25, 11, 40, 18, 10, 31, 27, 14]
+    _amos(tmp_path, make_case, (3, 1, 540, 2), validation)
     src = list_source("abdominal_ct", {"source": "abdominal_ct"}, tmp_path)
     assert src.classes == ["background", "spleen", "liver"] and src.modality == "CT"
-    assert [c.uid for c in src.cases if c.group == "train"] == ["amos_0001", "amos_0002", "amos_0003"]
-    assert [c.uid for c in src.cases if c.group == "valid"] == ["amos_0010", "amos_0011", "amos_0012"]
-    info = prepare_dataset(
-        "abdominal_ct",
-        {"source": "abdominal_ct", **GEOM, "split": {"valid": 1, "test": 2}},
-        tmp_path / "out",
-        tmp_path,
+    assert src.split_file == tmp_path / "raw" / "amos22" / "dataset.json"
+    assert [c.uid for c in src.cases if c.group == "train"] == ["amos_0003", "amos_0001", "amos_0002"]
+    assert [c.uid for c in src.cases if c.group == "valid"] == [
+        f"amos_{i:04d}" for i in validation if i <= 500
+    ]
+    info = prepare_dataset("abdominal_ct", {"source": "abdominal_ct", **GEOM}, tmp_path / "out", tmp_path)
+    # reference: 10 validation CT cases -> int(0.1 * 10) = 1 valid (the first listed), 9 test
+    assert info["splits"] == {"train": 3, "valid": 1, "test": 9} and info["clip"] == [-991.0, 362.0]
+    assert (tmp_path / "out" / "split.csv").read_text().count("amos_0033,valid") == 1
+    assert {k: info[k] for k in ("reorient", "resample", "normalize", "crop")} == {
+        "reorient": "none",
+        "resample": "reference",
+        "normalize": "reference",
+        "crop": "label_bbox",
+    }
+    ds = load_dataset(tmp_path / "out")
+    _, images, labels = ds.split("test")
+    assert images.min() == 0 and images.max() == 1 and labels.max() == 2
+    # counts: a random split of the validation cases
+    cfg = {"source": "abdominal_ct", **GEOM, "split": {"valid": 2, "test": 8}}
+    info = prepare_dataset("abdominal_ct", cfg, tmp_path / "out", tmp_path)
+    assert info["splits"] == {"train": 3, "valid": 2, "test": 8}
+
+
+def test_amos_listed_file_missing(tmp_path, make_case):
+    _amos(tmp_path, make_case, (1, 2), (10, 11), skip_files=(11,))
+    with pytest.raises(
+        DataError, match=r"dataset\.json: validation lists .*amos_0011\.nii\.gz, which does not exist"
+    ):
+        list_source("abdominal_ct", {"source": "abdominal_ct"}, tmp_path)
+    (tmp_path / "raw" / "amos22" / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "a"}}))
+    with pytest.raises(DataError, match=r"dataset\.json: missing or empty 'training' list"):
+        list_source("abdominal_ct", {"source": "abdominal_ct"}, tmp_path)
+
+
+def test_prostate_source_finds_institution_txt(tmp_path, make_case):
+    res = tmp_path / "prostate_mr"
+    for uid in ("000001", "000002"):
+        make_case(res / "raw" / "data" / f"{uid}_img.nii", res / "raw" / "data" / f"{uid}_mask.nii")
+    src = list_source("prostate_mr", {"source": "prostate_mr"}, res)
+    assert [c.uid for c in src.cases] == ["000001", "000002"]
+    assert src.split_file == res / "institution.txt"  # expected beside data.zip; reading it says so
+    (res / "raw" / "institution.txt").write_text("000001 A\n000002 A\n")
+    assert (
+        list_source("prostate_mr", {"source": "prostate_mr"}, res).split_file
+        == res / "raw" / "institution.txt"
     )
-    assert info["splits"] == {"train": 3, "valid": 1, "test": 2} and info["clip"] == [-991.0, 362.0]
+    (res / "institution.txt").write_text("000001 A\n000002 A\n")  # the downloaded one wins
+    assert list_source("prostate_mr", {"source": "prostate_mr"}, res).split_file == res / "institution.txt"
+
+
+def test_prepare_reports_a_missing_institution_txt(tmp_path, make_case):
+    res = tmp_path / "prostate_mr"
+    make_case(res / "raw" / "data" / "000001_img.nii", res / "raw" / "data" / "000001_mask.nii")
+    out = tmp_path / "out" / "prostate_mr"
+    with pytest.raises(DataError, match=f"{res / 'institution.txt'}: file not found"):
+        prepare_dataset("prostate_mr", {"source": "prostate_mr", **GEOM}, out, res)
+    _no_partial(out)
+
+
+def test_bad_preprocessing_switch(tmp_path, make_case):
+    root = _msd(tmp_path / "T", make_case)
+    cfg = {"source": "msd", "path": str(root), **GEOM, "normalize": "zscore"}
+    with pytest.raises(ConfigError, match=r"datasets\.t\.normalize: 'zscore' is not one of"):
+        prepare_dataset("t", cfg, tmp_path / "out", tmp_path)

@@ -123,3 +123,29 @@ def test_sampling_feeds_original_timesteps_in_descending_order():
 def test_bad_step_count():
     with pytest.raises(ValueError, match="num_steps"):
         GaussianDiffusion.linear(num_timesteps=10, num_steps=11)
+
+
+def test_sampling_variance_switch():
+    """fixed_large (the reference code) samples with beta_k; beta_tilde (the paper's text) with
+    the posterior variance; neither adds noise on the last step."""
+    large = GaussianDiffusion.linear(num_steps=5)
+    tilde = GaussianDiffusion.linear(num_steps=5, variance="beta_tilde")
+    assert large.variance == "fixed_large" and tilde.variance == "beta_tilde"
+    np.testing.assert_allclose(large.sampling_variance[1:], large.betas[1:], rtol=1e-12)
+    np.testing.assert_allclose(tilde.sampling_variance[1:], tilde.posterior_variance[1:], rtol=1e-12)
+    assert large.sampling_variance[0] == 0 and tilde.sampling_variance[0] == 0
+    # beta~_k < beta_k: the paper's reading samples with less noise.
+    assert np.all(tilde.sampling_variance[1:] < large.sampling_variance[1:])
+    x0 = jnp.zeros((1, 4, 2))
+    x_t = jnp.ones((1, 4, 2))
+    noise = jnp.ones((1, 4, 2))
+    k = jnp.array([2])
+    mean = large.q_posterior_mean(x0, x_t, k)
+    np.testing.assert_allclose(
+        large.p_sample_step(x0, x_t, k, noise) - mean, np.sqrt(large.betas[2]), rtol=1e-6
+    )
+    cfg = {"num_timesteps": 1000, "train_steps": 5, "beta_start": 1e-4, "beta_end": 0.02}
+    assert GaussianDiffusion.from_config({**cfg, "variance": "beta_tilde"}).variance == "beta_tilde"
+    assert GaussianDiffusion.from_config(cfg).variance == "fixed_large"
+    with pytest.raises(ValueError, match="variance"):
+        GaussianDiffusion.linear(variance="learned")

@@ -67,6 +67,21 @@ def test_unet_shapes(dims, spatial, conditional):
         np.testing.assert_array_equal(out, apply(params, image, jnp.zeros_like(mask), t[::-1]))
 
 
+def test_unet_2d_on_volumes_equals_slice_by_slice():
+    """The 2D network also takes volumes (B, X, Y, Z, ·): depth folded into the batch and back."""
+    image, mask, t = _inputs((8, 12, 3))  # Z = 3: depth is not downsampled, any size
+    model = UNet(num_classes=3, channels=CH, spatial_dims=2, time_embed_dim=8)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), image[:, :, :, 0], mask[:, :, :, 0], t)
+    volume_params = jax.eval_shape(model.init, jax.random.PRNGKey(1), image, mask, t)
+    assert jax.tree.map(lambda p: p.shape, volume_params) == jax.tree.map(jnp.shape, params)
+    apply = jax.jit(model.apply)
+    out = apply(params, image, mask, t)
+    assert out.shape == (2, 8, 12, 3, 3) and out.dtype == jnp.float32
+    for z in range(3):
+        ref = apply(params, image[:, :, :, z], mask[:, :, :, z], t)
+        np.testing.assert_allclose(out[:, :, :, z], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_unet_bf16_compute_float32_output(cond3d):
     _, params, (image, mask, t), ref = cond3d
     model = UNet(num_classes=3, channels=CH, time_embed_dim=8, dtype=jnp.bfloat16)

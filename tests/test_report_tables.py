@@ -76,6 +76,24 @@ def test_table2_and_markdown(runs):
     assert "| 3d | dice | N | 3d-diff-nodice | 0.217 (0.058)" in md
 
 
+def test_table5_is_an_ablation_table_with_its_own_tests(runs):
+    """A further ablation table (table5: what the reference code changed) is built, tested and
+    needed like table2, from config alone."""
+    cfg = {**CFG, "tables": {**CFG["tables"], "table5": {
+        "dataset": "ds", "dims": ["3d"], "ablations": {"time": {"reference": "diff", "after_norm": "seg"}}}}}
+    t = tables.build_table(cfg, "table5", runs)
+    assert list(t["setting"]) == ["reference", "after_norm"] and list(t["run"]) == ["3d-diff", "3d-seg"]
+    assert np.isnan(t.iloc[0]["p_value"])
+    assert t.iloc[1]["p_value"] == pytest.approx(sps.ttest_rel([0.75, 0.4, 0.6], [0.8, 0.6, 0.65]).pvalue)
+    tt = stats.paired_tests(cfg, runs)
+    assert ("table5", "time", "3d-seg", "3d-diff") in set(
+        zip(tt["table"], tt["comparison"], tt["run_a"], tt["run_b"], strict=True)
+    )
+    assert tables.table_names(cfg) == ["table1", "table2", "table5"]
+    with pytest.raises(ConfigError, match="unknown table 'table9'"):
+        tables.cells(cfg, "table9")
+
+
 def test_runs_needed_and_experiments():
     exp = {"datasets": ["ds"], "dims": ["2d"], "variants": ["diff"], "seeds": [1, 2]}
     cfg = {**CFG, "experiments": [exp]}

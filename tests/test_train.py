@@ -20,9 +20,9 @@ from diffseg.config import resolve_run_config
 from diffseg.data.preprocess import write_nifti
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0
 from diffseg.parallel import data_mesh
+from diffseg.runs import build_model
 from diffseg.train.losses import cross_entropy, dice_loss, segmentation_loss
 from diffseg.train.step import (
-    build_model,
     build_optimizer,
     init_state,
     make_train_step,
@@ -157,8 +157,7 @@ def _losses(run: str, steps: int, mesh=None, **train) -> np.ndarray:
     model = build_model(cfg, 3)
     tx, _ = build_optimizer(cfg)
     mesh = mesh or data_mesh()
-    spatial = images.shape[1:] if model.spatial_dims == 3 else images.shape[1:3]
-    state = init_state(model, tx, spatial, jax.random.key(0))
+    state = init_state(model, tx, images.shape[1:], jax.random.key(0))
     step = make_train_step(model, tx, cfg, 3, mesh)
     out = []
     for _ in range(steps):
@@ -218,7 +217,7 @@ def test_train_run_writes_the_output_contract(toy_data, tmp_path):
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(toy_data, tmp_path, monkeypatch):
     import diffseg.train.loop as loop
-    from diffseg.train.checkpoint import RunCheckpoints
+    from diffseg.runs import RunCheckpoints
 
     def latest_params(run_dir):
         ckpt = RunCheckpoints(run_dir)
@@ -257,3 +256,20 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(toy_data, tmp_
     )
     assert [row[0] for row in resumed_logs["train"]] == [1, 2, 3, 4, 5, 6]
     assert_allclose([r[1] for r in resumed_logs["train"]], [r[1] for r in whole_logs["train"]], rtol=1e-6)
+
+
+def test_learning_rate_decays_to_decay_steps_then_holds():
+    """The reference's schedule: warm-up 100, cosine to 1e-6 at step 10 000, held to 12 500."""
+    cfg = resolve_run_config({"datasets": {"toy": {"source": "phantom"}}}, "toy", "3d-diff")
+    _, schedule = build_optimizer(cfg)
+    assert_allclose(float(schedule(0)), 1e-5, rtol=1e-6)
+    assert_allclose(float(schedule(100)), 1e-4, rtol=1e-6)
+    mid = 100 + (10000 - 100) / 2  # half-way through the cosine: the mean of peak and end
+    assert_allclose(float(schedule(mid)), (1e-4 + 1e-6) / 2, rtol=1e-4)
+    for step in (10000, 11000, 12499):
+        assert_allclose(float(schedule(step)), 1e-6, rtol=1e-6)
+    whole = resolve_run_config(
+        {"datasets": {"toy": {"source": "phantom"}}}, "toy", "3d-diff", {"optim.decay_steps": None}
+    )
+    _, schedule = build_optimizer(whole)
+    assert float(schedule(11000)) > 1e-6  # decay over all 12 500 steps: not yet at the end

@@ -4,6 +4,9 @@ Public API::
 
     prepare_dataset(name, ds_cfg, out_dir, resources_dir) -> dict      # dataset.json
     load_dataset(data_dir) -> Dataset                                 # .info, .split(name), ...
+    preprocess_scan(image, info) -> (volume, grid)                    # a new scan, as a run's data
+    reference_prostate_split(institution_txt) -> {uid: split}         # the paper's 411/14/164
+    reference_amos_split(dataset_json) -> {uid: split}                # the paper's 200/10/90
     augment_batch(key, images, labels, cfg) -> (images, labels)       # pure JAX, jit-able
     generate_phantom(anatomy, shape, spacing, seed, index) -> (image, label)
     download_dataset(name, ds_cfg, resources_dir, base_url=None) -> dict  # manifest.json
@@ -14,20 +17,33 @@ from diffseg.data.download import download_dataset, download_file, fetch_record,
 from diffseg.data.phantom import CLASSES, generate_phantom
 from diffseg.data.prepare import prepare_dataset
 from diffseg.data.preprocess import (
+    Preprocessed,
+    PreprocessOptions,
     crop_or_pad,
     normalize_intensity,
     preprocess_case,
+    preprocess_scan,
+    read_affine,
     read_nifti,
     resample,
     write_nifti,
 )
 from diffseg.data.sources import Case, Source, list_source
-from diffseg.data.splits import make_split, random_split, read_split_csv, write_split_csv
+from diffseg.data.splits import (
+    make_split,
+    random_split,
+    read_split_csv,
+    reference_amos_split,
+    reference_prostate_split,
+    write_split_csv,
+)
 
 __all__ = [
     "CLASSES",
     "Case",
     "Dataset",
+    "PreprocessOptions",
+    "Preprocessed",
     "Source",
     "augment_batch",
     "crop_or_pad",
@@ -42,9 +58,13 @@ __all__ = [
     "normalize_intensity",
     "prepare_dataset",
     "preprocess_case",
+    "preprocess_scan",
     "random_split",
+    "read_affine",
     "read_nifti",
     "read_split_csv",
+    "reference_amos_split",
+    "reference_prostate_split",
     "resample",
     "write_nifti",
     "write_split_csv",

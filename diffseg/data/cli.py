@@ -42,11 +42,17 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _display_window(info: dict[str, Any], image: np.ndarray) -> tuple[float, float]:
-    """Grey-level range: the CT soft-tissue window (W400 L40) when the HU clip is known, else percentiles."""
+    """Grey-level range: the CT soft-tissue window (W400 L40) when the HU clip is known, else percentiles.
+
+    The HU -> normalised map is the preprocessing's: legacy clip maps [lo, hi] to [-1, 1]; reference
+    rescales each case's [min, max] to [0, 1], which for a clipped CT crop is [lo, hi] (air and bone
+    reach the clip bounds), so the window is exact whenever the case spans the clip range.
+    """
     clip = info.get("clip")
     if info.get("modality") == "CT" and clip:
         lo, hi = float(clip[0]), float(clip[1])
-        to_norm = lambda hu: 2.0 * (min(max(hu, lo), hi) - lo) / (hi - lo) - 1.0
+        unit = lambda hu: (min(max(hu, lo), hi) - lo) / (hi - lo)
+        to_norm = unit if info.get("normalize", "legacy") == "reference" else lambda hu: 2.0 * unit(hu) - 1.0
         return to_norm(-160.0), to_norm(240.0)
     lo, hi = np.percentile(image, [1.0, 99.5])
     return float(lo), float(hi)

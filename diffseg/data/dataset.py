@@ -1,19 +1,19 @@
-"""Loading a prepared dataset (``results/data/{name}``) and on-device augmentation in pure JAX."""
+"""Loading a prepared dataset (``results/data/{name}``); ``augment_batch`` lives in ``augment.py``."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from diffseg.data.augment import augment_batch
 from diffseg.data.preprocess import read_nifti
 from diffseg.data.splits import SPLITS, read_split_csv
 from diffseg.errors import DataError
+
+__all__ = ["Dataset", "augment_batch", "load_dataset"]
 
 
 class Dataset:
@@ -90,59 +90,3 @@ class Dataset:
 def load_dataset(data_dir: str | Path) -> Dataset:
     """Open a prepared dataset folder (``results/data/{name}``)."""
     return Dataset(data_dir)
-
-
-def _sample_coords(key: jax.Array, spatial: tuple[int, ...], cfg: Mapping[str, Any]) -> list[jax.Array]:
-    """Input-space coordinates, one array of shape ``spatial`` per axis, for one random transform."""
-    k_rot, k_shift, k_scale = jax.random.split(key, 3)
-    max_rot = float(np.deg2rad(cfg.get("rotation_deg", 0.0)))
-    tv = float(cfg.get("translation_vox", 0.0))
-    lo, hi = (float(s) for s in cfg.get("scale", (1.0, 1.0)))
-    theta = jax.random.uniform(k_rot, (), minval=-max_rot, maxval=max_rot)
-    limits = jnp.array([tv, tv, tv / 2][: len(spatial)])
-    shift = jax.random.uniform(k_shift, (len(spatial),), minval=-1.0, maxval=1.0) * limits
-    scale = jax.random.uniform(k_scale, (), minval=lo, maxval=hi)
-    grids = jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in spatial], indexing="ij")
-    centre = [(n - 1) / 2.0 for n in spatial]
-    # Output voxel p maps to input c + R(-theta) (p - c - t) / s: the inverse of scale-rotate-shift.
-    u = grids[0] - centre[0] - shift[0]
-    v = grids[1] - centre[1] - shift[1]
-    cos, sin = jnp.cos(theta), jnp.sin(theta)
-    coords = [centre[0] + (cos * u + sin * v) / scale, centre[1] + (-sin * u + cos * v) / scale]
-    if len(spatial) == 3:
-        coords.append(grids[2] - shift[2])
-    return coords
-
-
-def augment_batch(
-    key: jax.Array, images: jax.Array, labels: jax.Array, cfg: Mapping[str, Any]
-) -> tuple[jax.Array, jax.Array]:
-    """Random in-plane rotation, translation and scaling per sample; jit-able.
-
-    Args:
-        key: a PRNG key.
-        images: ``(B, X, Y, Z)`` (or ``(B, X, Y)``) float.
-        labels: same shape, integer.
-        cfg: ``enabled``, ``rotation_deg`` (± degrees about Z), ``translation_vox`` (± voxels in X, Y;
-            half of it in Z), ``scale`` ([lo, hi], isotropic in-plane). Python values (static).
-
-    Returns:
-        ``(images, labels)`` with the input shapes and dtypes; images interpolated linearly and
-        padded with each sample's minimum, labels by nearest neighbour and padded with 0.
-    """
-    if not cfg.get("enabled", True):
-        return images, labels
-    spatial = tuple(images.shape[1:])
-    keys = jax.random.split(key, images.shape[0])
-
-    def one(k: jax.Array, img: jax.Array, lab: jax.Array) -> tuple[jax.Array, jax.Array]:
-        coords = _sample_coords(k, spatial, cfg)
-        # map_coordinates' cval must be static: shift so the image minimum is the 0 padding.
-        lo = img.min()
-        out = jax.scipy.ndimage.map_coordinates(img - lo, coords, order=1, mode="constant", cval=0.0) + lo
-        lab_f = jax.scipy.ndimage.map_coordinates(
-            lab.astype(jnp.float32), coords, order=0, mode="constant", cval=0.0
-        )
-        return out.astype(img.dtype), jnp.round(lab_f).astype(lab.dtype)
-
-    return jax.vmap(one)(keys, images, labels)

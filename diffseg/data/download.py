@@ -1,8 +1,10 @@
 """Zenodo downloads: checksummed, resumable, atomic; the manifest is written last.
 
-``resources/{dataset}/{key}`` is the downloaded archive (``.part`` while incomplete),
-``resources/{dataset}/raw/`` its extracted content and ``resources/{dataset}/manifest.json`` the
-Snakemake output, which exists only once everything above is verified and in place.
+``resources/{dataset}/{key}`` is each downloaded file (``.part`` while incomplete): the archive and
+any file beside it in the record (prostate_mr: ``institution.txt``, which the reference split
+reads), ``resources/{dataset}/raw/`` the archive's extracted content and
+``resources/{dataset}/manifest.json`` the Snakemake output, which exists only once everything above
+is verified and in place.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ log = logging.getLogger(__name__)
 
 ZENODO_URL = "https://zenodo.org"
 ZENODO_URL_ENV = "DIFFSEG_ZENODO_URL"
-# source -> (Zenodo record, archive file key)
-RECORDS: dict[str, tuple[int, str]] = {
-    "prostate_mr": (7013610, "data.zip"),
-    "abdominal_ct": (7155725, "amos22.zip"),
+# source -> (Zenodo record, archive file key, other file keys downloaded beside it)
+RECORDS: dict[str, tuple[int, str, tuple[str, ...]]] = {
+    "prostate_mr": (7013610, "data.zip", ("institution.txt",)),
+    "abdominal_ct": (7155725, "amos22.zip", ()),
 }
 CHUNK = 1 << 20
 OFFLINE_ERRORS = (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError)
@@ -169,6 +171,13 @@ def extract(archive: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _usable_unverified(path: Path) -> bool:
+    """Offline check of a file placed by hand: a zip must pass its CRC test, another file be non-empty."""
+    if not path.is_file():
+        return False
+    return zip_ok(path) if path.suffix == ".zip" else path.stat().st_size > 0
+
+
 def download_dataset(
     name: str,
     ds_cfg: Mapping[str, Any],
@@ -177,6 +186,10 @@ def download_dataset(
     timeout: float = 60,
 ) -> dict[str, Any]:
     """Download, verify and extract a Zenodo dataset into ``resources_dir/name``; return the manifest.
+
+    Every file of the source (the archive and, for prostate_mr, ``institution.txt``) is checked
+    against the md5 Zenodo publishes. Offline, files already in place are used unverified (a zip
+    must pass its CRC test); a missing one is a ``DataError`` naming what to fetch and where to put it.
 
     Args:
         name: the dataset name (folder under ``resources_dir``).
@@ -189,68 +202,73 @@ def download_dataset(
         raise DataError(
             f"datasets.{name}.source: {source!r} is not downloadable (expected one of {sorted(RECORDS)})"
         )
-    record, key = RECORDS[source]
+    record, archive_key, extra_keys = RECORDS[source]
     record = ds_cfg.get("zenodo_record") or record
+    keys = (archive_key, *extra_keys)
     out = Path(resources_dir) / name
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest_path.unlink(missing_ok=True)  # the manifest means "done": never leave a stale one
-    dest = out / key
     base = zenodo_base(base_url)
     api = f"{base}/api/records/{record}"
-    manual_url = f"https://zenodo.org/records/{record}/files/{key}"
+    manual = {key: f"https://zenodo.org/records/{record}/files/{key}" for key in keys}
     try:
         files = fetch_record(record, base, timeout=timeout)
     except OFFLINE_ERRORS as err:
-        if dest.exists() and zip_ok(dest):
+        missing = [key for key in keys if not _usable_unverified(out / key)]
+        if missing:
+            what = "; ".join(f"download {manual[k]} and put it at {(out / k).resolve()}" for k in missing)
+            raise DataError(
+                f"{api}: cannot reach Zenodo ({_reason(err)}); {what} (it is picked up there), then rerun"
+            ) from None
+        entries = []
+        for key in keys:
             log.warning(
-                "%s unreachable (%s): using %s without checking its md5 (zip CRC test passed)",
+                "%s unreachable (%s): using %s without checking its md5%s",
                 api,
                 _reason(err),
-                dest,
+                out / key,
+                " (zip CRC test passed)" if key.endswith(".zip") else "",
             )
-            entry = {
-                "key": key,
-                "md5": None,
-                "size": dest.stat().st_size,
-                "url": manual_url,
-                "verified": False,
-            }
-            return _finish(name, source, record, entry, dest, out)
-        raise DataError(
-            f"{api}: cannot reach Zenodo ({_reason(err)}); download {manual_url} manually and "
-            f"put it at {dest.resolve()} (it is picked up there), then rerun"
-        ) from None
-    entry = next((f for f in files if f["key"] == key), None)
-    if entry is None:
-        raise DataError(f"{api}: record {record} has no file {key!r} (files: {[f['key'] for f in files]})")
-    if dest.exists():
-        if entry["md5"] is None or md5sum(dest) == entry["md5"]:
-            log.info("%s already present and verified: not downloading again", dest)
-        else:
-            log.warning("%s does not match the published md5: downloading it again", dest)
-            dest.unlink()
-    if not dest.exists():
-        try:
-            download_file(entry["url"], dest, entry["md5"], entry["size"], timeout=timeout)
-        except OFFLINE_ERRORS as err:
+            size = (out / key).stat().st_size
+            entries.append({"key": key, "md5": None, "size": size, "url": manual[key], "verified": False})
+        return _finish(name, source, record, entries, out / archive_key, out)
+    entries = []
+    for key in keys:
+        entry = next((f for f in files if f["key"] == key), None)
+        if entry is None:
             raise DataError(
-                f"{entry['url']}: download failed ({_reason(err)}); rerun to resume, or download it "
-                f"manually and put it at {dest.resolve()}"
-            ) from None
-    return _finish(name, source, record, {**entry, "verified": entry["md5"] is not None}, dest, out)
+                f"{api}: record {record} has no file {key!r} (files: {[f['key'] for f in files]})"
+            )
+        dest = out / key
+        if dest.exists():
+            if entry["md5"] is None or md5sum(dest) == entry["md5"]:
+                log.info("%s already present and verified: not downloading again", dest)
+            else:
+                log.warning("%s does not match the published md5: downloading it again", dest)
+                dest.unlink()
+        if not dest.exists():
+            try:
+                download_file(entry["url"], dest, entry["md5"], entry["size"], timeout=timeout)
+            except OFFLINE_ERRORS as err:
+                raise DataError(
+                    f"{entry['url']}: download failed ({_reason(err)}); rerun to resume, or download it "
+                    f"manually and put it at {dest.resolve()}"
+                ) from None
+        entries.append({**entry, "verified": entry["md5"] is not None})
+    return _finish(name, source, record, entries, out / archive_key, out)
 
 
 def _finish(
-    name: str, source: str, record: int | str, entry: dict[str, Any], archive: Path, out: Path
+    name: str, source: str, record: int | str, entries: list[dict[str, Any]], archive: Path, out: Path
 ) -> dict[str, Any]:
-    """Extract the archive and write the manifest (last)."""
+    """Extract the archive and write the manifest (last); ``entries`` are the files, archive first."""
     raw = extract(archive, out / "raw")
     manifest = {
         "dataset": name,
         "source": source,
         "record": int(record) if str(record).isdigit() else record,
-        "files": [entry],
+        "files": entries,
         "extracted": str(raw),
     }
     atomic_write_json(out / "manifest.json", manifest)

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from diffseg.data.phantom import generate_phantom
-from diffseg.data.preprocess import normalize_intensity, preprocess_case, write_nifti
+from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case, write_nifti
 from diffseg.data.sources import list_source
 from diffseg.data.splits import make_split, split_counts, write_split_csv
 from diffseg.errors import ConfigError
@@ -43,6 +43,20 @@ def _geometry(name: str, ds_cfg: Mapping[str, Any]) -> tuple[list[float], list[i
     return [float(s) for s in spacing], [int(s) for s in shape]
 
 
+def preprocess_options(name: str, ds_cfg: Mapping[str, Any]) -> PreprocessOptions:
+    """The dataset entry's ``reorient``/``resample``/``normalize``/``crop`` (``ConfigError`` if bad).
+
+    Files default to the reference pipeline (no reorientation, reference resampling and intensities,
+    crop on the label's bounding box). Phantoms are generated on the target grid in LPS array order,
+    so only ``normalize`` applies to them, and it defaults to ``legacy`` (their data as before).
+    """
+    where = f"datasets.{name}"
+    if ds_cfg.get("source") == "phantom":
+        chosen = PreprocessOptions.from_config(ds_cfg, where, PreprocessOptions.legacy())
+        return PreprocessOptions(**{**PreprocessOptions.legacy().as_dict(), "normalize": chosen.normalize})
+    return PreprocessOptions.from_config(ds_cfg, where)
+
+
 def prepare_dataset(
     name: str, ds_cfg: Mapping[str, Any], out_dir: str | Path, resources_dir: str | Path
 ) -> dict[str, Any]:
@@ -51,15 +65,18 @@ def prepare_dataset(
     Args:
         name: the dataset name.
         ds_cfg: its config entry (``source``, ``anatomy``, ``num_cases``, ``seed``, ``spacing``,
-            ``shape``, ``clip``, ``split``, ``path``, ``zenodo_record``).
+            ``shape``, ``clip``, ``split``, ``path``, ``zenodo_record``, and the preprocessing switches
+            ``reorient``, ``resample``, ``normalize``, ``crop``: see :func:`preprocess_options`).
         out_dir: the output folder (``results/data/{name}``): ``images/{uid}.nii.gz`` float32,
             ``labels/{uid}.nii.gz`` uint8, ``split.csv``, ``dataset.json``.
         resources_dir: the dataset's download folder (``resources/{name}``, holding ``raw/``).
     """
     out_dir = Path(out_dir)
     spacing, shape = _geometry(name, ds_cfg)
+    options = preprocess_options(name, ds_cfg)
     source = list_source(name, ds_cfg, resources_dir)
-    split = make_split(name, ds_cfg, source.cases)  # before the slow part: config errors come first
+    # Before the slow part: config and split-file errors come first.
+    split = make_split(name, ds_cfg, source.cases, source.split_file)
     clip = ds_cfg.get("clip", DEFAULT_CT_CLIP.get(str(ds_cfg.get("source"))))
     num_classes = len(source.classes)
     seed = int(ds_cfg.get("seed", 0))
@@ -72,13 +89,14 @@ def prepare_dataset(
                 image, label = generate_phantom(
                     ds_cfg.get("anatomy", "pelvis"), shape, spacing, seed, case.index
                 )
-                image = normalize_intensity(image, source.modality, clip)
+                image = normalize_intensity(image, source.modality, clip, options.normalize)
+                affine = None  # the LPS-ordered default of write_nifti
             else:
-                image, label = preprocess_case(
-                    case.image, case.label, num_classes, spacing, shape, source.modality, clip
+                image, label, affine = preprocess_case(
+                    case.image, case.label, num_classes, spacing, shape, source.modality, clip, options
                 )
-            write_nifti(tmp / "images" / f"{case.uid}.nii.gz", image, spacing)
-            write_nifti(tmp / "labels" / f"{case.uid}.nii.gz", label, spacing)
+            write_nifti(tmp / "images" / f"{case.uid}.nii.gz", image, spacing, affine)
+            write_nifti(tmp / "labels" / f"{case.uid}.nii.gz", label, spacing, affine)
         info = {
             "name": name,
             "source": ds_cfg.get("source"),
@@ -89,6 +107,8 @@ def prepare_dataset(
             "shape": shape,
             "num_cases": len(source.cases),
             "splits": split_counts(split),
+            # How a new scan must be preprocessed to match (diffseg.data.preprocess.preprocess_scan).
+            **options.as_dict(),
         }
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]

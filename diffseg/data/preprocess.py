@@ -1,22 +1,114 @@
-"""Preprocessing with SimpleITK: read, validate, resample, clip/normalise, centre crop/pad, write.
+"""Preprocessing with SimpleITK: read, validate, (reorient,) resample, pad, crop, clip/normalise, write.
 
-Arrays returned here are in NIfTI order ``(X, Y, Z)`` (SimpleITK's ``GetArrayFromImage`` gives
-``(Z, Y, X)``, so every conversion transposes).
+Arrays returned here are in NIfTI order ``(X, Y, Z)`` = SimpleITK index order ``(i, j, k)``
+(``GetArrayFromImage`` gives ``(Z, Y, X)``, so every conversion transposes).
+
+Two pipelines, chosen per dataset by :class:`PreprocessOptions` (the ``reorient``, ``resample``,
+``normalize`` and ``crop`` keys of a dataset entry):
+
+* ``reference`` (default for files; the pipeline of ImgX-DiffSeg v0.1.0,
+  ``imgx/datasets/preprocess.py``): no reorientation (the scan's own index order), resample keeping
+  the pixel type with the grid's origin moved by half the spacing change, pad with 0, crop centred on
+  the label's bounding box, clip (CT), z-score, rescale to [0, 1].
+* ``legacy`` (diffseg before the fidelity review; phantoms keep it): reorient to LPS, resample in
+  float32 keeping the origin, normalise the whole volume (MR: percentile clip + z-score; CT: clip and
+  map to [-1, 1]), then centre crop/pad with the normalised minimum.
+
+Files are written with the affine of the grid actually produced (orientation, origin, spacing), so
+viewers and ``diffseg predict`` place them where the scan was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from diffseg.errors import DataError
+from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
 
+log = logging.getLogger(__name__)
+
 GEOMETRY_RTOL = 1e-3
+GEOMETRY_ATOL = 1e-3  # mm; the reference's check_image_and_label used atol 1e-3 (+ rtol 1e-5)
+# The choices of each preprocessing switch; the first is the default for datasets read from files.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "reorient": ("none", "LPS"),
+    "resample": ("reference", "legacy"),
+    "normalize": ("reference", "legacy"),
+    "crop": ("label_bbox", "centre"),
+}
+# RAS (NIfTI affines) <-> LPS (SimpleITK physical space): flip the first two world axes.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """How a scan is brought onto the training grid (see the module docstring).
+
+    Attributes:
+        reorient: ``none`` (SimpleITK index order, as the reference) | ``LPS`` (``DICOMOrient``).
+        resample: ``reference`` (origin + 0.5 * (new - old spacing) per physical axis, the input's pixel
+            type, always resampled) | ``legacy`` (same origin, float32 images, skipped at equal spacing).
+        normalize: ``reference`` (pad 0, crop, clip CT, z-score, rescale to [0, 1]) | ``legacy``
+            (normalise the whole volume, then crop/pad with its minimum).
+        crop: ``label_bbox`` (window centred on the labelled voxels' bounding box, as the reference)
+            | ``centre`` (centred on the volume). Without a label the window is always centred.
+    """
+
+    reorient: str = "none"
+    resample: str = "reference"
+    normalize: str = "reference"
+    crop: str = "label_bbox"
+
+    @classmethod
+    def legacy(cls) -> PreprocessOptions:
+        """diffseg's preprocessing before the fidelity review (what data without these keys used)."""
+        return cls(reorient="LPS", resample="legacy", normalize="legacy", crop="centre")
+
+    @classmethod
+    def from_config(
+        cls, cfg: Mapping[str, Any], where: str, default: PreprocessOptions | None = None
+    ) -> PreprocessOptions:
+        """Options from a dataset entry; absent keys take ``default``; a bad value is a ``ConfigError``."""
+        default = default or cls()
+        values = {}
+        for key, choices in CHOICES.items():
+            value = cfg.get(key, getattr(default, key))
+            if value not in choices:
+                raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(choices)}")
+            values[key] = value
+        return cls(**values)
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> PreprocessOptions:
+        """Options recorded in a prepared ``dataset.json``; data prepared before they were recorded
+        used the legacy pipeline, so absent keys mean legacy."""
+        return cls.from_config(info, "dataset.json", cls.legacy())
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"reorient": ..., "resample": ..., "normalize": ..., "crop": ...}`` for ``dataset.json``."""
+        return asdict(self)
+
+
+class Preprocessed(NamedTuple):
+    """One preprocessed case.
+
+    Attributes:
+        image: float32 ``(X, Y, Z)`` = the target shape, normalised.
+        label: uint8 ``(X, Y, Z)``, or None when preprocessed without a label.
+        affine: ``(4, 4)`` NIfTI (RAS) affine of the output grid, for :func:`write_nifti`.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
 
 
 def read_image(path: str | Path) -> sitk.Image:
@@ -63,16 +155,20 @@ def to_array(img: sitk.Image) -> np.ndarray:
 def check_geometry(
     image: sitk.Image, label: sitk.Image, image_path: str | Path, label_path: str | Path
 ) -> None:
-    """Image and label must share size, spacing, origin and direction (to 1e-3 relative)."""
+    """Image and label must share size, spacing, origin and direction (to 1e-3 relative or 1e-3 mm).
+
+    At least as tolerant as the reference's check (rtol 1e-5, atol 1e-3), so that every case the
+    reference accepted is accepted here.
+    """
     problems = []
     if image.GetSize() != label.GetSize():
         problems.append(f"size {image.GetSize()} vs {label.GetSize()}")
     sp_i, sp_l = np.array(image.GetSpacing()), np.array(label.GetSpacing())
-    if not np.allclose(sp_i, sp_l, rtol=GEOMETRY_RTOL, atol=0):
+    if not np.allclose(sp_i, sp_l, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
         problems.append(f"spacing {tuple(sp_i.round(4))} vs {tuple(sp_l.round(4))}")
     o_i, o_l = np.array(image.GetOrigin()), np.array(label.GetOrigin())
-    # Origins can be 0: tolerate 1e-3 of the larger of |origin| and one voxel.
-    tol = GEOMETRY_RTOL * np.maximum(np.maximum(np.abs(o_i), np.abs(o_l)), sp_i.max())
+    # Origins can be 0: tolerate 1e-3 of the larger of |origin| and one voxel, and at least 1e-3 mm.
+    tol = GEOMETRY_ATOL + GEOMETRY_RTOL * np.maximum(np.maximum(np.abs(o_i), np.abs(o_l)), sp_i.max())
     if np.any(np.abs(o_i - o_l) > tol):
         problems.append(f"origin {tuple(o_i.round(3))} vs {tuple(o_l.round(3))}")
     if not np.allclose(image.GetDirection(), label.GetDirection(), atol=GEOMETRY_RTOL, rtol=0):
@@ -99,21 +195,43 @@ def check_labels(label: np.ndarray, num_classes: int, path: str | Path) -> None:
         raise DataError(f"{path}: label values outside 0..{num_classes - 1}: {shown}")
 
 
-def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool) -> sitk.Image:
-    """Resample to ``spacing`` (mm) covering the same extent; linear for images, nearest for labels."""
+def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "legacy") -> sitk.Image:
+    """Resample to ``spacing`` (mm) covering the same extent; linear for images, nearest for labels.
+
+    The size is ``round(size * old / new)`` per axis (numpy rounding, half to even), the direction
+    is kept and voxels outside the input are 0.
+
+    Args:
+        img: the image.
+        spacing: the target spacing ``(sx, sy, sz)`` in mm, in SimpleITK index order.
+        is_label: nearest-neighbour interpolation (else linear).
+        mode: ``reference``: as ImgX-DiffSeg v0.1.0: the output origin is
+            ``origin + 0.5 * (new - old)`` added per *physical* axis (the direction cosines are not
+            applied, so for flipped axes the half-voxel shift goes the other way), the output keeps
+            the input's pixel type (an integer image's interpolated values are truncated toward 0),
+            and an image already at ``spacing`` is still resampled. ``legacy``: the origin is kept,
+            images come out float32, and an image already at ``spacing`` is returned as it is.
+    """
     old_sp = np.array(img.GetSpacing())
     new_sp = np.array(spacing, float)
-    if np.allclose(old_sp, new_sp, rtol=1e-6):
+    if mode not in CHOICES["resample"]:
+        raise ConfigError(f"resample: {mode!r} is not one of {list(CHOICES['resample'])}")
+    if mode == "legacy" and np.allclose(old_sp, new_sp, rtol=1e-6):
         return img
     size = np.maximum(1, np.round(np.array(img.GetSize()) * old_sp / new_sp)).astype(int)
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    out_type = img.GetPixelID() if is_label else sitk.sitkFloat32
+    if mode == "reference":
+        origin = np.array(img.GetOrigin()) + 0.5 * (new_sp - old_sp)
+        out_type = img.GetPixelID()
+    else:
+        origin = np.array(img.GetOrigin())
+        out_type = img.GetPixelID() if is_label else sitk.sitkFloat32
     return sitk.Resample(
         img,
         [int(s) for s in size],
         sitk.Transform(),
         interp,
-        img.GetOrigin(),
+        [float(o) for o in origin],
         [float(s) for s in new_sp],
         img.GetDirection(),
         0,
@@ -121,15 +239,53 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool) -> sitk.
     )
 
 
-def normalize_intensity(image: np.ndarray, modality: str, clip: Sequence[float] | None = None) -> np.ndarray:
+def to_grid(
+    img: sitk.Image, spacing: Sequence[float], options: PreprocessOptions, is_label: bool
+) -> sitk.Image:
+    """Reorient (``options.reorient``) and resample (``options.resample``) onto ``spacing`` (mm)."""
+    if options.reorient == "LPS":
+        img = sitk.DICOMOrient(img, "LPS")
+    return resample(img, spacing, is_label, mode=options.resample)
+
+
+def _clip_range(clip: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(c) for c in clip)
+    if hi <= lo:
+        raise DataError(f"clip: expected lo < hi, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def normalize_intensity(
+    image: np.ndarray, modality: str, clip: Sequence[float] | None = None, method: str = "legacy"
+) -> np.ndarray:
     """Normalise an image ``(X, Y, Z)`` to float32.
 
-    CT: clip to ``clip`` = [lo, hi] HU (default the 0.5/99.5 percentiles) and map linearly to [-1, 1].
-    MR (anything else): clip to the 0.5/99.5 percentiles (robust to hot spots), then z-score.
+    ``method="reference"`` (ImgX-DiffSeg v0.1.0): CT is clipped to ``clip`` = [lo, hi] HU when given
+    (``sitk.Clamp``), then z-scored with the sample standard deviation (``sitk.Normalize``) and
+    rescaled so the minimum is 0 and the maximum 1 (``sitk.RescaleIntensity``); the z-score does not
+    change the result of the rescaling, it is kept to follow the reference step by step. A constant
+    volume gives zeros. Statistics are over every voxel given, padding included.
+
+    ``method="legacy"``: CT: clip to ``clip`` (default the 0.5/99.5 percentiles) and map linearly to
+    [-1, 1]. MR (anything else): clip to the 0.5/99.5 percentiles (robust to hot spots), then z-score.
     """
+    if method not in CHOICES["normalize"]:
+        raise ConfigError(f"normalize: {method!r} is not one of {list(CHOICES['normalize'])}")
+    is_ct = modality.upper() == "CT"
+    if method == "reference":
+        x = image.astype(np.float64)
+        if is_ct and clip is not None:
+            x = np.clip(x, *_clip_range(clip))
+        std = float(x.std(ddof=1)) if x.size > 1 else 0.0
+        if not std > 0:
+            log.warning("constant image: normalised to zeros")
+            return np.zeros(x.shape, np.float32)
+        z = (x - x.mean()) / std
+        return ((z - z.min()) / (z.max() - z.min())).astype(np.float32)
     image = image.astype(np.float32)
-    if modality.upper() == "CT":
-        lo, hi = (float(c) for c in clip) if clip is not None else np.percentile(image, [0.5, 99.5])
+    if is_ct:
+        # Percentiles stay numpy float64 scalars, as before (the arithmetic then runs in float64).
+        lo, hi = _clip_range(clip) if clip is not None else tuple(np.percentile(image, [0.5, 99.5]))
         if hi <= lo:
             raise DataError(f"clip: expected lo < hi, got [{lo}, {hi}]")
         return (2.0 * (np.clip(image, lo, hi) - lo) / (hi - lo) - 1.0).astype(np.float32)
@@ -138,70 +294,190 @@ def normalize_intensity(image: np.ndarray, modality: str, clip: Sequence[float] 
     return ((image - image.mean()) / max(float(image.std()), 1e-6)).astype(np.float32)
 
 
-def crop_or_pad(arr: np.ndarray, shape: Sequence[int], pad_value: float) -> np.ndarray:
-    """Centre crop and/or pad ``arr`` ``(X, Y, Z)`` to ``shape``, padding with ``pad_value``."""
+def label_bbox(label: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """First and last index (both inclusive) of the voxels ``> 0`` per axis, or None if there are none."""
+    idx = np.nonzero(label > 0)
+    if len(idx[0]) == 0:
+        return None
+    return np.array([i.min() for i in idx]), np.array([i.max() for i in idx])
+
+
+def crop_start(size: Sequence[int], shape: Sequence[int], label: np.ndarray | None = None) -> tuple[int, ...]:
+    """Where the output window starts in the input, per axis (negative: that much padding before).
+
+    An axis shorter than ``shape`` is padded symmetrically (the extra voxel after: ``pad // 2``
+    before). A longer axis is cropped: centred on the volume (``(n - m) // 2``) without a label;
+    with one, the window of length ``m`` starts at ``ceil((first + last - m) / 2)``, i.e. centred on
+    the labelled voxels' bounding box ``[first, last]`` (a half voxel rounds up), then shifted to lie
+    inside the volume. A bounding box longer than the window loses labelled voxels at both ends, as in
+    the reference (ImgX-DiffSeg v0.1.0, ``imgx/datasets/util.py: try_to_get_center_crop_shape``).
+    An all-background label falls back to the centred window (the reference raises there).
+
+    Args:
+        size: input size ``(X, Y, Z)``.
+        shape: output size ``(X, Y, Z)``.
+        label: the label ``(X, Y, Z)`` on the input grid, or None.
+    """
+    bbox = label_bbox(label) if label is not None else None
+    if label is not None and bbox is None:
+        log.warning("empty label: crop window centred on the volume")
+    start = []
+    for axis, (n, m) in enumerate(zip(size, shape, strict=True)):
+        n, m = int(n), int(m)
+        if n <= m:
+            start.append(-((m - n) // 2))
+        elif bbox is None:
+            start.append((n - m) // 2)
+        else:
+            lo = -((m - int(bbox[0][axis]) - int(bbox[1][axis])) // 2)  # ceil((first + last - m) / 2)
+            start.append(min(max(lo, 0), n - m))
+    return tuple(start)
+
+
+def apply_window(arr: np.ndarray, start: Sequence[int], shape: Sequence[int], pad_value: float) -> np.ndarray:
+    """The window ``arr[start : start + shape]`` ``(X, Y, Z)``, ``pad_value`` where it leaves ``arr``."""
     out = np.full(tuple(int(s) for s in shape), pad_value, dtype=arr.dtype)
     src, dst = [], []
-    for n, m in zip(arr.shape, out.shape, strict=True):
-        if n >= m:  # crop
-            start = (n - m) // 2
-            src.append(slice(start, start + m))
-            dst.append(slice(0, m))
-        else:  # pad
-            start = (m - n) // 2
-            src.append(slice(0, n))
-            dst.append(slice(start, start + n))
+    for s, n, m in zip(start, arr.shape, out.shape, strict=True):
+        lo, hi = max(int(s), 0), min(int(s) + m, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(s), hi - int(s)))
     out[tuple(dst)] = arr[tuple(src)]
     return out
 
 
+def crop_or_pad(arr: np.ndarray, shape: Sequence[int], pad_value: float) -> np.ndarray:
+    """Centre crop and/or pad ``arr`` ``(X, Y, Z)`` to ``shape``, padding with ``pad_value``."""
+    return apply_window(arr, crop_start(arr.shape, shape), shape, pad_value)
+
+
+def grid_affine(grid: sitk.Image, start: Sequence[float] = (0, 0, 0)) -> np.ndarray:
+    """The NIfTI (RAS) affine ``(4, 4)`` of ``grid``'s voxels from index ``start`` on.
+
+    NIfTI voxel ``(i, j, k)`` of the written array is SimpleITK index ``start + (i, j, k)`` of ``grid``.
+    """
+    direction = np.array(grid.GetDirection(), float).reshape(3, 3)
+    origin = np.array(grid.TransformContinuousIndexToPhysicalPoint([float(s) for s in start]))
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(grid.GetSpacing())
+    affine[:3, 3] = LPS_TO_RAS @ origin
+    return affine
+
+
 def preprocess_case(
     image_path: str | Path,
-    label_path: str | Path,
+    label_path: str | Path | None,
     num_classes: int,
     spacing: Sequence[float],
     shape: Sequence[int],
     modality: str,
     clip: Sequence[float] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read, validate and preprocess one case.
+    options: PreprocessOptions | None = None,
+) -> Preprocessed:
+    """Read, validate and preprocess one case onto the training grid.
+
+    Reference order (``options.normalize="reference"``): (reorient,) resample, pad with 0 and crop
+    to ``shape`` (window from the label's bounding box when ``options.crop="label_bbox"``), then clip
+    (CT) and normalise the window (padding included). Legacy order: (reorient,) resample, normalise
+    the whole volume, then crop/pad with the normalised minimum.
+
+    Args:
+        image_path, label_path: the scan and its label; ``label_path=None`` preprocesses the scan
+            alone with a window centred on the volume.
+        num_classes: label values must be ``0..num_classes-1``.
+        spacing: target spacing (mm), shape: target shape ``(X, Y, Z)``.
+        modality: ``CT`` or ``MR``; clip: the CT intensity range [lo, hi] (HU) or None.
+        options: the pipeline (default: the reference's).
 
     Returns:
-        image float32 ``shape`` = ``(X, Y, Z)`` (normalised), label uint8 ``(X, Y, Z)``.
+        ``Preprocessed(image float32 shape, label uint8 shape or None, affine (4, 4))``.
     """
+    options = options or PreprocessOptions()
     img = read_image(image_path)
-    lab = read_image(label_path)
-    check_geometry(img, lab, image_path, label_path)
-    check_labels(sitk.GetArrayViewFromImage(lab), num_classes, label_path)
-    # Reorient to one axis convention so every case has the same array layout.
-    img = sitk.DICOMOrient(img, "LPS")
-    lab = sitk.DICOMOrient(sitk.Cast(lab, sitk.sitkUInt8), "LPS")
-    img = resample(img, spacing, is_label=False)
-    lab = resample(lab, spacing, is_label=True)
-    image = to_array(img).astype(np.float32)
-    label = to_array(lab).astype(np.uint8)
-    image = normalize_intensity(image, modality, clip)
-    image = crop_or_pad(image, shape, float(image.min()))
-    label = crop_or_pad(label, shape, 0)
-    return image, label
+    lab = None
+    if label_path is not None:
+        lab = read_image(label_path)
+        check_geometry(img, lab, image_path, label_path)
+        check_labels(sitk.GetArrayViewFromImage(lab), num_classes, label_path)
+        lab = to_grid(sitk.Cast(lab, sitk.sitkUInt8), spacing, options, is_label=True)
+    img = to_grid(img, spacing, options, is_label=False)
+    image = to_array(img)
+    label = to_array(lab).astype(np.uint8) if lab is not None else None
+    if label is not None and label.shape != image.shape:
+        raise DataError(f"{image_path} and {label_path}: sizes differ after resampling")
+    if options.normalize == "legacy":
+        image = normalize_intensity(image, modality, clip, "legacy")
+        pad_value = float(image.min())
+    else:  # the reference pads the raw intensities with 0 and normalises after the crop
+        image = image.astype(np.float64)
+        pad_value = 0.0
+    start = crop_start(image.shape, shape, label if options.crop == "label_bbox" else None)
+    image = apply_window(image, start, shape, pad_value)
+    if label is not None:
+        kept = apply_window(label, start, shape, 0)
+        lost = int(np.count_nonzero(label)) - int(np.count_nonzero(kept))
+        if lost:
+            log.warning("%s: %d labelled voxels fall outside the %s crop", label_path, lost, tuple(shape))
+        label = kept
+    if options.normalize == "reference":
+        image = normalize_intensity(image, modality, clip, "reference")
+    return Preprocessed(image.astype(np.float32), label, grid_affine(img, start))
 
 
-def write_nifti(path: str | Path, array: np.ndarray, spacing: Sequence[float]) -> None:
-    """Write ``array`` ``(X, Y, Z)`` atomically as NIfTI with an affine carrying ``spacing`` (mm).
+def preprocess_scan(image: sitk.Image | str | Path, info: Mapping[str, Any]) -> tuple[np.ndarray, sitk.Image]:
+    """A new scan (no label) as a trained run's data were prepared, without cropping: for ``predict``.
 
-    Arrays here are in LPS order (preprocessing reorients with ``DICOMOrient(..., "LPS")``), and
-    NIfTI affines are RAS: the first two axes get negative steps, so that SimpleITK (``predict``)
-    and viewers read the file in the same orientation as the arrays the network was trained on.
+    Follows the options recorded in the run's ``dataset.json`` (``reorient``, ``resample``,
+    ``normalize``; absent = legacy, as data prepared before they were recorded), its ``spacing``,
+    ``modality`` and ``clip``. The whole resampled scan is normalised (training data were normalised
+    over their crop, so the [0, 1] range can differ slightly where the crop cut off extremes).
+
+    Returns:
+        ``(volume float32 (X, Y, Z), grid)``: ``grid`` is the SimpleITK image the volume's voxels lie
+        on (orientation, origin, spacing), to map a prediction back with ``sitk.Resample``.
+    """
+    if not isinstance(image, sitk.Image):
+        image = read_image(image)
+    options = PreprocessOptions.from_info(info)
+    grid = to_grid(image, info["spacing"], options, is_label=False)
+    volume = normalize_intensity(
+        to_array(grid), str(info.get("modality", "MR")), info.get("clip"), options.normalize
+    )
+    return volume, grid
+
+
+def write_nifti(
+    path: str | Path, array: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
+) -> None:
+    """Write ``array`` ``(X, Y, Z)`` atomically as NIfTI with voxel size ``spacing`` (mm).
+
+    ``affine`` is the grid's NIfTI (RAS) affine (``Preprocessed.affine``, :func:`grid_affine`,
+    :func:`read_affine`). Without it the array is taken as LPS-ordered at the origin (phantoms, and
+    data of the legacy pipeline): ``diag(-sx, -sy, sz)``, so that SimpleITK (``predict``) and viewers
+    read the file in the orientation of the arrays.
     """
     sx, sy, sz = (float(s) for s in spacing)
-    affine = np.diag([-sx, -sy, sz, 1.0])
+    if affine is None:
+        affine = np.diag([-sx, -sy, sz, 1.0])
+    affine = np.asarray(affine, float)
     img = nib.Nifti1Image(array, affine)
-    img.header.set_zooms(tuple(float(s) for s in spacing))
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
+    img.header.set_zooms((sx, sy, sz))  # after set_qform, which sets them from the affine's columns
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def read_affine(path: str | Path) -> np.ndarray:
+    """The NIfTI (RAS) affine ``(4, 4)`` of a file, to write another array on the same grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return np.asarray(nib.load(str(path)).affine, float)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: cannot read the NIfTI header: {type(err).__name__}: {err}") from None
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:

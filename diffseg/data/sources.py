@@ -1,4 +1,8 @@
-"""Case listings per data source: phantom, prostate_mr (Zenodo 7013610), abdominal_ct (AMOS), msd."""
+"""Case listings per data source: phantom, prostate_mr (Zenodo 7013610), abdominal_ct (AMOS), msd.
+
+A source also names the file its reference split comes from (``Source.split_file``): the prostate
+record's ``institution.txt``, AMOS's ``dataset.json``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from diffseg.errors import ConfigError, DataError
 SOURCES = ("phantom", "prostate_mr", "abdominal_ct", "msd")
 AMOS_CT_MAX_ID = 500  # AMOS ids above 500 are MR
 NIFTI = (".nii.gz", ".nii")
+INSTITUTION_FILE = "institution.txt"  # Zenodo 7013610, beside data.zip: "<uid> <institution>" lines
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,15 @@ class Case:
 
 @dataclass
 class Source:
-    """A listed source: class names (background first), modality (``CT``/``MR``), cases."""
+    """A listed source: class names (background first), modality (``CT``/``MR``), cases.
+
+    ``split_file`` is the file the source's reference split is read from (None: no reference split).
+    """
 
     classes: list[str]
     modality: str
     cases: list[Case] = field(default_factory=list)
+    split_file: Path | None = None
 
 
 def _strip_nifti(name: str) -> str | None:
@@ -63,8 +72,24 @@ def phantom_source(name: str, ds_cfg: Mapping[str, Any]) -> Source:
     )
 
 
-def prostate_source(raw: Path) -> Source:
-    """The prostate MR archive: ``raw/**/data/{uid}_img.nii`` with ``{uid}_mask.nii`` beside it."""
+def find_institution_file(raw: Path, resources_dir: Path | None = None) -> Path | None:
+    """``institution.txt``: downloaded beside ``data.zip`` (``resources_dir``), else inside ``raw``.
+
+    When neither exists, the place it is expected (``resources_dir/institution.txt``, or None without
+    ``resources_dir``), so that reading it names where to put it.
+    """
+    beside = Path(resources_dir) / INSTITUTION_FILE if resources_dir is not None else None
+    if beside is not None and beside.is_file():
+        return beside
+    found = sorted(p for p in raw.rglob(INSTITUTION_FILE) if p.is_file()) if raw.is_dir() else []
+    return found[0] if found else beside
+
+
+def prostate_source(raw: Path, resources_dir: Path | None = None) -> Source:
+    """The prostate MR archive: ``raw/**/data/{uid}_img.nii`` with ``{uid}_mask.nii`` beside it.
+
+    ``split_file`` is the record's ``institution.txt`` (see :func:`find_institution_file`).
+    """
     if not raw.is_dir():
         raise DataError(f"{raw}: extracted prostate_mr folder not found (run `diffseg download` first)")
     images = sorted(p for p in raw.rglob("*_img.nii*") if not p.name.startswith("."))
@@ -84,34 +109,70 @@ def prostate_source(raw: Path) -> Source:
         if label is None:
             raise DataError(f"{img}: no label {img.with_name(uid + '_mask.nii')} for this image")
         cases.append(Case(uid, img, label))
-    return Source(list(CLASSES["pelvis"]), "MR", cases)
+    return Source(list(CLASSES["pelvis"]), "MR", cases, find_institution_file(raw, resources_dir))
+
+
+def amos_uid(image: str) -> tuple[str, int] | None:
+    """``"./imagesTr/amos_0001.nii.gz"`` -> ``("amos_0001", 1)``; None when the name has no number."""
+    uid = _strip_nifti(Path(image).name)
+    m = re.search(r"(\d+)$", uid or "")
+    return (uid, int(m.group(1))) if uid is not None and m is not None else None
+
+
+def amos_lists(meta: Path) -> dict[str, list[tuple[str, Path, Path]]]:
+    """AMOS ``dataset.json``'s ``training`` and ``validation`` lists, CT cases only (ids <= 500).
+
+    Returns:
+        ``{"training": [(uid, image, label), ...], "validation": [...]}`` in the file's order, the
+        paths resolved against the folder of ``dataset.json``.
+    """
+    info = _read_json(meta)
+    out: dict[str, list[tuple[str, Path, Path]]] = {}
+    for key in ("training", "validation"):
+        entries = info.get(key)
+        if not isinstance(entries, list) or not entries:
+            raise DataError(f"{meta}: missing or empty {key!r} list (is this AMOS's dataset.json?)")
+        cases = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise DataError(f"{meta}: {key}[{i}] is not an {{'image': ..., 'label': ...}} entry")
+            if not isinstance(entry.get("label"), str):
+                raise DataError(f"{meta}: {key}[{i}] ({entry['image']}) has no label")
+            parsed = amos_uid(entry["image"])
+            if parsed is None:
+                raise DataError(f"{meta}: {key}[{i}]: no case number in {entry['image']!r}")
+            uid, number = parsed
+            if number > AMOS_CT_MAX_ID:
+                continue  # MR cases (ids > 500) are not part of the CT dataset
+            cases.append((uid, meta.parent / entry["image"], meta.parent / entry["label"]))
+        out[key] = cases
+    return out
 
 
 def amos_source(raw: Path) -> Source:
-    """AMOS CT cases (ids <= 500): ``imagesTr`` -> group train, ``imagesVa`` -> group valid."""
+    """AMOS CT cases (ids <= 500) as ``dataset.json`` lists them, in its order.
+
+    ``training`` (imagesTr) -> group ``train``, ``validation`` (imagesVa) -> group ``valid``;
+    ``split_file`` is the ``dataset.json``.
+    """
     if not raw.is_dir():
         raise DataError(f"{raw}: extracted abdominal_ct folder not found (run `diffseg download` first)")
     meta = next(iter(sorted(raw.rglob("dataset.json"))), None)
     if meta is None:
         raise DataError(f"{raw}: no dataset.json found (is this the extracted amos22.zip?)")
     classes = _class_names(meta, _read_json(meta).get("labels"))
-    root = meta.parent
+    lists = amos_lists(meta)
     cases = []
-    for group, img_dir, lab_dir in (("train", "imagesTr", "labelsTr"), ("valid", "imagesVa", "labelsVa")):
-        if not (root / img_dir).is_dir():
-            raise DataError(f"{root / img_dir}: folder not found")
-        for img in _nifti_files(root / img_dir):
-            uid = _strip_nifti(img.name)
-            m = re.search(r"(\d+)$", uid or "")
-            if uid is None or m is None or int(m.group(1)) > AMOS_CT_MAX_ID:
-                continue  # MR cases (ids > 500) are not part of the CT dataset
-            label = root / lab_dir / img.name
-            if not label.exists():
-                raise DataError(f"{img}: no label {label} for this image")
+    for key, group in (("training", "train"), ("validation", "valid")):
+        for uid, img, label in lists[key]:
+            if not img.is_file():
+                raise DataError(f"{meta}: {key} lists {img}, which does not exist")
+            if not label.is_file():
+                raise DataError(f"{img}: no label {label} for this image (listed in {meta})")
             cases.append(Case(uid, img, label, group=group))
     if not cases:
-        raise DataError(f"{root}: no AMOS CT cases (ids <= {AMOS_CT_MAX_ID}) in imagesTr/imagesVa")
-    return Source(classes, "CT", cases)
+        raise DataError(f"{meta}: no AMOS CT cases (ids <= {AMOS_CT_MAX_ID}) listed")
+    return Source(classes, "CT", cases, meta)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -190,7 +251,7 @@ def list_source(name: str, ds_cfg: Mapping[str, Any], resources_dir: str | Path)
     if source == "phantom":
         return phantom_source(name, ds_cfg)
     if source == "prostate_mr":
-        return prostate_source(raw)
+        return prostate_source(raw, Path(resources_dir))
     if source == "abdominal_ct":
         return amos_source(raw)
     if source == "msd":

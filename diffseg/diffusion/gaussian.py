@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+VARIANCES = ("fixed_large", "beta_tilde")
+
 
 def mask_to_x0(labels: jax.Array, num_classes: int) -> jax.Array:
     """Label map ``(batch, *spatial)`` int -> ``x0 = 2*onehot - 1`` ``(batch, *spatial, classes)``."""
@@ -52,6 +54,10 @@ class GaussianDiffusion:
         posterior_variance: ``beta~_k = (1 - abar_{k-1}) / (1 - abar_k) * beta_k``.
         posterior_mean_coef1: coefficient of ``x0`` in the posterior mean (paper eq. 5).
         posterior_mean_coef2: coefficient of ``x_k`` in the posterior mean (paper eq. 5).
+        variance: the sampling variance's name: ``"fixed_large"`` (``sigma^2_k = beta_k``, the
+            reference code's ``model_var_type``) or ``"beta_tilde"`` (the paper's text).
+        sampling_variance: ``sigma^2_k`` of each reverse step; 0 at ``k = 0`` (the last step
+            adds no noise) whichever the variance.
     """
 
     num_timesteps: int
@@ -62,6 +68,8 @@ class GaussianDiffusion:
     posterior_variance: np.ndarray
     posterior_mean_coef1: np.ndarray
     posterior_mean_coef2: np.ndarray
+    variance: str
+    sampling_variance: np.ndarray
 
     @classmethod
     def linear(
@@ -70,8 +78,11 @@ class GaussianDiffusion:
         num_steps: int = 5,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        variance: str = "fixed_large",
     ) -> GaussianDiffusion:
         """Linear beta schedule over T steps, resampled to K steps ``t_k = round(linspace(1, T, K))``."""
+        if variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
         if not 1 <= num_steps <= num_timesteps:
             raise ValueError(f"num_steps={num_steps} must lie in [1, num_timesteps={num_timesteps}]")
         full_betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
@@ -83,15 +94,20 @@ class GaussianDiffusion:
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         betas = 1.0 - abar / abar_prev
         alphas = 1.0 - betas
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        sampling_variance = (betas if variance == "fixed_large" else posterior_variance).copy()
+        sampling_variance[0] = 0.0
         return cls(
             num_timesteps=num_timesteps,
             timesteps=timesteps,
             betas=betas,
             alphas_cumprod=abar,
             alphas_cumprod_prev=abar_prev,
-            posterior_variance=betas * (1.0 - abar_prev) / (1.0 - abar),
+            posterior_variance=posterior_variance,
             posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            variance=variance,
+            sampling_variance=sampling_variance,
         )
 
     @classmethod
@@ -102,6 +118,7 @@ class GaussianDiffusion:
             num_steps=int(num_steps if num_steps is not None else diffusion_cfg["train_steps"]),
             beta_start=float(diffusion_cfg["beta_start"]),
             beta_end=float(diffusion_cfg["beta_end"]),
+            variance=str(diffusion_cfg.get("variance", "fixed_large")),
         )
 
     @property
@@ -158,9 +175,9 @@ class GaussianDiffusion:
     def p_sample_step(
         self, x0_hat: jax.Array, x_t: jax.Array, k: jax.Array, noise: jax.Array
     ) -> jax.Array:
-        """One ancestral step ``x_{k-1} ~ N(mean(x0_hat, x_k), beta~_k)``; no noise at ``k = 0``."""
+        """One ancestral step ``x_{k-1} ~ N(mean(x0_hat, x_k), sigma^2_k)``; no noise at ``k = 0``."""
         mean = self.q_posterior_mean(x0_hat, x_t, k)
-        std = self._take(np.sqrt(self.posterior_variance), k, x_t)  # exactly 0 at k = 0
+        std = self._take(np.sqrt(self.sampling_variance), k, x_t)  # exactly 0 at k = 0
         return mean + std * noise
 
     def predict_x0(self, output: jax.Array, x_t: jax.Array, k: jax.Array, prediction: str) -> jax.Array:

@@ -29,7 +29,7 @@ def entropy_path(mask_path: Path) -> Path:
 
 def _predict(args: argparse.Namespace) -> int:
     from diffseg.evaluate.predict import predict_scan
-    from diffseg.train.loop import load_trained
+    from diffseg.runs import load_trained
 
     model, params, run_cfg, info = load_trained(args.run)
     out = Path(args.output)

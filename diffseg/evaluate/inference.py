@@ -1,7 +1,8 @@
 """Inference: one forward pass for ``seg`` runs, K-step DDPM sampling for diffusion runs.
 
-Volumes go in as ``(N, X, Y, Z)``; the 2D network sees them as ``N*Z`` axial slices. Batches
-are jit-compiled once per shape and split over every local device (data parallel).
+Volumes go in as ``(N, X, Y, Z)``, to the 2D network as to the 3D one (it folds the axial slices
+into its batch itself). Batches are jit-compiled once per shape and split over every local
+device (data parallel).
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ class Segmenter:
     """Segments volumes with a trained model; compiled once per input shape.
 
     Args:
-        model: the run's ``UNet``; params: its parameters; run_cfg: the resolved run config.
-        batch_size: volumes (3D) or slices (2D) per device call; rounded up to the devices.
+        model: the run's network (``diffseg.runs.build_model``); params: its parameters;
+            run_cfg: the resolved run config.
+        batch_size: volumes per device call (default ``evaluate.batch_size``); rounded up to
+            the devices.
     """
 
     def __init__(self, model: Any, params: Any, run_cfg: dict[str, Any], batch_size: int | None = None):
         self.model, self.run_cfg = model, run_cfg
-        self.spatial_dims = int(run_cfg["model"]["spatial_dims"])
         self.mesh = data_mesh()
         self.params = params
-        default = int(run_cfg["evaluate"]["batch_size"]) * (16 if self.spatial_dims == 2 else 1)
-        wanted = batch_size or default
+        wanted = batch_size or int(run_cfg["evaluate"]["batch_size"])
         self.batch_size = -(-wanted // self.mesh.size) * self.mesh.size
         self._logits = jax.jit(make_logits_fn(model, run_cfg))
         self._batch_sharding = batch_sharding(self.mesh)
@@ -62,20 +63,10 @@ class Segmenter:
 
     def probabilities(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
         """Class probabilities ``(X, Y, Z, C)`` float32 of one normalised volume ``(X, Y, Z)``."""
-        if self.spatial_dims == 3:
-            inputs = volume[None, ..., None]  # (1, X, Y, Z, 1)
-        else:
-            inputs = np.moveaxis(volume, -1, 0)[..., None]  # (Z, X, Y, 1): slices as a batch
-        outputs = []
-        for start in range(0, len(inputs), self.batch_size):
-            chunk = inputs[start : start + self.batch_size]
-            padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
-            padded[: len(chunk)] = chunk  # fixed batch shape: one compilation per volume shape
-            key, sub = jax.random.split(key)
-            logits = self._logits(self.params, jax.device_put(padded, self._batch_sharding), sub)
-            outputs.append(np.asarray(jax.nn.softmax(logits, axis=-1))[: len(chunk)])
-        probs = np.concatenate(outputs)
-        return probs[0] if self.spatial_dims == 3 else np.moveaxis(probs, 0, -2)
+        padded = np.zeros((self.batch_size, *volume.shape, 1), np.float32)
+        padded[0, ..., 0] = volume  # fixed batch shape: one compilation per volume shape
+        logits = self._logits(self.params, jax.device_put(padded, self._batch_sharding), key)
+        return np.asarray(jax.nn.softmax(logits[0], axis=-1))
 
     def segment(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
         """Label map ``(X, Y, Z)`` uint8 of one normalised volume ``(X, Y, Z)``."""

@@ -17,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from diffseg.data.preprocess import normalize_intensity, read_image, resample, to_array
+from diffseg.data.preprocess import preprocess_scan, read_image, to_array
 from diffseg.errors import DataError
 from diffseg.evaluate.inference import Segmenter, vote_and_entropy
 from diffseg.io import atomic_path
+from diffseg.runs import input_multiple
 
 
 def check_scan(path: Path) -> None:
@@ -72,11 +73,10 @@ def predict_scan(
         raise DataError(f"--samples must be >= 1, got {samples}")
     check_scan(image_path)
     original = read_image(image_path)
-    oriented = resample(sitk.DICOMOrient(original, "LPS"), info["spacing"], is_label=False)
-    volume = normalize_intensity(to_array(oriented), info.get("modality", "MR"), info.get("clip"))
+    volume, oriented = preprocess_scan(original, info)
 
-    # The U-Net halves each axis (len(channels) - 1) times: pad up to a multiple of that.
-    factor = 2 ** (len(run_cfg["model"]["channels"]) - 1)
+    # The U-Net halves each axis once per level: pad up to a multiple of that (2D: X and Y only).
+    factor = input_multiple(run_cfg)
     axes = 3 if int(run_cfg["model"]["spatial_dims"]) == 3 else 2
     pads = [(0, (-n) % factor if a < axes else 0) for a, n in enumerate(volume.shape)]
     padded = np.pad(volume, pads, constant_values=float(volume.min()))

@@ -16,7 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from diffseg.data import load_dataset
-from diffseg.data.preprocess import read_nifti, write_nifti
+from diffseg.data.preprocess import read_affine, read_nifti, write_nifti
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import segmentation_metrics
 from diffseg.io import atomic_write_json, atomic_write_text
@@ -49,7 +49,7 @@ def case_metrics(
 
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd.DataFrame:
     """Segment every test case with the run's best parameters; write predictions and metrics.csv."""
-    from diffseg.train.loop import load_trained  # train imports evaluate: import late
+    from diffseg.runs import load_trained
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     model, params, run_cfg, _ = load_trained(run_dir)
@@ -77,7 +77,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
             pred = read_nifti(path)[0].astype(np.uint8)
         else:
             pred = segmenter.segment(image, jax.random.fold_in(key, i))
-            write_nifti(path, pred, info["spacing"])
+            # On the prepared label's own grid, so it overlays the case in a viewer.
+            write_nifti(path, pred, info["spacing"], read_affine(data_dir / "labels" / f"{uid}.nii.gz"))
         df = case_metrics(pred, label, info, tolerance)
         df.insert(0, "uid", uid)
         frames.append(df)

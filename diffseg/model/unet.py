@@ -6,6 +6,9 @@ residual block) and a final 1^d convolution to the classes. When ``conditional``
 and the noisy mask are concatenated on channels and a sinusoidal embedding of the diffusion
 step is injected as scale/shift after the first normalisation of every residual block.
 
+The 2D network takes slices ``(B, X, Y, C)`` or volumes ``(B, X, Y, Z, C)``; volumes are run
+slice by slice (depth folded into the batch, ``diffseg.model.slices``) and folded back.
+
 With the pure-XLA CPU convolutions ("fold", "tiled") the 3D network runs internally in a
 depth-first layout ``(B, Z, X, Y, C)`` so that ``diffseg.model.conv`` can fold depth with a free
 reshape; the parameters and the input/output layout ``(B, X, Y, Z, C)`` do not depend on this.
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffseg.model.conv import Conv, resolve_impl
+from diffseg.model.slices import fold_depth, repeat_per_slice, unfold_depth
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -99,7 +103,8 @@ class UNet(nn.Module):
     Attributes:
       num_classes: C, including background.
       channels: widths per level; ``len(channels) - 1`` downsamplings.
-      spatial_dims: 2 (``(B, X, Y, ·)``) or 3 (``(B, X, Y, Z, ·)``).
+      spatial_dims: 2 (slices ``(B, X, Y, ·)`` or volumes ``(B, X, Y, Z, ·)``, run slice by slice)
+        or 3 (``(B, X, Y, Z, ·)``).
       conditional: diffusion model (image ⊕ noisy mask, time embedding) or plain segmenter.
       time_embed_dim: width of the sinusoidal time embedding.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -121,14 +126,17 @@ class UNet(nn.Module):
         mask: jax.Array | None = None,
         t: jax.Array | None = None,
     ) -> jax.Array:
-        """image ``(B, *S, 1)``, mask ``(B, *S, C)`` float, t ``(B,)`` int → logits ``(B, *S, C)`` f32."""
+        """image ``(B, *S, 1)``, mask ``(B, *S, C)`` float, t ``(B,)`` int → logits ``(B, *S, C)`` f32.
+
+        ``S`` is ``(X, Y, Z)`` in 3D and ``(X, Y)`` or ``(X, Y, Z)`` (a volume, run per slice) in 2D.
+        """
         d = self.spatial_dims
         if d not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {d}")
-        if image.ndim != d + 2:
+        if image.ndim != d + 2 and not (d == 2 and image.ndim == 5):
             raise ValueError(f"image must be (B, *{d} spatial dims, 1), got shape {image.shape}")
         factor = 2 ** (len(self.channels) - 1)
-        spatial = image.shape[1:-1]
+        spatial = image.shape[1 : 1 + d]  # a 2D volume's depth is not downsampled
         if any(s % factor for s in spatial):
             raise ValueError(
                 f"spatial shape {tuple(spatial)} must be divisible by {factor} "
@@ -142,13 +150,18 @@ class UNet(nn.Module):
             if mask.shape[:-1] != image.shape[:-1]:
                 raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape}")
             x = jnp.concatenate([image, mask.astype(image.dtype)], axis=-1)
+        depth = x.shape[3] if d == 2 and x.ndim == 5 else None
+        if depth is not None:
+            x = fold_depth(x)
+        if self.conditional:
+            t = t if depth is None else repeat_per_slice(t, depth)
             temb = sinusoidal_embedding(t, self.time_embed_dim)
             temb = nn.Dense(4 * self.time_embed_dim, dtype=self.dtype, name="time_mlp1")(temb)
             temb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="time_mlp2")(nn.silu(temb))
 
         impl = resolve_impl(self.conv_impl, d, self.dtype)
         # Depth-first inside the network when the fold/tiled convolution is used (see module doc).
-        layout = "zxy" if impl in ("fold", "tiled") else "xyz"
+        layout = "zxy" if d == 3 and impl in ("fold", "tiled") else "xyz"
         if layout == "zxy":
             x = jnp.moveaxis(x, 3, 1)
         x = x.astype(self.dtype)
@@ -168,4 +181,4 @@ class UNet(nn.Module):
         out = Conv(self.num_classes, 1, **kw, name="head")(h).astype(jnp.float32)
         if layout == "zxy":
             out = jnp.moveaxis(out, 1, 3)
-        return out
+        return unfold_depth(out, depth) if depth is not None else out

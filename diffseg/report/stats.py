@@ -1,7 +1,7 @@
 """Significance tests and correlations behind the paper's claims.
 
 * ``paired_tests``: paired Student's t-test (``scipy.stats.ttest_rel``) on per-case mean
-  foreground Dice between the paired cells of Tables 1 and 2 (see ``tables`` for the pairs),
+  foreground Dice between the paired cells of every configured table (see ``tables`` for the pairs),
   with ``significant = p < alpha`` (``stats.alpha``, default 0.01).
 * ``spearman``: per model, Spearman's rank correlation across foreground classes between the
   class's mean volume share (``volume_share`` column of metrics.csv, the class's share of the
@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from diffseg.errors import DataError
-from diffseg.report.tables import cells, metrics_path, paired_ttest, per_case, read_metrics
+from diffseg.report.tables import cells, metrics_path, paired_ttest, per_case, read_metrics, table_names
 
 
 def alpha_of(config: Mapping[str, Any]) -> float:
@@ -35,9 +35,7 @@ def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFram
     """
     alpha = alpha_of(config)
     rows, seen = [], set()
-    for which in ("table1", "table2"):
-        if which not in (config.get("tables") or {}):
-            continue
+    for which in table_names(config):
         for cell in cells(config, which):
             a, b = cell["run"], cell["pair_run"]
             key = (which, cell["dataset"], a, b)

@@ -1,4 +1,5 @@
-"""The paper's Tables 1 and 2 (with the standard deviations of Tables 3 and 4).
+"""The paper's Tables 1 and 2 (with the standard deviations of Tables 3 and 4), and more tables
+of the same ablation form as Table 2 (``table5``: what the reference code changed).
 
 Aggregation (paper 4.2 and the captions of Tables 3-4: "averaged over foreground classes,
 reported together with standard deviations"), from one run's ``test/metrics.csv`` (one row
@@ -15,7 +16,8 @@ per test case × foreground class):
    test cases.
 4. ``p_value``: paired Student's t-test (``scipy.stats.ttest_rel``) on the per-case mean
    foreground Dice of the row's run against its pair (Table 1: N against Y of the same
-   dataset and dim; Table 2: each setting against the ``diff`` run of the same dim), cases
+   dataset and dim; Table 2 and every other ablation table: each setting against the ``diff``
+   run of the same dim), cases
    matched by ``uid``. Blank for the reference row itself.
 """
 
@@ -121,23 +123,28 @@ def table1_cells(config: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def table2_cells(config: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Cells of Table 2: dicts ``dataset, dim, ablation, setting, run, pair_run``.
+def table_names(config: Mapping[str, Any]) -> list[str]:
+    """The configured tables: ``table1`` (if any) and the ablation tables, in config order."""
+    return [str(name) for name in (config.get("tables") or {})]
+
+
+def table2_cells(config: Mapping[str, Any], which: str = "table2") -> list[dict[str, str]]:
+    """Cells of Table 2 (or another ablation table): dicts ``dataset, dim, ablation, setting, run, pair_run``.
 
     ``pair_run`` is the reference (the ``diff`` run, the table's "Y"/"Logits"/"5" rows):
     within each ablation, the setting whose variant is ``reference`` (default ``diff``).
     """
-    sec = _section(config, "table2")
+    sec = _section(config, which)
     dataset = sec.get("dataset")
     if not dataset:
-        raise ConfigError("tables.table2.dataset: missing")
+        raise ConfigError(f"tables.{which}.dataset: missing")
     reference = str(sec.get("reference", "diff"))
     out = []
     for dim in sec.get("dims") or []:
         for ablation, settings in (sec.get("ablations") or {}).items():
             if not isinstance(settings, Mapping) or reference not in map(str, settings.values()):
                 raise ConfigError(
-                    f"tables.table2.ablations.{ablation}: expected a mapping setting -> variant "
+                    f"tables.{which}.ablations.{ablation}: expected a mapping setting -> variant "
                     f"with one setting equal to the reference variant {reference!r}"
                 )
             for setting, variant in settings.items():
@@ -150,16 +157,16 @@ def table2_cells(config: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def cells(config: Mapping[str, Any], which: str) -> list[dict[str, str]]:
-    """The cells of ``table1`` or ``table2``."""
+    """The cells of ``table1`` or of an ablation table (``table2``, ``table5``, ...)."""
     if which == "table1":
         return table1_cells(config)
-    if which == "table2":
-        return table2_cells(config)
-    raise ConfigError(f"unknown table {which!r}; expected table1 or table2")
+    if which in (config.get("tables") or {}):
+        return table2_cells(config, which)
+    raise ConfigError(f"unknown table {which!r}; configured: {', '.join(table_names(config)) or 'none'}")
 
 
 def table_runs(config: Mapping[str, Any], which: str) -> list[tuple[str, str]]:
-    """Every ``(dataset, run)`` whose metrics ``table1`` or ``table2`` reads (cells and pairs), sorted."""
+    """Every ``(dataset, run)`` whose metrics table ``which`` reads (cells and pairs), sorted."""
     return sorted({(c["dataset"], r) for c in cells(config, which) for r in (c["run"], c["pair_run"])})
 
 
@@ -216,10 +223,8 @@ def runs_needed(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     (``seeds`` optional: each seed adds a ``-seed{N}`` run).
     """
     need: set[tuple[str, str]] = set()
-    tables = config.get("tables") or {}
-    for which in ("table1", "table2"):
-        if which in tables:
-            need.update(table_runs(config, which))
+    for which in table_names(config):
+        need.update(table_runs(config, which))
     for i, exp in enumerate(config.get("experiments") or []):
         try:
             seeds = exp.get("seeds") or [None]

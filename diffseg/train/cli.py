@@ -16,8 +16,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from diffseg.train.plan import parse_bytes, plan
+
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    facts, text = plan(
+        load_yaml(args.configfile), args.dataset, args.run, parse_overrides(args.set),
+        compile_step=not args.no_compile, device_memory=memory,
+    )  # fmt: skip
+    print(text, end="")
+    if args.json:
+        from diffseg.io import atomic_write_json
+
+        atomic_write_json(args.json, facts)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train`` to the ``diffseg`` command line."""
+    """Add ``train`` and ``plan`` to the ``diffseg`` command line."""
     parser = subparsers.add_parser("train", help="train one run (resumes from its last checkpoint)")
     parser.add_argument(
         "--run-config", required=True, help="resolved run config (results/runs/D/R/config.yaml)"
@@ -26,3 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run folder for logs and checkpoints")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=10")
     parser.set_defaults(func=_train)
+
+    parser = subparsers.add_parser(
+        "plan", help="what a run will train and XLA's plan of one step (compiled, not run)"
+    )
+    parser.add_argument("--configfile", default="config/config.yaml", help="workflow config YAML")
+    parser.add_argument("--dataset", required=True, help="a key of datasets: in the config")
+    parser.add_argument("--run", required=True, help="run name, e.g. 3d-diff")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. train.batch_size=4")
+    parser.add_argument("--device-memory", help="say whether the step fits this much, e.g. 24GB or 80GiB")
+    parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
+    parser.add_argument("--json", help="also write the numbers as JSON here")
+    parser.set_defaults(func=_plan)

@@ -22,22 +22,14 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
-from diffseg.config import load_yaml
 from diffseg.data import load_dataset
-from diffseg.errors import ConfigError, DataError
+from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text
 from diffseg.parallel import data_mesh, replicated
-from diffseg.train.checkpoint import RunCheckpoints, abstract, restore_best
-from diffseg.train.step import (
-    build_model,
-    build_optimizer,
-    init_params,
-    init_state,
-    input_shape,
-    make_train_step,
-)
+from diffseg.runs import RunCheckpoints, abstract, build_model
+from diffseg.train.step import build_optimizer, init_state, make_train_step
 
 LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s"]
 
@@ -102,7 +94,7 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
     state = jax.device_put(
-        init_state(model, tx, input_shape(dataset.shape, model.spatial_dims), key_init), copies
+        init_state(model, tx, dataset.shape, key_init), copies
     )
 
     checkpoints = RunCheckpoints(run_dir)
@@ -178,18 +170,3 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
         _write_outputs(run_dir, logs)
     return logs["best"]
-
-
-def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """A trained run's ``(model, best params, run config, dataset info)``."""
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "dataset.json"):
-        if not (run_dir / name).is_file():
-            raise DataError(f"{run_dir / name}: missing; is {run_dir} a trained run directory?")
-    run_cfg = load_yaml(run_dir / "config.yaml")
-    info = json.loads((run_dir / "dataset.json").read_text())
-    model = build_model(run_cfg, int(info["num_classes"]))
-    spatial = input_shape(tuple(info["shape"]), model.spatial_dims)
-    shapes = jax.eval_shape(lambda: init_params(model, spatial, jax.random.key(0)))
-    params, _ = restore_best(run_dir, shapes)
-    return model, params, run_cfg, info

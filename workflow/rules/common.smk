@@ -36,7 +36,6 @@ def write_workflow_config():
 
 write_workflow_config()
 TABLE1 = config["tables"].get("table1")
-TABLE2 = config["tables"].get("table2")
 
 
 wildcard_constraints:
@@ -69,7 +68,7 @@ def table_input(wildcards):
     return metrics_of(table_runs(config, wildcards.which))
 
 
-TABLES = [t for t in ("table1", "table2") if t in config["tables"]]
+TABLES = list(config["tables"])  # table1, table2 and any further ablation table (table5)
 STATS_RUNS = sorted({p for t in TABLES for p in table_runs(config, t)})
 USED = sorted({d for d, _ in RUNS})  # datasets some run needs
 PHANTOMS = [d for d in USED if config["datasets"][d]["source"] == "phantom"]

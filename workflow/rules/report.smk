@@ -1,4 +1,4 @@
-# Report: Tables 1-2 (CSV + markdown), t-tests and Spearman, Figures 2-3.
+# Report: Tables 1, 2 and 5 (CSV + markdown), t-tests and Spearman, Figures 2-3.
 rule table:
     input:
         table_input,
@@ -11,7 +11,7 @@ rule table:
         ),
         md=f"{RESULTS}/{{which}}.md",
     wildcard_constraints:
-        which="table1|table2",
+        which="|".join(TABLES),
     params:
         section=lambda w: config["tables"][w.which],  # rerun trigger
         runs=lambda w: f"{RESULTS}/runs",
