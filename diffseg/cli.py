@@ -45,7 +45,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _compilation_cache() -> None:
+def compilation_cache(min_seconds: float | None = None) -> None:
     """Keep XLA's compiled programs on disk (``$DIFFSEG_CACHE/jax``, default ``~/.cache/diffseg/jax``).
 
     The runs of a table share most programs (the same network's initialisation, its sampling
@@ -63,6 +63,8 @@ def _compilation_cache() -> None:
         return
     cache = Path(os.environ.get("DIFFSEG_CACHE", Path.home() / ".cache" / "diffseg")) / "jax"
     jax.config.update("jax_compilation_cache_dir", str(cache))
+    if min_seconds is not None:  # JAX's default keeps programs that took 1 s or more to compile
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_freed_memory()  # before any computation starts JAX's threads
     _quiet_libraries()
-    _compilation_cache()
+    compilation_cache()
     try:
         return int(args.func(args) or 0)
     except (InputError, FileNotFoundError) as err:

@@ -7,7 +7,8 @@ import pytest
 
 from diffseg.data import CLASSES, generate_phantom
 
-DEMO = {"pelvis": ((48, 48, 16), (0.75, 0.75, 2.5)), "abdomen": ((64, 48, 16), (1.5, 1.5, 5.0))}  # config.yaml
+# The demo shapes of config/config.yaml
+DEMO = {"pelvis": ((48, 48, 16), (0.75, 0.75, 2.5)), "abdomen": ((64, 48, 16), (1.5, 1.5, 5.0))}
 SMALL = {
     "pelvis": ["seminal_vesicle", "neurovascular_bundle"],
     "abdomen": ["esophagus", "right_adrenal_gland", "left_adrenal_gland", "duodenum"],
