@@ -14,12 +14,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffseg.cli import compilation_cache
-
-# The same programs (a network's initialisation, its sampling) are compiled by many tests and by
-# the workflow's subprocesses: keep them in the CLI's persistent cache, from half a second up.
-compilation_cache(min_seconds=0.5)
-
 
 def write_case(
     image_path: Path, label_path: Path, shape=(20, 18, 6), spacing=(0.6, 0.6, 3.0), seed=0, num_classes=9
