@@ -158,11 +158,9 @@ def plan(
         lines.append(f"consumes: {batch} volumes of {'×'.join(map(str, shape))}")
     if diff_cfg["enabled"]:
         d = GaussianDiffusion.from_config(diff_cfg)
-        passes = (
-            "2 forward passes (recycling: one without gradient) + 1 backward"
-            if diff_cfg["recycle"]
-            else ("1 forward + 1 backward pass")
-        )
+        passes = "1 forward + 1 backward pass"
+        if diff_cfg["recycle"]:
+            passes = "2 forward passes (recycling: one without gradient) + 1 backward"
         lines.append(
             f"diffusion: K = {d.num_steps} training steps, t = {[int(t) for t in d.timesteps]}; {passes}"
         )
