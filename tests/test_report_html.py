@@ -32,18 +32,29 @@ def _report(tmp_path: Path) -> tuple[str, str]:
     exe = bin_dir / "diffseg"
     exe.write_text(STAND_IN.format(python=sys.executable))
     exe.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path}
     cfg = copy.deepcopy(TINY)
     cfg["tables"] = {"table1": {"datasets": ["tiny"], "dims": ["3d"], "cells": {"N": "seg", "Y": "diff"}}}
     work = tmp_path / "w"
     work.mkdir()
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    base = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
-            "--configfile", str(work / "tiny.yaml")]
+    base = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "tiny.yaml"),
+    ]
     res = subprocess.run([*base, "--cores", "2"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
-    res = subprocess.run([*base, "--report", str(work / "report.html")], capture_output=True, text=True,
-                         timeout=240, env=env)
+    res = subprocess.run(
+        [*base, "--report", str(work / "report.html")], capture_output=True, text=True, timeout=240, env=env
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     return (work / "report.html").read_text(), res.stdout + res.stderr
 
@@ -52,8 +63,14 @@ def _report(tmp_path: Path) -> tuple[str, str]:
 def test_report_has_no_docutils_system_message(tmp_path):
     html, log = _report(tmp_path)
     # Every rst text of the report (front page and captions) is in the HTML.
-    for needle in ("diffseg reproduces", "Paired Student", "Spearman correlation", "Figure 2:", "Figure 3:",
-                   "procedural phantom"):
+    for needle in (
+        "diffseg reproduces",
+        "Paired Student",
+        "Spearman correlation",
+        "Figure 2:",
+        "Figure 3:",
+        "procedural phantom",
+    ):
         assert needle in html, needle
     found = sorted(set(SYSTEM_MESSAGE.findall(html)))
     assert not found, found
