@@ -13,10 +13,10 @@ from diffseg.config import load_yaml
 from diffseg.data.dataset import load_dataset
 from diffseg.data.download import download_dataset
 from diffseg.data.prepare import prepare_dataset
-from diffseg.data.preprocess import read_nifti
 from diffseg.data.splits import SPLITS
 from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
+from diffseg.report.orient import load_radiological, mark_sides
 
 
 def _dataset_entry(config_path: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,43 +77,28 @@ def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[s
     n_cls = ds.num_classes
     colors = [matplotlib.colormaps["tab20"](i % 20) for i in range(1, n_cls)]
     cmap = ListedColormap(colors)
-    sx, sy, _ = ds.spacing
     fig, axes = plt.subplots(2, len(uids), figsize=(2.6 * len(uids) + 2.2, 5.6), squeeze=False)
     for j, uid in enumerate(uids):
-        image, _ = read_nifti(ds.dir / "images" / f"{uid}.nii.gz")
-        label, _ = read_nifti(ds.dir / "labels" / f"{uid}.nii.gz")
-        z = image.shape[2] // 2
-        # Array (X, Y): transpose so X runs horizontally; aspect from the in-plane spacing.
-        img2d, lab2d = image[:, :, z].T, label[:, :, z].T.astype(int)
-        vmin, vmax = _display_window(ds.info, image)
+        # Radiological display from each file's affine, as every figure (diffseg.report.orient).
+        image = load_radiological(ds.dir / "images" / f"{uid}.nii.gz")
+        label = load_radiological(ds.dir / "labels" / f"{uid}.nii.gz")
+        k = image.num_slices // 2
+        img2d, lab2d = image.slice(k), label.slice(k).astype(int)
+        show = dict(origin="upper", aspect=image.aspect, interpolation="nearest")
+        vmin, vmax = _display_window(ds.info, image.data)
         for ax in axes[:, j]:
-            ax.imshow(
-                img2d,
-                cmap="gray",
-                origin="lower",
-                aspect=sy / sx,
-                interpolation="nearest",
-                vmin=vmin,
-                vmax=vmax,
-            )
+            ax.imshow(img2d, cmap="gray", vmin=vmin, vmax=vmax, **show)
             ax.axis("off")
+            mark_sides(ax)
         overlay = np.ma.masked_equal(lab2d, 0) - 1
-        axes[1, j].imshow(
-            overlay,
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=n_cls - 1.5,
-            alpha=0.55,
-            origin="lower",
-            aspect=sy / sx,
-            interpolation="nearest",
-        )
+        axes[1, j].imshow(overlay, cmap=cmap, vmin=-0.5, vmax=n_cls - 1.5, alpha=0.55, **show)
+        z = image.source_index(k)
         axes[0, j].set_title(f"{uid} (z={z})", fontsize=8)
     handles = [Patch(color=colors[c - 1], label=f"{c} {ds.class_names[c]}") for c in range(1, n_cls)]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(
         f"{ds.info.get('name', Path(data_dir).name)} ({ds.info.get('modality', '')}): "
-        "mid axial slices, image and labels",
+        "mid axial slices (radiological: patient's right on the left, anterior up), image and labels",
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1 - 2.0 / (2.6 * len(uids) + 2.2), 0.95))

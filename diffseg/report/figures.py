@@ -3,7 +3,8 @@
 * Figure 3: mean Dice per class (one point/bar per model), the class's mean volume share
   (in %) beside its name, one panel per dataset; the legend gives each model's Spearman r.
 * Figure 2: example slices of test cases: image, ground truth, the non-diffusion
-  prediction and the diffusion prediction, a few cases per dataset.
+  prediction and the diffusion prediction, a few cases per dataset, in the radiological
+  convention of every figure (``diffseg.report.orient``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from diffseg.data.preprocess import read_nifti  # noqa: E402
 from diffseg.errors import DataError  # noqa: E402
 from diffseg.io import atomic_path  # noqa: E402
+from diffseg.report.orient import DisplayVolume, load_radiological, mark_sides  # noqa: E402
 from diffseg.report.stats import class_spearman, class_summary  # noqa: E402
 from diffseg.report.tables import metrics_path, read_metrics  # noqa: E402
 
@@ -70,10 +71,10 @@ def figure3(
     return data
 
 
-def _load(path: Path) -> np.ndarray:
+def _load(path: Path) -> DisplayVolume:
     if not path.exists():
         raise DataError(f"{path}: not found (needed for Figure 2)")
-    return read_nifti(path)[0]
+    return load_radiological(path)
 
 
 def figure2(
@@ -92,8 +93,10 @@ def figure2(
             non-diffusion run's metrics, for a reproducible choice.
 
     Returns:
-        The ``(dataset, uid)`` shown. Each row's slice is the axial slice (last axis) with the
-        most foreground in the ground truth; volumes ``(X, Y, Z)`` are shown with X vertical.
+        The ``(dataset, uid)`` shown. Each row's slice is the axial slice with the most
+        foreground in the ground truth, shown radiologically (patient's right on the left,
+        anterior up; aspect from the voxel size) from each file's affine; its title gives the
+        slice's index along the file's own array axis.
     """
     results = Path(results)
     rows = []
@@ -113,18 +116,37 @@ def figure2(
             _load(results / "runs" / ds / run / "test" / "predictions" / f"{uid}.nii.gz")
             for run in (p["seg_run"], p["diff_run"])
         ]
-        z = int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(0)))
-        vmax = max(int(label.max()), 1)
-        ax_row[0].imshow(image[..., z], cmap="gray")
+        for name, vol in (("prediction", preds[0]), ("prediction", preds[1]), ("label", label)):
+            if vol.data.shape != image.data.shape:
+                raise DataError(
+                    f"Figure 2: {ds}/{uid}: the {name} is on another grid than the image "
+                    f"({'×'.join(map(str, vol.data.shape))} against {'×'.join(map(str, image.data.shape))})"
+                )
+        k = int(np.argmax((label.data > 0).reshape(-1, label.num_slices).sum(0)))
+        vmax = max(int(label.data.max()), 1)
+        show = dict(origin="upper", aspect=image.aspect, interpolation="nearest")
+        ax_row[0].imshow(image.slice(k), cmap="gray", **show)
         for ax, lab in zip(ax_row[1:], [label, *preds], strict=True):
-            ax.imshow(image[..., z], cmap="gray")
-            ax.imshow(np.ma.masked_equal(lab[..., z], 0), cmap="tab20", vmin=0, vmax=max(vmax, 19),
-                      alpha=0.6, interpolation="nearest")
-        titles = [f"{ds}\n{uid} z={z}", cols[1], f"{cols[2]} ({p['seg_run']})",
-                  f"{cols[3]} ({p['diff_run']})"]
+            ax.imshow(image.slice(k), cmap="gray", **show)
+            ax.imshow(
+                np.ma.masked_equal(lab.slice(k), 0),
+                cmap="tab20",
+                vmin=0,
+                vmax=max(vmax, 19),
+                alpha=0.6,
+                **show,
+            )
+        z = image.source_index(k)
+        titles = [
+            f"{ds}\n{uid} z={z}",
+            cols[1],
+            f"{cols[2]} ({p['seg_run']})",
+            f"{cols[3]} ({p['diff_run']})",
+        ]
         for ax, title in zip(ax_row, titles, strict=True):
             ax.set_title(title, fontsize=8)
             ax.axis("off")
+            mark_sides(ax)
     fig.tight_layout()
     save(fig, outputs)
     return [(p["dataset"], uid) for p, uid in rows]
