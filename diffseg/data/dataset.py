@@ -11,7 +11,7 @@ import numpy as np
 from diffseg.data.augment import augment_batch
 from diffseg.data.preprocess import read_nifti
 from diffseg.data.splits import SPLITS, read_split_csv
-from diffseg.errors import DataError
+from diffseg.errors import DataError, fmt_shape
 
 __all__ = ["Dataset", "augment_batch", "load_dataset"]
 
@@ -81,7 +81,8 @@ class Dataset:
                 path = self.dir / sub / f"{uid}.nii.gz"
                 data, _ = read_nifti(path)
                 if data.shape != self.shape:
-                    raise DataError(f"{path}: shape {data.shape}, expected {self.shape} from dataset.json")
+                    got, want = fmt_shape(data.shape), fmt_shape(self.shape)
+                    raise DataError(f"{path}: shape {got}, expected {want} from dataset.json")
                 arr[i] = data
         self._cache[name] = (uids, images, labels)
         return self._cache[name]

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from diffseg.errors import ConfigError, DataError
+from diffseg.errors import ConfigError, DataError, fmt_mm, fmt_num, fmt_point, fmt_shape
 from diffseg.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -162,15 +162,15 @@ def check_geometry(
     """
     problems = []
     if image.GetSize() != label.GetSize():
-        problems.append(f"size {image.GetSize()} vs {label.GetSize()}")
+        problems.append(f"size {fmt_shape(image.GetSize())} vs {fmt_shape(label.GetSize())} voxels")
     sp_i, sp_l = np.array(image.GetSpacing()), np.array(label.GetSpacing())
     if not np.allclose(sp_i, sp_l, rtol=GEOMETRY_RTOL, atol=GEOMETRY_ATOL):
-        problems.append(f"spacing {tuple(sp_i.round(4))} vs {tuple(sp_l.round(4))}")
+        problems.append(f"spacing {fmt_mm(sp_i)} vs {fmt_mm(sp_l)}")
     o_i, o_l = np.array(image.GetOrigin()), np.array(label.GetOrigin())
     # Origins can be 0: tolerate 1e-3 of the larger of |origin| and one voxel, and at least 1e-3 mm.
     tol = GEOMETRY_ATOL + GEOMETRY_RTOL * np.maximum(np.maximum(np.abs(o_i), np.abs(o_l)), sp_i.max())
     if np.any(np.abs(o_i - o_l) > tol):
-        problems.append(f"origin {tuple(o_i.round(3))} vs {tuple(o_l.round(3))}")
+        problems.append(f"origin {fmt_point(o_i)} vs {fmt_point(o_l)}")
     if not np.allclose(image.GetDirection(), label.GetDirection(), atol=GEOMETRY_RTOL, rtol=0):
         problems.append("direction differs")
     if problems:
@@ -251,7 +251,7 @@ def to_grid(
 def _clip_range(clip: Sequence[float]) -> tuple[float, float]:
     lo, hi = (float(c) for c in clip)
     if hi <= lo:
-        raise DataError(f"clip: expected lo < hi, got [{lo}, {hi}]")
+        raise DataError(f"clip: expected lo < hi, got [{fmt_num(lo)}, {fmt_num(hi)}]")
     return lo, hi
 
 
@@ -287,7 +287,7 @@ def normalize_intensity(
         # Percentiles stay numpy float64 scalars, as before (the arithmetic then runs in float64).
         lo, hi = _clip_range(clip) if clip is not None else tuple(np.percentile(image, [0.5, 99.5]))
         if hi <= lo:
-            raise DataError(f"clip: expected lo < hi, got [{lo}, {hi}]")
+            raise DataError(f"clip: expected lo < hi, got [{fmt_num(lo)}, {fmt_num(hi)}]")
         return (2.0 * (np.clip(image, lo, hi) - lo) / (hi - lo) - 1.0).astype(np.float32)
     lo, hi = np.percentile(image, [0.5, 99.5])
     image = np.clip(image, lo, hi)
@@ -417,7 +417,7 @@ def preprocess_case(
         kept = apply_window(label, start, shape, 0)
         lost = int(np.count_nonzero(label)) - int(np.count_nonzero(kept))
         if lost:
-            log.warning("%s: %d labelled voxels fall outside the %s crop", label_path, lost, tuple(shape))
+            log.warning("%s: %d labelled voxels fall outside the %s crop", label_path, lost, fmt_shape(shape))
         label = kept
     if options.normalize == "reference":
         image = normalize_intensity(image, modality, clip, "reference")

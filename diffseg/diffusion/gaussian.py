@@ -89,7 +89,7 @@ class GaussianDiffusion:
         full_abar = np.cumprod(1.0 - full_betas)
         timesteps = np.round(np.linspace(1, num_timesteps, num_steps)).astype(np.int64)
         if len(np.unique(timesteps)) != num_steps:  # only possible for K > T, excluded above
-            raise ValueError(f"resampled timesteps are not distinct: {timesteps}")
+            raise ValueError(f"resampled timesteps are not distinct: {timesteps.tolist()}")
         abar = full_abar[timesteps - 1]
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         betas = 1.0 - abar / abar_prev

@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from diffseg.errors import fmt_mm, fmt_num
+
 __all__ = [
     "METRIC_COLUMNS",
     "centroid_distance",
@@ -54,9 +56,9 @@ def _as_spacing(spacing: Sequence[float] | np.ndarray, ndim: int) -> np.ndarray:
     """Spacing as a float64 array of shape ``(ndim,)``, all finite and > 0 (mm)."""
     sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
     if sp.shape != (ndim,):
-        raise ValueError(f"spacing must have one value per array axis ({ndim}), got {tuple(sp)}")
+        raise ValueError(f"spacing must have one value per array axis ({ndim}), got {fmt_mm(sp)}")
     if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be finite and > 0 mm, got {tuple(sp)}")
+        raise ValueError(f"spacing must be finite and > 0 mm, got {fmt_mm(sp)}")
     return sp
 
 
@@ -265,7 +267,7 @@ def segmentation_metrics(
     """
     pred, label, sp = _check_labels(pred, label, num_classes, spacing)
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise ValueError(f"tolerance_mm must be finite and >= 0, got {tolerance_mm!r}")
+        raise ValueError(f"tolerance_mm must be finite and >= 0, got {fmt_num(tolerance_mm)}")
     # One pass per map gives every class's bounding box, instead of num_classes full-volume scans.
     boxes_g = ndimage.find_objects(label, max_label=num_classes - 1)
     boxes_p = ndimage.find_objects(pred, max_label=num_classes - 1)
