@@ -56,8 +56,9 @@ CHILD = textwrap.dedent(
 
 
 def _start(mode: str, at: int, data: Path, run_dir: Path, err: Path) -> subprocess.Popen:
-    save_run_config(run_cfg(), run_dir.parent / "run.yaml")
-    cmd = [sys.executable, "-c", CHILD, mode, str(at), "train", "--run-config", str(run_dir.parent / "run.yaml"),
+    config = run_dir.parent / "run.yaml"
+    save_run_config(run_cfg(), config)
+    cmd = [sys.executable, "-c", CHILD, mode, str(at), "train", "--run-config", str(config),
            "--data", str(data), "--out", str(run_dir)]  # fmt: skip
     env = {**os.environ, "DIFFSEG_JAX_CACHE": "0", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
