@@ -59,8 +59,10 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix({k: _format(v) for k, v in fields.items()})
             return
-        elapsed = time.perf_counter() - self._start
-        rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
+        now = time.perf_counter()  # the rate since the last line: compilation drops out after one
+        elapsed, done = now - self._start, self.n - self._start_n
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        self._start, self._start_n = now, self.n
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         text = " ".join(f"{k}={_format(v)}" for k, v in fields.items())
         when = str(datetime.timedelta(seconds=round(eta))) if eta == eta else "?"
