@@ -227,3 +227,18 @@ def test_prepared_data_fingerprint_follows_the_content(tmp_path):
         str(own / "dataset.json"), str(own / "labelsTr" / "x.nii.gz"),
     ]  # fmt: skip
     assert source_files(entry) == []
+
+
+def test_temporaries_of_killed_writers_are_found_and_removed(tmp_path):
+    from diffseg.io import atomic_path, remove_temporaries
+
+    with atomic_path(tmp_path / "train_log.csv") as tmp:  # what a kill at this point leaves
+        tmp.write_text("partial")
+        left = tmp_path / "left" / tmp.name
+        left.parent.mkdir()
+        left.write_text("partial")
+    (tmp_path / "left" / "6.orbax-checkpoint-tmp-1234").mkdir()
+    (tmp_path / "left" / "train_log.csv").write_text("kept")
+    removed = remove_temporaries(tmp_path / "left")
+    assert {p.name for p in removed} == {left.name, "6.orbax-checkpoint-tmp-1234"}
+    assert [p.name for p in (tmp_path / "left").iterdir()] == ["train_log.csv"]
