@@ -26,12 +26,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place, else delete it.
 
     The temporary name keeps the suffix (``x.nii.gz`` -> ``.x.tmp123.nii.gz``) so that writers
-    which pick a format from the extension (nibabel, SimpleITK, matplotlib) still work.
+    which pick a format from the extension (nibabel, SimpleITK, matplotlib) still work; the
+    ``.tmp`` in it lets :func:`remove_temporaries` find what a killed process left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.removesuffix(suffix)}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name.removesuffix(suffix)}.tmp", suffix=suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -74,3 +77,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+TEMPORARY_PATTERNS = (".*.tmp*", ".*.old[0-9]*", "*.orbax-checkpoint-tmp*")
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what killed writers left directly in ``folder`` (atomic writers' and orbax's temporaries).
+
+    Only for folders no other live process writes to (a run's folder while its job runs).
+    Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = sorted({p for pattern in TEMPORARY_PATTERNS for p in folder.glob(pattern)})
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed

@@ -205,10 +205,11 @@ def test_train_run_writes_the_output_contract(toy_data, tmp_path):
     best = train_run(_run_cfg(), toy_data, tmp_path)
     log = pd.read_csv(tmp_path / "train_log.csv")
     assert list(log["step"]) == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "lr", "seconds", "steps_per_s"} <= set(log.columns)
+    assert {"loss", "lr", "seconds", "steps_per_s", "session"} <= set(log.columns)
     valid = pd.read_csv(tmp_path / "valid.csv")
     assert list(valid["step"]) == [3, 6] and valid["mean_dice"].between(0, 1).all()
     assert json.loads((tmp_path / "best.json").read_text()) == best
+    assert {"step", "mean_dice", "config_hash", "data_fingerprint", "run_id"} <= set(best)
     assert best["mean_dice"] == valid["mean_dice"].max()
     model, params, cfg, info = load_trained(tmp_path)
     assert info["num_classes"] == 3 and cfg["run"] == "3d-diff"
@@ -246,7 +247,18 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(toy_data, tmp_
     monkeypatch.setattr(loop, "make_train_step", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         loop.train_run(_run_cfg(), toy_data, tmp_path / "killed")
-    monkeypatch.setattr(loop, "make_train_step", real)
+    calls_made = {"n": 0}
+
+    def counted(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def wrapped(*rest):
+            calls_made["n"] += 1
+            return step_fn(*rest)
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_train_step", counted)
     loop.train_run(_run_cfg(), toy_data, tmp_path / "killed")
 
     whole, whole_logs = latest_params(tmp_path / "whole")
@@ -255,6 +267,9 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(toy_data, tmp_
         lambda a, b: assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7), whole, resumed
     )
     assert [row[0] for row in resumed_logs["train"]] == [1, 2, 3, 4, 5, 6]
+    # The second process ran steps 4-6 only (a silent restart from 0 would give the same parameters).
+    assert [row[5] for row in resumed_logs["train"]] == [0, 0, 0, 1, 1, 1]
+    assert calls_made["n"] == 3
     assert_allclose([r[1] for r in resumed_logs["train"]], [r[1] for r in whole_logs["train"]], rtol=1e-6)
 
 

@@ -6,6 +6,8 @@ so a failure (bad input, interruption) never leaves a partial dataset behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +31,64 @@ DEFAULT_GEOMETRY: dict[str, dict[str, list[float] | list[int]]] = {
     "phantom": {"spacing": [0.75, 0.75, 2.5], "shape": [64, 64, 16]},
 }
 DEFAULT_CT_CLIP = {"abdominal_ct": [-991.0, 362.0]}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compute_fingerprint(data_dir: str | Path) -> str:
+    """sha256 over a prepared dataset's content: its files' checksums and its description.
+
+    Covers ``images/``, ``labels/``, ``split.csv`` and ``dataset.json`` (without its own
+    ``fingerprint``), so any changed voxel, case, split or class name changes it.
+    """
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256()
+    files = sorted(
+        p for sub in ("images", "labels") for p in (data_dir / sub).glob("*") if not p.name.startswith(".")
+    )
+    for path in [*files, data_dir / "split.csv"]:
+        if path.is_file():
+            digest.update(f"{path.relative_to(data_dir).as_posix()} {_file_sha256(path)}\n".encode())
+    info_path = data_dir / "dataset.json"
+    if info_path.is_file():
+        info = {k: v for k, v in json.loads(info_path.read_text()).items() if k != "fingerprint"}
+        digest.update(json.dumps(info, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(data_dir: str | Path) -> str:
+    """The fingerprint the data stage recorded in ``dataset.json``, else computed from the files."""
+    info_path = Path(data_dir) / "dataset.json"
+    if info_path.is_file():
+        recorded = json.loads(info_path.read_text()).get("fingerprint")
+        if recorded:
+            return str(recorded)
+    return compute_fingerprint(data_dir)
+
+
+def source_files(ds_cfg: Mapping[str, Any]) -> list[str]:
+    """The files of a dataset read from the user's folder (``path:``), for the data rule's input.
+
+    Their modification times make Snakemake prepare the data again when a file there changes
+    (and the fingerprint then retrains what depends on it). Empty for phantoms and downloads
+    (the download manifest is their input).
+    """
+    if ds_cfg.get("source") in ("phantom", "prostate_mr", "abdominal_ct") or not ds_cfg.get("path"):
+        return []
+    root = Path(str(ds_cfg["path"])).expanduser()
+    if not root.is_dir():
+        return []  # the data stage then names the missing folder
+    return sorted(
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _geometry(name: str, ds_cfg: Mapping[str, Any]) -> tuple[list[float], list[int]]:
@@ -68,7 +128,8 @@ def prepare_dataset(
             ``shape``, ``clip``, ``split``, ``path``, ``zenodo_record``, and the preprocessing switches
             ``reorient``, ``resample``, ``normalize``, ``crop``: see :func:`preprocess_options`).
         out_dir: the output folder (``results/data/{name}``): ``images/{uid}.nii.gz`` float32,
-            ``labels/{uid}.nii.gz`` uint8, ``split.csv``, ``dataset.json``.
+            ``labels/{uid}.nii.gz`` uint8, ``split.csv``, ``dataset.json`` (with ``fingerprint``,
+            :func:`compute_fingerprint`).
         resources_dir: the dataset's download folder (``resources/{name}``, holding ``raw/``).
     """
     out_dir = Path(out_dir)
@@ -113,6 +174,8 @@ def prepare_dataset(
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
+        atomic_write_json(tmp / "dataset.json", info)
+        info["fingerprint"] = compute_fingerprint(tmp)  # what runs trained on it are tied to
         atomic_write_json(tmp / "dataset.json", info)  # last: the dataset is complete
     log.info("prepared %s: %d cases in %s", name, len(source.cases), out_dir)
     return info

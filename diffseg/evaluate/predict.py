@@ -21,6 +21,7 @@ from diffseg.data.preprocess import preprocess_scan, read_image, to_array
 from diffseg.errors import DataError
 from diffseg.evaluate.inference import Segmenter, vote_and_entropy
 from diffseg.io import atomic_path
+from diffseg.progress import Progress
 from diffseg.runs import input_multiple
 
 
@@ -84,7 +85,14 @@ def predict_scan(
     segmenter = Segmenter(model, params, run_cfg)
     key = jax.random.key(seed)
     crop = tuple(slice(0, n) for n in volume.shape)
-    draws = np.stack([segmenter.segment(padded, jax.random.fold_in(key, s))[crop] for s in range(samples)])
+    progress = Progress(samples, f"predict {image_path.name}", unit="sample")
+    draws = []
+    for s in range(samples):
+        draws.append(segmenter.segment(padded, jax.random.fold_in(key, s))[crop])
+        progress.update(1)
+        progress.log()
+    progress.close()
+    draws = np.stack(draws)
     mask, entropy = vote_and_entropy(draws, int(info["num_classes"]))
 
     # Back onto the input's grid through physical space (handles orientation and spacing).

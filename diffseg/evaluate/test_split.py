@@ -1,7 +1,9 @@
 """Evaluate a trained run on its dataset's test split: predictions and ``test/metrics.csv``.
 
 Uses the best checkpoint by validation mean foreground Dice. Predictions already written
-for that checkpoint are reused, so an interrupted evaluation resumes where it stopped.
+for that checkpoint are reused, so an interrupted evaluation resumes where it stopped; the
+stamp ``test/predictions/checkpoint.json`` ties them to the checkpoint's identity (step, run
+config hash, data fingerprint, run id, from ``best.json``), and any mismatch recomputes them.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from typing import Any
 import jax
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from diffseg.data import load_dataset
 from diffseg.data.preprocess import read_affine, read_nifti, write_nifti
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import segmentation_metrics
-from diffseg.io import atomic_write_json, atomic_write_text
+from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
+from diffseg.progress import Progress
 
 COLUMNS = [
     "uid",
@@ -34,7 +36,12 @@ COLUMNS = [
     "label_voxels",
     "pred_voxels",
     "checkpoint_step",
+    "config_hash",
+    "data_fingerprint",
+    "run_id",
 ]
+# What identifies the parameters that made a prediction (best.json's keys besides mean_dice).
+IDENTITY = ("step", "config_hash", "data_fingerprint", "run_id")
 
 
 def case_metrics(
@@ -59,19 +66,20 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
     uids, images, labels = dataset.split("test")
     out_dir = run_dir / "test" / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir)  # a killed writer's partial files
+    identity = {k: best.get(k) for k in IDENTITY}
     stamp = out_dir / "checkpoint.json"  # which checkpoint the predictions there come from
-    if not stamp.is_file() or json.loads(stamp.read_text()).get("step") != best["step"]:
+    if not stamp.is_file() or json.loads(stamp.read_text()) != identity:
         for old in out_dir.glob("*.nii.gz"):
             old.unlink()
-        atomic_write_json(stamp, {"step": best["step"]})
+        atomic_write_json(stamp, identity)
 
     segmenter = Segmenter(model, params, run_cfg)
     key = jax.random.key(seed)
     tolerance = float(run_cfg["evaluate"]["tolerance_mm"])
     frames = []
-    for i, (uid, image, label) in enumerate(
-        tqdm(list(zip(uids, images, labels, strict=True)), desc=f"test {run_cfg.get('run', '')}", unit="case")
-    ):
+    progress = Progress(len(uids), f"test {run_cfg.get('run', '')}", unit="case")
+    for i, (uid, image, label) in enumerate(zip(uids, images, labels, strict=True)):
         path = out_dir / f"{uid}.nii.gz"
         if path.is_file():
             pred = read_nifti(path)[0].astype(np.uint8)
@@ -82,8 +90,13 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
         df = case_metrics(pred, label, info, tolerance)
         df.insert(0, "uid", uid)
         frames.append(df)
+        progress.update(1)
+        progress.log(uid=uid, dice=float(np.nanmean(df["dice"])) if df["dice"].notna().any() else "nan")
+    progress.close()
     metrics = pd.concat(frames, ignore_index=True)
     metrics["checkpoint_step"] = int(best["step"])
+    for key in ("config_hash", "data_fingerprint", "run_id"):
+        metrics[key] = best.get(key)
     metrics = metrics[COLUMNS]
     atomic_write_text(run_dir / "test" / "metrics.csv", metrics.to_csv(index=False))
     return metrics

@@ -4,11 +4,15 @@
 resumed run continues its ``train_log.csv``/``valid.csv`` exactly where the state is);
 ``{run_dir}/best/{step}/`` holds the parameters with the best validation mean Dice. Orbax
 writes each step into a temporary directory and renames it when complete, so a job killed
-mid-save leaves the previous checkpoint intact.
+mid-save leaves the previous checkpoint intact; its temporary folder is removed on the next
+start. Two of each are kept, so that a corrupt latest state falls back to the one before.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +20,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from diffseg.errors import DataError
+from diffseg.io import remove_temporaries
 
 
 def _manager(directory: Path, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=not read_only, read_only=read_only)
     return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """The latest checkpoint could not be read; an older one is used instead."""
 
 
 class RunCheckpoints:
@@ -28,8 +37,11 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str | Path):
         run_dir = Path(run_dir)
-        self.latest = _manager(run_dir / "checkpoints")
-        self.best = _manager(run_dir / "best")
+        self.dirs = {"latest": run_dir / "checkpoints", "best": run_dir / "best"}
+        for folder in self.dirs.values():  # before orbax lists the steps
+            remove_temporaries(folder)
+        self.latest = _manager(self.dirs["latest"])
+        self.best = _manager(self.dirs["best"])
 
     def latest_step(self) -> int | None:
         """Step of the latest saved state, None when the run has not saved one yet."""
@@ -42,19 +54,70 @@ class RunCheckpoints:
         )
         self.latest.wait_until_finished()
 
+    def restore_logs(self) -> dict[str, Any] | None:
+        """The logs of the latest readable checkpoint (cheap: no arrays), None without one."""
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                return self.latest.restore(step, args=ocp.args.Composite(logs=ocp.args.JsonRestore()))["logs"]
+            except Exception:  # orbax raises many types for a damaged folder; restore() reports it
+                continue
+        return None
+
     def restore(self, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The latest ``(state, logs)``; ``abstract_state`` gives structure, shapes and shardings."""
-        step = self.latest.latest_step()
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), logs=ocp.args.JsonRestore()
-            ),
+        """The latest readable ``(state, logs)``; ``abstract_state`` gives structure, shapes, shardings.
+
+        A checkpoint that cannot be read is deleted with a :class:`CorruptCheckpointWarning` and
+        the one before it is used; with none readable, a ``DataError`` names the folder.
+        """
+        failures = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), logs=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as err:  # noqa: BLE001 (orbax: ValueError, FileNotFoundError, OSError, ...)
+                failures.append(f"{self.dirs['latest'] / str(step)}: {type(err).__name__}: {err}")
+                continue
+            for bad in failures:
+                warnings.warn(
+                    f"unreadable checkpoint {bad.split(': ')[0]} deleted; resuming from step {step}"
+                    f" ({bad.split(': ', 1)[1][:300]})",
+                    CorruptCheckpointWarning,
+                    stacklevel=2,
+                )
+            if failures:
+                self._drop_latest_after(step)
+            self.drop_best_after(step)
+            return restored["state"], restored["logs"]
+        raise DataError(
+            f"{self.dirs['latest']}: no readable checkpoint ({'; '.join(f[:300] for f in failures)});"
+            f" delete {self.dirs['latest'].parent} to train the run from the start"
         )
-        return restored["state"], restored["logs"]
+
+    def _drop_latest_after(self, step: int) -> None:
+        for later in [s for s in self.latest.all_steps() if s > step]:
+            shutil.rmtree(self.dirs["latest"] / str(later), ignore_errors=True)
+        self.latest.close()
+        self.latest = _manager(self.dirs["latest"])
+
+    def drop_best_after(self, step: int) -> None:
+        """Forget best parameters saved after ``step`` (a kill between the best and the state save)."""
+        later = [s for s in self.best.all_steps() if s > step]
+        for s in later:
+            shutil.rmtree(self.dirs["best"] / str(s), ignore_errors=True)
+        if later:
+            self.best.close()
+            self.best = _manager(self.dirs["best"])
 
     def save_best(self, step: int, params: Any) -> None:
-        """Keep ``params`` as the run's best (replacing the previous best)."""
+        """Keep ``params`` as the run's best (the previous best stays as the fallback)."""
+        if step in self.best.all_steps():  # written before a kill, now recomputed: replace it
+            shutil.rmtree(self.dirs["best"] / str(step))
+            self.best.close()
+            self.best = _manager(self.dirs["best"])
         self.best.save(step, args=ocp.args.StandardSave(params))
         self.best.wait_until_finished()
 
@@ -65,9 +128,14 @@ class RunCheckpoints:
 
 
 def restore_best(run_dir: str | Path, abstract_params: Any) -> tuple[Any, int]:
-    """The best parameters of a trained run and their step."""
+    """The best parameters of a trained run and their step (``best.json``'s, when it names one kept)."""
     manager = _manager(Path(run_dir) / "best", read_only=True)
     step = manager.latest_step()
+    best_json = Path(run_dir) / "best.json"
+    if best_json.is_file():
+        named = json.loads(best_json.read_text()).get("step")
+        if named in manager.all_steps():
+            step = named
     if step is None:
         raise DataError(f"{Path(run_dir) / 'best'}: no checkpoint; train the run first")
     params = manager.restore(step, args=ocp.args.StandardRestore(abstract_params))

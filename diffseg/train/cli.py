@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from diffseg.config import apply_overrides, load_yaml, parse_overrides
 
 
 def _train(args: argparse.Namespace) -> int:
-    from diffseg.train.loop import train_run
+    from diffseg.train.loop import TrainingInterrupted, train_run
 
     run_cfg = apply_overrides(load_yaml(args.run_config), parse_overrides(args.set))
-    best = train_run(run_cfg, args.data, args.out)
+    try:
+        best = train_run(run_cfg, args.data, args.out)
+    except TrainingInterrupted as stop:  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
+        print(f"diffseg train: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(f"best validation mean foreground Dice {best['mean_dice']:.4f} at step {best['step']}")
     return 0
 

@@ -12,26 +12,33 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm import tqdm
 
 from diffseg.data import load_dataset
+from diffseg.data.prepare import data_fingerprint
 from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
-from diffseg.io import atomic_write_json, atomic_write_text
+from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
 from diffseg.parallel import data_mesh, replicated
+from diffseg.progress import Progress
 from diffseg.runs import RunCheckpoints, abstract, build_model
 from diffseg.train.step import build_optimizer, init_state, make_train_step
 
-LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s"]
+# session: which start of the process ran the step (0 first, 1 after the first resume, ...).
+LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s", "session"]
 
 
 def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
@@ -40,17 +47,82 @@ def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) 
     return float(np.nanmean(scores)) if not np.all(np.isnan(scores)) else float("nan")
 
 
-def _config_hash(run_cfg: dict[str, Any]) -> str:
-    """What the trained parameters depend on (not the evaluation settings)."""
+# Settings that change what is logged, validated or how long it trains, not the parameters of a
+# given step: changing them continues the run instead of starting it over.
+NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every")}
+
+
+def config_hash(run_cfg: dict[str, Any]) -> str:
+    """What the trained parameters of a step depend on (not logging, evaluation or run length)."""
     keys = ("model", "diffusion", "loss", "optim", "train", "dataset")
-    text = json.dumps({k: run_cfg.get(k) for k in keys}, sort_keys=True, default=str)
+    chosen = {k: run_cfg.get(k) for k in keys}
+    for section, names in NOT_HASHED.items():
+        chosen[section] = {k: v for k, v in (chosen.get(section) or {}).items() if k not in names}
+    text = json.dumps(chosen, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT arrived: the state was saved at ``step``; the same command resumes."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.exit_code = signum, step, 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{run_dir}: {name} received; checkpoint saved at step {step}; run again to resume")
+
+
+class _StopOnSignal:
+    """Turns SIGTERM (SLURM's time limit, preemption) and SIGINT into a flag the loop checks per step.
+
+    A second SIGINT raises ``KeyboardInterrupt`` at once (Ctrl-C twice: no save).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _owner(saved: dict[str, Any] | None, run_dir: Path) -> tuple[Any, Any] | None:
+    """``(dataset, run)`` whose checkpoints ``run_dir`` holds (older runs: from its config.yaml)."""
+    if saved is not None and saved.get("identity"):
+        return saved["identity"]["dataset"], saved["identity"]["run"]
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        old = yaml.safe_load(config_path.read_text()) or {}
+        return old.get("dataset"), old.get("run")
+    return None
+
+
+def _check_finite(flag: jax.Array, run_dir: Path, since: int, step: int, saved_step: int | None) -> None:
+    """``FloatingPointError`` before anything is saved when a loss in ``(since, step]`` was not finite."""
+    if bool(flag):
+        where = f"the last checkpoint (step {saved_step}) is kept" if saved_step else "nothing was saved"
+        raise FloatingPointError(
+            f"{run_dir}: non-finite loss between steps {since + 1} and {step}; {where};"
+            " lower optim.learning_rate or check the data"
+        )
+
+
 def _write_outputs(run_dir: Path, logs: dict[str, Any]) -> None:
-    atomic_write_text(
-        run_dir / "train_log.csv", pd.DataFrame(logs["train"], columns=LOG_COLUMNS).to_csv(index=False)
-    )
+    rows = [list(r) + [0] * (len(LOG_COLUMNS) - len(r)) for r in logs["train"]]  # older logs: no session
+    atomic_write_text(run_dir / "train_log.csv", pd.DataFrame(rows, columns=LOG_COLUMNS).to_csv(index=False))
     valid = pd.DataFrame(logs["valid"], columns=["step", "mean_dice"])
     atomic_write_text(run_dir / "valid.csv", valid.to_csv(index=False))
     if logs["best"] is not None:
@@ -69,7 +141,14 @@ def validate(
 
 
 def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path) -> dict[str, Any]:
-    """Train one run to ``train.steps`` (resuming if checkpoints exist); returns ``best.json``'s dict."""
+    """Train one run to ``train.steps``, resuming its checkpoints when they fit; returns ``best.json``'s dict.
+
+    Checkpoints are resumed when the run's :func:`config_hash` and data fingerprint match, and
+    belong to the same ``(dataset, run)``; another run's folder is refused (``ConfigError``), a
+    changed config or dataset starts the run over. ``train.steps`` raised continues; lowered
+    below the latest checkpoint is a ``ConfigError``. SIGTERM/SIGINT save the state after the
+    current step and raise :class:`TrainingInterrupted`.
+    """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_cfg = run_cfg["train"]
@@ -78,10 +157,38 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
         raise ConfigError(f"run {run_cfg.get('run')!r}: train.steps and train.checkpoint_every must be >= 1")
 
     dataset = load_dataset(data_dir)
+    fingerprint = data_fingerprint(data_dir)
+    identity = {"dataset": run_cfg.get("dataset"), "run": run_cfg.get("run")}
+    chash = config_hash(run_cfg)
+    remove_temporaries(run_dir)  # atomic writers' temporaries left by a killed job
+    checkpoints = RunCheckpoints(run_dir)  # removes orbax's temporaries
+    saved = checkpoints.restore_logs() if checkpoints.latest_step() is not None else None
+    owner = _owner(saved, run_dir) if checkpoints.latest_step() is not None else None
+    if owner is not None and None not in owner and owner != (identity["dataset"], identity["run"]):
+        checkpoints.close()
+        raise ConfigError(
+            f"{run_dir}: holds the checkpoints of run {owner[1]!r} of dataset {owner[0]!r}, not"
+            f" {identity['run']!r} of {identity['dataset']!r}; refusing to replace them: give another --out"
+        )
+    restart_reason = None
+    if checkpoints.latest_step() is not None and saved is None:
+        checkpoints.restore(None)  # nothing readable: raises a DataError naming the folder
+    if saved is not None:
+        if saved.get("config_hash") != chash:
+            restart_reason = "the run's config changed since its checkpoints were written"
+        elif saved.get("data_fingerprint") != fingerprint:
+            restart_reason = f"the prepared data in {data_dir} changed since its checkpoints were written"
+        elif int(saved.get("step", 0)) > total:
+            checkpoints.close()
+            raise ConfigError(
+                f"{run_dir}: trained to step {saved['step']}, beyond train.steps={total}; set train.steps"
+                f" >= {saved['step']}, or delete {run_dir / 'checkpoints'} and {run_dir / 'best'} to retrain"
+            )
+
     num_classes = int(dataset.info["num_classes"])
     _, train_images, train_labels = dataset.split("train")
     _, valid_images, valid_labels = dataset.split("valid")
-    atomic_write_json(run_dir / "dataset.json", dataset.info)
+    atomic_write_json(run_dir / "dataset.json", {**dataset.info, "fingerprint": fingerprint})
     config_text = yaml.safe_dump(dict(run_cfg), sort_keys=False)
     config_path = run_dir / "config.yaml"  # the workflow writes it first: keep its mtime if equal
     if not config_path.is_file() or yaml.safe_load(config_path.read_text()) != yaml.safe_load(config_text):
@@ -93,30 +200,36 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     copies = replicated(mesh)
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
-    state = jax.device_put(
-        init_state(model, tx, dataset.shape, key_init), copies
-    )
+    state = jax.device_put(init_state(model, tx, dataset.shape, key_init), copies)
 
-    checkpoints = RunCheckpoints(run_dir)
-    config_hash = _config_hash(run_cfg)
     logs: dict[str, Any] = {
-        "config_hash": config_hash,
+        "config_hash": chash,
+        "data_fingerprint": fingerprint,
+        "identity": identity,
+        "run_id": uuid.uuid4().hex[:16],  # a fresh start: its predictions are never another's
+        "session": 0,
+        "step": 0,
         "train": [],
         "valid": [],
         "best": None,
         "seconds": 0.0,
     }
-    if checkpoints.latest_step() is not None:
+    progress_desc = f"train {run_cfg.get('run', '')}"
+    if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
+        print(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
+        checkpoints.close()
+        for sub in ("checkpoints", "best"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        checkpoints = RunCheckpoints(run_dir)
+    elif saved is not None:
         restored, saved_logs = checkpoints.restore(abstract(state))
-        if saved_logs.get("config_hash") == config_hash:
-            state, logs = restored, saved_logs
-            tqdm.write(f"resuming {run_dir} from step {int(state['step'])}")
-        else:  # the run's config changed: the old checkpoints belong to another experiment
-            tqdm.write(f"{run_dir}: run config changed since the last checkpoint; starting over")
-            checkpoints.close()
-            for sub in ("checkpoints", "best"):
-                shutil.rmtree(run_dir / sub, ignore_errors=True)
-            checkpoints = RunCheckpoints(run_dir)
+        state = restored
+        logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
+        print(
+            f"resuming {run_dir} from step {int(state['step'])} of {total} (session {logs['session']})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     images = jax.device_put(train_images, copies)
     labels = jax.device_put(train_labels, copies)
@@ -126,45 +239,61 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     log_every = max(1, int(train_cfg["log_every"]))
     clock, seconds_before = time.perf_counter(), float(logs["seconds"])
     window_start, window_step = clock, start
-    progress = tqdm(
-        total=total,
-        initial=start,
-        desc=f"train {run_cfg.get('run', '')}",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
-    for step in range(start + 1, total + 1):
-        state, loss = step_fn(state, images, labels, key_steps)
-        if step % log_every == 0 or step == total:
-            loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"{run_dir}: loss is {loss} at step {step}; lower optim.learning_rate"
-                )
-            now = time.perf_counter()
-            rate = (step - window_step) / max(now - window_start, 1e-9)
-            window_start, window_step = now, step
-            lr = float(schedule(step - 1))
-            logs["train"].append([step, loss, lr, seconds_before + now - clock, rate])
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        progress.update(1)
-        if step % every == 0 or step == total:
-            segmenter.params = state["params"]
-            score = validate(
-                segmenter, valid_images, valid_labels, num_classes, jax.random.fold_in(key_valid, step)
-            )
-            logs["valid"].append([step, score])
-            if logs["best"] is None or score > logs["best"]["mean_dice"]:
-                logs["best"] = {"step": step, "mean_dice": score}
-                checkpoints.save_best(step, state["params"])
-            logs["seconds"] = seconds_before + time.perf_counter() - clock
-            checkpoints.save(step, state, logs)
-            _write_outputs(run_dir, logs)
-            tqdm.write(
-                f"step {step}: validation mean foreground Dice {score:.4f}"
-                f" (best {logs['best']['mean_dice']:.4f})"
-            )
+    saved_step = start or None
+    checked = start  # non-finite losses are checked up to here
+    nonfinite = jnp.zeros((), bool)
+    progress = Progress(total, progress_desc, initial=start)
+    with _StopOnSignal() as stop:
+        for step in range(start + 1, total + 1):
+            state, loss = step_fn(state, images, labels, key_steps)
+            nonfinite = jnp.logical_or(nonfinite, ~jnp.isfinite(loss))  # on device: no blocking
+            progress.update(1)
+            if step % log_every == 0 or step == total:
+                loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
+                _check_finite(nonfinite, run_dir, checked, step, saved_step)
+                checked = step
+                now = time.perf_counter()
+                rate = (step - window_step) / max(now - window_start, 1e-9)
+                window_start, window_step = now, step
+                lr = float(schedule(step - 1))
+                logs["train"].append([step, loss, lr, seconds_before + now - clock, rate, logs["session"]])
+                progress.log(loss=loss, lr=lr)
+            interrupted = stop.signum is not None
+            if step % every == 0 or step == total or interrupted:
+                _check_finite(nonfinite, run_dir, checked, step, saved_step)  # never save a NaN state
+                checked = step
+                if step % every == 0 or step == total:
+                    segmenter.params = state["params"]
+                    score = validate(
+                        segmenter,
+                        valid_images,
+                        valid_labels,
+                        num_classes,
+                        jax.random.fold_in(key_valid, step),
+                    )
+                    logs["valid"].append([step, score])
+                    if logs["best"] is None or score > logs["best"]["mean_dice"]:
+                        logs["best"] = {
+                            "step": step,
+                            "mean_dice": score,
+                            "config_hash": chash,
+                            "data_fingerprint": fingerprint,
+                            "run_id": logs["run_id"],
+                        }
+                        checkpoints.save_best(step, state["params"])
+                    progress.write(
+                        f"step {step}: validation mean foreground Dice {score:.4f}"
+                        f" (best {logs['best']['mean_dice']:.4f})"
+                    )
+                logs["seconds"] = seconds_before + time.perf_counter() - clock
+                logs["step"] = step
+                checkpoints.save(step, state, logs)
+                saved_step = step
+                _write_outputs(run_dir, logs)
+            if interrupted:
+                progress.close()
+                checkpoints.close()
+                raise TrainingInterrupted(int(stop.signum), step, run_dir)
     progress.close()
     checkpoints.close()
     if start == total:  # already complete: the outputs Snakemake may have removed, from the logs

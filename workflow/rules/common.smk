@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 
 from diffseg.config import resolve_run_config, save_run_config
+from diffseg.data.prepare import source_files
 from diffseg.errors import ConfigError
 from diffseg.io import atomic_write_text
 from diffseg.report.stats import figure3_models

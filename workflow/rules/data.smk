@@ -19,6 +19,8 @@ rule download:
 rule data:
     input:
         download_input,
+        # A user's folder (datasets.X.path): a changed file there prepares the data again.
+        lambda w: source_files(config["datasets"][w.dataset]),
         cfg=ancient(WORKFLOW_CONFIG),
     output:
         split=f"{RESULTS}/data/{{dataset}}/split.csv",

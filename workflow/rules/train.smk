@@ -17,6 +17,8 @@ rule train:
     input:
         cfg=f"{RESULTS}/runs/{{dataset}}/{{run}}/config.yaml",
         split=f"{RESULTS}/data/{{dataset}}/split.csv",
+        # Its fingerprint ties the run to the data: changed data retrains (diffseg train decides).
+        info=f"{RESULTS}/data/{{dataset}}/dataset.json",
     output:
         best=f"{RESULTS}/runs/{{dataset}}/{{run}}/best.json",
         log=f"{RESULTS}/runs/{{dataset}}/{{run}}/train_log.csv",
