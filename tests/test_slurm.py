@@ -172,3 +172,104 @@ def test_tiny_workflow_on_slurm(cluster, tmp_path):
     show = subprocess.run(["scontrol", "show", "job", test_id], capture_output=True, text=True,
                           timeout=30, env=env, check=True).stdout  # fmt: skip
     assert "TresPerJob=gres:gpu:fake:1" in show, show
+
+
+# -- Deployment conventions, checked without a cluster ----------------------------------------
+
+
+def test_conda_envs_install_this_package_from_the_source():
+    """Every rule's conda: file exists, is valid, and pip-installs the package by a path that
+    resolves to this repository both from the file's folder and from .snakemake/conda/, where
+    Snakemake copies it before conda runs pip beside the copy."""
+    rules = ROOT / "workflow" / "rules"
+    used = set()
+    for smk in rules.glob("*.smk"):
+        text = smk.read_text()
+        for block in text.split("\nrule ")[1:]:
+            if "\n    shell:" in block:
+                assert "\n    conda:\n" in block, f"{smk.name}: rule {block.split(':')[0]} has no conda:"
+        for line in text.split("    conda:\n")[1:]:
+            used.add((rules / line.split("\n")[0].strip().strip('"')).resolve())
+    assert used, "no conda: directive"
+    for env_file in used:
+        assert env_file.is_file() and env_file.parent == ROOT / "workflow" / "envs", env_file
+        env = yaml.safe_load(env_file.read_text())
+        assert env["channels"] and "conda-forge" in env["channels"]
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+        assert "pip" in env["dependencies"]
+        paths = [p.removeprefix("-e").strip() for p in pip if p.startswith(("-e", ".", "/"))]
+        assert len(paths) == 1, pip
+        for base in (env_file.parent, ROOT / ".snakemake" / "conda"):
+            target = (base / paths[0]).resolve()
+            assert (target / "pyproject.toml").is_file(), (base, paths[0])
+            assert 'name = "diffseg"' in (target / "pyproject.toml").read_text()
+
+
+def test_every_computing_rule_has_a_benchmark_and_local_rules_are_local():
+    smk = "\n".join(p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    local = {name.strip().rstrip(",") for block in smk.split("localrules:\n")[1:]
+             for name in block.split("\n\n")[0].split("\n") if name.strip()}  # fmt: skip
+    assert set(LOCAL) <= local
+    for block in smk.split("\nrule ")[1:]:
+        name = block.split(":")[0]
+        if "\n    shell:" in block:
+            assert "\n    benchmark:\n" in block, f"rule {name} computes and has no benchmark:"
+        if name in EXPECTED:
+            assert name not in local
+            assert f'cpus_per_task=compute("{name}", "threads")' in block, name
+
+
+def _dry_run(tmp_path: Path, cfg: dict, *args: str) -> str:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+           str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "-n", *args]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_profiles_are_found_and_compute_becomes_resources(tmp_path):
+    """profiles/default is used on its own, profiles/gpu by name; compute: reaches the jobs as
+    the resources the SLURM plugin reads (cpus_per_task, gpu, gpu_model)."""
+    train = {"threads": 3, "mem_mb": 2000, "gpu": 1, "gpu_model": "a100"}
+    cfg = {**TINY, "compute": {**TINY["compute"], "train": train}}
+    out = _dry_run(tmp_path, cfg)
+    assert f"workflow specific profile {ROOT / 'profiles' / 'default'}" in out or (
+        "workflow specific profile profiles/default" in out
+    ), out[:1500]
+    train = out.split("\nrule train:")[1].split("\n\n")[0]
+    for res in ("cpus_per_task=3", "mem_mb=2000", "gpu=1", "gpu_model=a100"):
+        assert res in train, train
+    out = _dry_run(tmp_path, cfg, "--workflow-profile", "gpu")
+    assert "profiles/gpu" in out, out[:1500]
+
+
+def test_the_plugin_turns_compute_into_sbatch_options():
+    """The sbatch call the installed plugin (>= 1.9) makes from a train job's resources, and its
+    refusal of the schema's old example, slurm_extra: --gres=gpu:a100:1."""
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    class Resources(dict):
+        __getattr__ = dict.get
+
+    def job(**res):
+        return type("Job", (), {"resources": Resources(res), "threads": res.get("cpus_per_task", 1),
+                                "name": "train", "is_group": lambda self: False})()  # fmt: skip
+
+    params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "rule_train", "account": "",
+              "partition": "", "workdir": "."}  # fmt: skip
+    j = job(cpus_per_task=8, mem_mb=64000, runtime=2880, gpu=1, gpu_model="a100", slurm_extra="")
+    call = get_submit_command(j, params) + set_gres_string(j)
+    for opt in ("--cpus-per-task=8", "--mem 64000", "-t 2880", "--gpus=a100:1"):
+        assert opt in call, (opt, call)
+    j = job(cpus_per_task=2, mem_mb=100, runtime=1, gpu=1, gpu_model="", slurm_extra="")
+    assert set_gres_string(j).strip() == "--gpus=1"
+    assert set_gres_string(job(cpus_per_task=1, gpu=0, gpu_model="")) == ""
+    with pytest.raises(WorkflowError, match="gres|GRES"):
+        validate_slurm_extra(job(slurm_extra="--gres=gpu:a100:1"))
+    assert plugin  # imported for the skip

@@ -3,8 +3,8 @@
 Debian's ``slurm-wlm``, ``slurmdbd``, ``munge`` and ``mariadb-server`` (``.ci/slurm`` installs
 them). Everything runs as root in the foreground of processes this module starts, without
 systemd or cgroups: ``proctrack/linuxproc``, ``task/none``, ``jobacct_gather/linux``. The node
-has a fake GPU (``gres.conf``: ``AutoDetect=off``, ``File=/dev/null``), so a job that asks for
-one is scheduled and accounted as a GPU job and then runs on the CPU.
+has fake GPUs (``gres.conf``: ``AutoDetect=off``, plain files as their device files), so a job
+that asks for one is scheduled and accounted as a GPU job and then runs on the CPU.
 
 The configuration lives in one directory (``SLURM_CONF`` points at its ``slurm.conf``; slurmdbd
 and gres read theirs from beside it). The plugin's job step drops ``SLURM_*`` variables, that one
@@ -90,7 +90,10 @@ class Cluster:
     """The cluster's files under ``root``; ``start`` brings it up, ``stop`` takes it down."""
 
     root: Path
-    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # More CPUs than the machine has (SlurmdParameters=config_overrides): jobs mostly wait on
+    # their start-up, so a few at once overlap it; memory is not enforced (no cgroups).
+    cpus: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
+    gpus: int = 2
     mem_mb: int = field(default_factory=lambda: max(1000, int(_mem_mb() * 0.5)))
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -114,7 +117,7 @@ class Cluster:
             d.mkdir(parents=True, exist_ok=True)
         ports = [_free_port() for _ in range(3)]
         self.ports = dict(zip(("ctld", "d", "dbd"), ports, strict=True))
-        gres = f"Gres=gpu:{GPU_TYPE}:1"
+        gres = f"Gres=gpu:{GPU_TYPE}:{self.gpus}"
         self.conf.write_text(
             f"""ClusterName={CLUSTER}
 SlurmctldHost={self.node}(127.0.0.1)
@@ -130,6 +133,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=5
 SwitchType=switch/none
+SlurmdParameters=config_overrides
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
@@ -154,8 +158,14 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
         )
+        # A GPU needs a device file; plain files stand in (slurmd only opens none of them).
+        dev = self.root / "dev"
+        dev.mkdir(exist_ok=True)
+        for i in range(self.gpus):
+            (dev / f"fakegpu{i}").touch()
+        files = f"{dev}/fakegpu[0-{self.gpus - 1}]" if self.gpus > 1 else f"{dev}/fakegpu0"
         (etc / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName={self.node} Name=gpu Type={GPU_TYPE} File=/dev/null Count=1\n"
+            f"AutoDetect=off\nNodeName={self.node} Name=gpu Type={GPU_TYPE} File={files} Count={self.gpus}\n"
         )
         dbd = etc / "slurmdbd.conf"
         dbd.write_text(
