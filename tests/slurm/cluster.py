@@ -296,6 +296,10 @@ StorageLoc={DB_NAME}
         """Point /etc/slurm/slurm.conf at this cluster's (see the module's doc)."""
         if SYSTEM_CONF.exists() and not SYSTEM_CONF.is_symlink():
             raise ClusterError(f"{SYSTEM_CONF} exists (a real cluster's?): not replacing it")
+        if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.exists():
+            other = {**os.environ, "SLURM_CONF": str(SYSTEM_CONF.resolve())}
+            if "UP" in _run(["scontrol", "ping"], env=other, check=False, timeout=30).stdout:
+                raise ClusterError(f"{SYSTEM_CONF} points at another running test cluster: one at a time")
         SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
         SYSTEM_CONF.unlink(missing_ok=True)
         SYSTEM_CONF.symlink_to(self.conf)
