@@ -1,4 +1,4 @@
-"""Report sub-commands: ``diffseg table``, ``diffseg stats``, ``diffseg figure``.
+"""Report sub-commands: ``diffseg table``, ``diffseg stats``, ``diffseg figure``, ``diffseg curves``.
 
 Each reads the workflow config (the merged Snakemake config, dumped by the workflow to
 ``{results}/workflow_config.yaml``, or any config YAML) and the runs' ``test/metrics.csv``.
@@ -62,8 +62,15 @@ def _figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curves(args: argparse.Namespace) -> int:
+    from diffseg.report.curves import curves, parse_models
+
+    curves(args.runs, parse_models(args.models), args.out)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``table``, ``stats`` and ``figure`` to the ``diffseg`` command line."""
+    """Add ``table``, ``stats``, ``figure`` and ``curves`` to the ``diffseg`` command line."""
     p = sub.add_parser("table", help="build a table (table1, table2, table5, ...) from test metrics")
     p.add_argument("--which", required=True, help="a key of tables: in the config, e.g. table2")
     p.add_argument("--config", required=True, help="workflow config YAML (the tables: section)")
@@ -85,3 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", required=True, help="the results folder")
     p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
     p.set_defaults(func=_figure)
+
+    p = sub.add_parser("curves", help="draw the training curves (loss, validation Dice) of runs")
+    p.add_argument("--runs", required=True, help="the runs folder, {results}/runs")
+    p.add_argument("--models", nargs="+", required=True, help="runs as dataset/run")
+    p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
+    p.set_defaults(func=_curves)

@@ -2,10 +2,14 @@
 
 * ``paired_tests``: paired Student's t-test (``scipy.stats.ttest_rel``) on per-case mean
   foreground Dice between the paired cells of every configured table (see ``tables`` for the pairs),
-  with ``significant = p < alpha`` (``stats.alpha``, default 0.01).
+  with ``significant = p < alpha`` (``stats.alpha``, default 0.01), and beside the raw p-value
+  the Benjamini–Hochberg adjusted one over all the tests of the file (``p_bh``,
+  ``scipy.stats.false_discovery_control``) with ``significant_bh = p_bh < alpha``: about ten
+  comparisons are tested at once, so the raw ``significant`` over-states discoveries.
 * ``spearman``: per model, Spearman's rank correlation across foreground classes between the
   class's mean volume share (``volume_share`` column of metrics.csv, the class's share of the
-  label volume, averaged over test cases) and its mean Dice over test cases (Figure 3).
+  label volume, averaged over test cases) and its mean Dice over test cases (Figure 3); the
+  same ``p_bh`` / ``significant_bh`` over the models.
 """
 
 from __future__ import annotations
@@ -26,12 +30,45 @@ def alpha_of(config: Mapping[str, Any]) -> float:
     return float((config.get("stats") or {}).get("alpha", 0.01))
 
 
+def bh_adjust(p_values: pd.Series | list[float], alpha: float) -> pd.DataFrame:
+    """Benjamini–Hochberg adjusted p-values and decisions for one family of tests.
+
+    Args:
+        p_values: raw p-values; NaN (a test that could not be computed) stays NaN and is not
+            counted in the family.
+        alpha: the false discovery rate to control.
+
+    Returns:
+        Columns ``p_bh`` (``scipy.stats.false_discovery_control(method="bh")``) and
+        ``significant_bh`` (``p_bh < alpha``; False where NaN), in the input's order.
+    """
+    p = pd.Series(p_values, dtype=float).reset_index(drop=True)
+    adjusted = pd.Series(float("nan"), index=p.index)
+    ok = p.notna()
+    if ok.any():
+        adjusted[ok] = stats.false_discovery_control(p[ok].to_numpy(), method="bh")
+    return pd.DataFrame({"p_bh": adjusted, "significant_bh": (adjusted < alpha).fillna(False).astype(bool)})
+
+
+def _with_bh(df: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """``df`` with ``p_bh`` and ``significant_bh`` after ``p_value`` (a family: the whole table)."""
+    if df.empty:
+        return df.assign(p_bh=pd.Series(dtype=float), significant_bh=pd.Series(dtype=bool))
+    adj = bh_adjust(df["p_value"], alpha)
+    out = df.reset_index(drop=True)
+    at = list(out.columns).index("p_value") + 1
+    out.insert(at, "p_bh", adj["p_bh"])
+    out["significant_bh"] = adj["significant_bh"]
+    return out
+
+
 def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFrame:
     """One row per distinct pair of each configured table.
 
     Columns: ``table, dataset, dim, comparison, run_a, run_b, n, mean_a, mean_b, mean_diff,
-    t, p_value, alpha, significant`` (``mean_diff = mean_a - mean_b`` of per-case mean Dice;
-    ``run_b`` is the reference: Table 1's Y cell, Table 2's ``diff`` run).
+    t, p_value, p_bh, alpha, significant, significant_bh`` (``mean_diff = mean_a - mean_b``
+    of per-case mean Dice; ``run_b`` is the reference: Table 1's Y cell, Table 2's ``diff``
+    run; ``p_bh``: Benjamini–Hochberg over every row, see ``bh_adjust``).
     """
     alpha = alpha_of(config)
     rows, seen = [], set()
@@ -46,13 +83,25 @@ def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFram
             mb = read_metrics(metrics_path(runs_dir, cell["dataset"], b))
             t, p, n = paired_ttest(ma, mb)
             da, db = per_case(ma)["dice"].mean(), per_case(mb)["dice"].mean()
-            rows.append({
-                "table": which, "dataset": cell["dataset"], "dim": cell["dim"],
-                "comparison": cell.get("ablation", "diffusion"), "run_a": a, "run_b": b, "n": n,
-                "mean_a": da, "mean_b": db, "mean_diff": da - db, "t": t, "p_value": p,
-                "alpha": alpha, "significant": bool(p < alpha) if pd.notna(p) else False,
-            })
-    return pd.DataFrame(rows)
+            rows.append(
+                {
+                    "table": which,
+                    "dataset": cell["dataset"],
+                    "dim": cell["dim"],
+                    "comparison": cell.get("ablation", "diffusion"),
+                    "run_a": a,
+                    "run_b": b,
+                    "n": n,
+                    "mean_a": da,
+                    "mean_b": db,
+                    "mean_diff": da - db,
+                    "t": t,
+                    "p_value": p,
+                    "alpha": alpha,
+                    "significant": bool(p < alpha) if pd.notna(p) else False,
+                }
+            )
+    return _with_bh(pd.DataFrame(rows), alpha)
 
 
 def class_summary(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -84,9 +133,7 @@ def class_spearman(summary: pd.DataFrame) -> tuple[float, float, int]:
     return float(res.statistic), float(res.pvalue), len(cs)
 
 
-def spearman(
-    runs_dir: str | Path, models: list[tuple[str, str]], alpha: float = 0.01
-) -> pd.DataFrame:
+def spearman(runs_dir: str | Path, models: list[tuple[str, str]], alpha: float = 0.01) -> pd.DataFrame:
     """Spearman r between class mean volume share and class mean Dice, one row per model.
 
     Args:
@@ -95,16 +142,24 @@ def spearman(
         alpha: significance level.
 
     Returns:
-        Columns ``dataset, run, classes, r, p_value, alpha, significant``.
+        Columns ``dataset, run, classes, r, p_value, p_bh, alpha, significant,
+        significant_bh`` (``p_bh``: Benjamini–Hochberg over the models).
     """
     rows = []
     for dataset, run in models:
         r, p, n = class_spearman(class_summary(read_metrics(metrics_path(runs_dir, dataset, run))))
-        rows.append({
-            "dataset": dataset, "run": run, "classes": n, "r": r, "p_value": p,
-            "alpha": alpha, "significant": bool(p < alpha) if pd.notna(p) else False,
-        })
-    return pd.DataFrame(rows)
+        rows.append(
+            {
+                "dataset": dataset,
+                "run": run,
+                "classes": n,
+                "r": r,
+                "p_value": p,
+                "alpha": alpha,
+                "significant": bool(p < alpha) if pd.notna(p) else False,
+            }
+        )
+    return _with_bh(pd.DataFrame(rows), alpha)
 
 
 def figure3_models(config: Mapping[str, Any]) -> list[tuple[str, str]]:

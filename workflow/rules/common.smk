@@ -52,7 +52,7 @@ def metrics_of(pairs):
     return [str(metrics_path(f"{RESULTS}/runs", d, r)) for d, r in pairs]
 
 
-COMPUTE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "slurm_extra": ""}
+COMPUTE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "gpu_model": "", "slurm_extra": ""}
 
 
 def compute(stage, key):

@@ -1,5 +1,10 @@
 # Data: download (Zenodo sources only), preprocess to results/data/{dataset}, phantom figure.
 
+# Run by Snakemake itself, never submitted: downloads need the login node's internet.
+localrules:
+    download,
+    data_figure,
+
 
 rule download:
     input:
@@ -8,10 +13,12 @@ rule download:
         f"{RESOURCES}/{{dataset}}/manifest.json",
     log:
         f"{RESULTS}/logs/download/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/download/{{dataset}}.tsv"
     resources:
         runtime=compute("data", "runtime"),
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg download --config {input.cfg} --dataset {wildcards.dataset} 2> {log}"
 
@@ -30,12 +37,15 @@ rule data:
         entry=lambda w: config["datasets"][w.dataset],
     log:
         f"{RESULTS}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/data/{{dataset}}.tsv"
     threads: compute("data", "threads")
     resources:
+        cpus_per_task=compute("data", "threads"),
         mem_mb=compute("data", "mem_mb"),
         runtime=compute("data", "runtime"),
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg data --config {input.cfg} --dataset {wildcards.dataset} 2> {log}"
 
@@ -53,7 +63,9 @@ rule data_figure:
         data=lambda w: f"{RESULTS}/data/{w.dataset}",
     log:
         f"{RESULTS}/logs/data/figure_{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/data/figure_{{dataset}}.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg data-figure --data {params.data} --out {output} 2> {log}"

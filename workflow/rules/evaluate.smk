@@ -18,9 +18,11 @@ rule test:
     resources:
         mem_mb=compute("test", "mem_mb"),
         runtime=compute("test", "runtime"),
+        cpus_per_task=compute("test", "threads"),
         gpu=compute("test", "gpu"),
+        gpu_model=compute("test", "gpu_model"),
         slurm_extra=compute("test", "slurm_extra"),
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg test --run-dir {params.run_dir} --data {params.data} 2> {log}"

@@ -1,6 +1,16 @@
-# Report: Tables 1, 2 and 5 (CSV + markdown), t-tests and Spearman, Figures 2-3.
+# Report: Tables 1, 2 and 5 (CSV + markdown), t-tests and Spearman, Figures 2-3, training curves.
 # No category may be named "Statistics" or "Workflow": Snakemake appends rst link targets of
 # those names (its own panels) to every caption, and docutils reports the duplicate.
+
+
+localrules:
+    table,
+    stats,
+    figure2,
+    figure3,
+    curves,
+
+
 rule table:
     input:
         table_input,
@@ -11,7 +21,7 @@ rule table:
             caption="../report/tables.rst",
             category="Tables",
         ),
-        md=f"{RESULTS}/{{which}}.md",
+        md=report(f"{RESULTS}/{{which}}.md", caption="../report/tables.rst", category="Tables"),
     wildcard_constraints:
         which="|".join(TABLES),
     params:
@@ -19,8 +29,10 @@ rule table:
         runs=lambda w: f"{RESULTS}/runs",
     log:
         f"{RESULTS}/logs/report/{{which}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/{{which}}.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg table --which {wildcards.which} --config {input.cfg} --runs {params.runs}"
         " --out {output.csv} --markdown {output.md} 2> {log}"
@@ -41,8 +53,10 @@ rule stats:
         runs=lambda w: f"{RESULTS}/runs",
     log:
         f"{RESULTS}/logs/report/stats.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/stats.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg stats --config {input.cfg} --runs {params.runs} --ttests {output.ttests}"
         " --spearman {output.spearman} 2> {log}"
@@ -60,8 +74,10 @@ rule figure3:
         results=lambda w: RESULTS,
     log:
         f"{RESULTS}/logs/report/figure3.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/figure3.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg figure --which figure3 --config {input.cfg} --results {params.results}"
         " --out {output.png} {output.pdf} 2> {log}"
@@ -80,8 +96,33 @@ rule figure2:
         figure2=config.get("figures", {}).get("figure2"),
     log:
         f"{RESULTS}/logs/report/figure2.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/figure2.tsv"
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg figure --which figure2 --config {input.cfg} --results {params.results}"
         " --out {output.png} {output.pdf} 2> {log}"
+
+
+REPORT_OUTPUTS += [f"{RESULTS}/figures/curves.{e}" for e in ("png", "pdf")]
+
+
+rule curves:
+    input:
+        train=[f"{run_dir(d, r)}/train_log.csv" for d, r in RUNS],
+        valid=[f"{run_dir(d, r)}/valid.csv" for d, r in RUNS],
+    output:
+        png=report(f"{RESULTS}/figures/curves.png", caption="../report/curves.rst", category="Figures"),
+        pdf=f"{RESULTS}/figures/curves.pdf",
+    params:
+        runs=lambda w: f"{RESULTS}/runs",
+        models=[f"{d}/{r}" for d, r in RUNS],
+    log:
+        f"{RESULTS}/logs/report/curves.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/curves.tsv"
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg curves --runs {params.runs} --models {params.models} --out {output.png} {output.pdf} 2> {log}"

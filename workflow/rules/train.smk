@@ -1,5 +1,8 @@
 # Training: one job per (dataset, run); the run config is resolved once and saved beside it.
 
+localrules:
+    run_config,
+
 
 rule run_config:
     output:
@@ -34,9 +37,11 @@ rule train:
     resources:
         mem_mb=compute("train", "mem_mb"),
         runtime=compute("train", "runtime"),
+        cpus_per_task=compute("train", "threads"),
         gpu=compute("train", "gpu"),
+        gpu_model=compute("train", "gpu_model"),
         slurm_extra=compute("train", "slurm_extra"),
     conda:
-        "../../environment.yml"
+        "../envs/diffseg.yaml"
     shell:
         "diffseg train --run-config {input.cfg} --data {params.data} --out {params.out} 2> {log}"

@@ -1,0 +1,352 @@
+"""The tiny workflow on a real one-node SLURM cluster, through ``--profile workflow/profiles/slurm``.
+
+The cluster (``tests/slurm/cluster.py``: munge, MariaDB, slurmdbd, slurmctld, slurmd, a fake GPU)
+is started by this module and stopped after it. The run goes to both tables; then ``sacct``
+must show that the compute jobs (data, train, test) went through SLURM with the CPUs and
+memory their rules ask for, that the local rules (run configs, tables, statistics, figures)
+did not, and that the GPU requests became the plugin's ``--gpus`` option (``ReqTRES`` and
+``scontrol show job``); the jobs themselves run on the CPU.
+
+Skipped, saying why, where SLURM is not installed (``.ci/slurm`` installs it) or cannot be
+started here; with ``DIFFSEG_SLURM_REQUIRED=1`` (``.ci/slurm`` sets it) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm.cluster import Cluster, ClusterError, missing_binaries  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = os.environ.get("DIFFSEG_SLURM_REQUIRED") == "1"
+
+# The end-to-end test's tiny config (tests/test_workflow.py), cut to 3 runs (3d seg, diff and
+# diff-k3) that still fill both tables; compute: asks each stage for distinct resources.
+TINY = {
+    "resources": "resources",
+    "results": "results",
+    "datasets": {
+        "tiny": {
+            "source": "phantom", "anatomy": "pelvis", "num_cases": 6, "seed": 0,
+            "spacing": [0.75, 0.75, 2.5], "shape": [32, 32, 8],
+            "split": {"train": 3, "valid": 1, "test": 2},
+        }
+    },
+    "training": {
+        "model": {"channels": [4, 8], "time_embed_dim": 8},
+        "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
+                  "augment": {"enabled": False}},
+        "optim": {"warmup_steps": 1},
+    },
+    "variants": {"diff-k3": {"diffusion": {"train_steps": 3, "sample_steps": 3}}},
+    "tables": {
+        "table1": {"datasets": ["tiny"], "dims": ["3d"], "cells": {"N": "seg", "Y": "diff"}},
+        "table2": {"dataset": "tiny", "dims": ["3d"],
+                   "ablations": {"steps": {"3": "diff-k3", "5": "diff"}}},
+    },
+    "stats": {"alpha": 0.01},
+    "figures": {"figure2": {"dim": "3d", "cases": 1}},
+    "compute": {
+        "data": {"threads": 1, "mem_mb": 700, "runtime": 10},
+        "train": {"threads": 2, "mem_mb": 1500, "runtime": 15, "gpu": 1},
+        "test": {"threads": 1, "mem_mb": 1200, "runtime": 10, "gpu": 1, "gpu_model": "fake"},
+    },
+}  # fmt: skip
+# rule -> (AllocCPUS, ReqMem, the GPU in ReqTRES or None)
+EXPECTED = {
+    "data": (1, "700M", None),
+    "train": (2, "1500M", "gres/gpu=1"),
+    "test": (1, "1200M", "gres/gpu:fake=1"),
+}
+LOCAL = ("download", "run_config", "table", "stats", "figure2", "figure3", "curves", "data_figure")
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"SLURM required (DIFFSEG_SLURM_REQUIRED=1) but {reason}")
+    pytest.skip(f"no SLURM cluster here: {reason} (.ci/slurm installs and runs it)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        _unavailable(f"not installed: {', '.join(missing)}")
+    if os.geteuid() != 0:
+        _unavailable("the test cluster's daemons run as root, and this is not root")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        _unavailable('snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")')
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+    except (ClusterError, OSError, subprocess.TimeoutExpired) as e:
+        c.stop()
+        _unavailable(f"the cluster did not start: {e}")
+    yield c
+    c.stop()
+
+
+def sacct(cluster: Cluster, since: str, fields: str) -> pd.DataFrame:
+    res = subprocess.run(
+        ["sacct", "-X", "-P", "-a", "-S", since, "-o", fields],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **cluster.env}, check=True,
+    )  # fmt: skip
+    rows = [line.split("|") for line in res.stdout.strip().splitlines()]
+    return pd.DataFrame(rows[1:], columns=rows[0])
+
+
+def rule_of(comment: str) -> str:
+    """The rule of a job from the plugin's ``--comment rule_{name}_wildcards_{...}``."""
+    return comment.removeprefix("rule_").split("_wildcards_")[0]
+
+
+@pytest.mark.slow
+def test_tiny_workflow_on_slurm(cluster, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = work / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    env = {
+        **os.environ, **cluster.env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--profile", str(ROOT / "workflow/profiles/slurm"), "--directory", str(work),
+        "--configfile", str(cfg), "--latency-wait", "10",
+        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=work)
+    elapsed = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    logs = "\n".join(p.read_text()[-1500:] for p in (work / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert res.returncode == 0, f"{out[-5000:]}\n--- job logs ---\n{logs[-5000:]}"
+    print(f"snakemake through SLURM took {elapsed:.0f} s")
+    # The profiles: the slurm one given, profiles/default found beside the Snakefile on its own.
+    assert "Using profile" in out and "workflow specific profile" in out, out[:2000]
+
+    results = work / "results"
+    assert len(pd.read_csv(results / "table1.csv")) == 2
+    assert list(pd.read_csv(results / "table2.csv")["setting"].astype(str)) == ["3", "5"]
+    tt = pd.read_csv(results / "stats" / "ttests.csv")
+    assert len(tt) == 2 and {"p_value", "p_bh", "significant_bh"} <= set(tt.columns)
+    assert (results / "figures" / "curves.png").stat().st_size > 1000
+    for rule in ("data/tiny", "train/tiny/3d-diff", "test/tiny/3d-seg", "report/table1", "report/curves"):
+        assert (results / "benchmarks" / f"{rule}.tsv").is_file(), rule
+
+    jobs = sacct(cluster, since, "JobID,JobName,Comment,State,AllocCPUS,ReqMem,ReqTRES")
+    print(jobs.to_string())
+    assert len(jobs) > 0, "sacct shows no job: nothing went through SLURM"
+    jobs["rule"] = jobs["Comment"].map(rule_of)
+    assert jobs["JobName"].nunique() == 1  # the plugin names every job of a run by its run id
+    assert (jobs["State"] == "COMPLETED").all(), jobs[["rule", "State"]]
+    assert sorted(jobs["rule"]) == ["data"] + ["test"] * 3 + ["train"] * 3
+    assert not set(jobs["rule"]) & set(LOCAL)
+    for _, job in jobs.iterrows():
+        cpus, mem, gpu = EXPECTED[job["rule"]]
+        assert int(job["AllocCPUS"]) == cpus, job.to_dict()
+        assert job["ReqMem"] == mem, job.to_dict()
+        tres = job["ReqTRES"].split(",")
+        if gpu is None:
+            assert not any(t.startswith("gres/gpu") for t in tres), job.to_dict()
+        else:
+            assert gpu in tres, job.to_dict()
+
+    # The GPU request as the controller holds it: the plugin's --gpus=fake:1 for a test job.
+    test_id = jobs.loc[jobs["rule"] == "test", "JobID"].iloc[0]
+    show = subprocess.run(["scontrol", "show", "job", test_id], capture_output=True, text=True,
+                          timeout=30, env=env, check=True).stdout  # fmt: skip
+    assert "TresPerJob=gres:gpu:fake:1" in show, show
+
+
+# -- Deployment conventions, checked without a cluster ----------------------------------------
+
+
+def test_conda_envs_install_this_package_from_the_source():
+    """Every rule's conda: file exists, is valid, and pip-installs the package by a path that
+    resolves to this repository both from the file's folder and from .snakemake/conda/, where
+    Snakemake copies it before conda runs pip beside the copy."""
+    rules = ROOT / "workflow" / "rules"
+    used = set()
+    for smk in rules.glob("*.smk"):
+        text = smk.read_text()
+        for block in text.split("\nrule ")[1:]:
+            if "\n    shell:" in block:
+                assert "\n    conda:\n" in block, f"{smk.name}: rule {block.split(':')[0]} has no conda:"
+        for line in text.split("    conda:\n")[1:]:
+            used.add((rules / line.split("\n")[0].strip().strip('"')).resolve())
+    assert used, "no conda: directive"
+    for env_file in used:
+        assert env_file.is_file() and env_file.parent == ROOT / "workflow" / "envs", env_file
+        env = yaml.safe_load(env_file.read_text())
+        assert env["channels"] and "conda-forge" in env["channels"]
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+        assert "pip" in env["dependencies"]
+        paths = [p.removeprefix("-e").strip() for p in pip if p.startswith(("-e", ".", "/"))]
+        assert len(paths) == 1, pip
+        for base in (env_file.parent, ROOT / ".snakemake" / "conda"):
+            target = (base / paths[0]).resolve()
+            assert (target / "pyproject.toml").is_file(), (base, paths[0])
+            assert 'name = "diffseg"' in (target / "pyproject.toml").read_text()
+
+
+def test_every_computing_rule_has_a_benchmark_and_local_rules_are_local():
+    smk = "\n".join(p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    local = {name.strip().rstrip(",") for block in smk.split("localrules:\n")[1:]
+             for name in block.split("\n\n")[0].split("\n") if name.strip()}  # fmt: skip
+    assert set(LOCAL) <= local
+    for block in smk.split("\nrule ")[1:]:
+        name = block.split(":")[0]
+        if "\n    shell:" in block:
+            assert "\n    benchmark:\n" in block, f"rule {name} computes and has no benchmark:"
+        if name in EXPECTED:
+            assert name not in local
+            assert f'cpus_per_task=compute("{name}", "threads")' in block, name
+
+
+def _dry_run(tmp_path: Path, cfg: dict, *args: str) -> str:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+           str(tmp_path), "--configfile", str(tmp_path / "c.yaml"), "-n", *args]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def test_profiles_are_found_and_compute_becomes_resources(tmp_path):
+    """profiles/default is used on its own, profiles/gpu by name; compute: reaches the jobs as
+    the resources the SLURM plugin reads (cpus_per_task, gpu, gpu_model)."""
+    train = {"threads": 3, "mem_mb": 2000, "gpu": 1, "gpu_model": "a100"}
+    cfg = {**TINY, "compute": {**TINY["compute"], "train": train}}
+    out = _dry_run(tmp_path, cfg)
+    assert f"workflow specific profile {ROOT / 'profiles' / 'default'}" in out or (
+        "workflow specific profile profiles/default" in out
+    ), out[:1500]
+    train = out.split("\nrule train:")[1].split("\n\n")[0]
+    for res in ("cpus_per_task=3", "mem_mb=2000", "gpu=1", "gpu_model=a100"):
+        assert res in train, train
+    out = _dry_run(tmp_path, cfg, "--workflow-profile", "gpu")
+    assert "profiles/gpu" in out, out[:1500]
+
+
+def test_the_plugin_turns_compute_into_sbatch_options():
+    """The sbatch call the installed plugin (>= 1.9) makes from a train job's resources, and its
+    refusal of the schema's old example, slurm_extra: --gres=gpu:a100:1."""
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+    from snakemake_interface_common.exceptions import WorkflowError
+
+    class Resources(dict):
+        __getattr__ = dict.get
+
+    def job(**res):
+        return type("Job", (), {"resources": Resources(res), "threads": res.get("cpus_per_task", 1),
+                                "name": "train", "is_group": lambda self: False})()  # fmt: skip
+
+    params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "rule_train", "account": "",
+              "partition": "", "workdir": "."}  # fmt: skip
+    j = job(cpus_per_task=8, mem_mb=64000, runtime=2880, gpu=1, gpu_model="a100", slurm_extra="")
+    call = get_submit_command(j, params) + set_gres_string(j)
+    for opt in ("--cpus-per-task=8", "--mem 64000", "-t 2880", "--gpus=a100:1"):
+        assert opt in call, (opt, call)
+    j = job(cpus_per_task=2, mem_mb=100, runtime=1, gpu=1, gpu_model="", slurm_extra="")
+    assert set_gres_string(j).strip() == "--gpus=1"
+    assert set_gres_string(job(cpus_per_task=1, gpu=0, gpu_model="")) == ""
+    with pytest.raises(WorkflowError, match="gres|GRES"):
+        validate_slurm_extra(job(slurm_extra="--gres=gpu:a100:1"))
+    assert plugin  # imported for the skip
+
+
+# -- Item 2 of issue 15, preemption: a SKELETON, skipped until `diffseg train` handles SIGTERM -
+#
+# Needs (the reliability issue's SIGTERM handling, being written elsewhere): on SIGTERM,
+# `diffseg train` saves a checkpoint at the current step and exits non-zero, and a rerun in
+# the same run folder resumes from it and rebuilds train_log.csv/valid.csv (Snakemake deletes
+# a failed job's declared outputs before the retry; checkpoints are not declared, so they
+# stay). Whoever lands second fills in `_params_of` and removes the skip.
+PREEMPT_STEPS = 40  # long enough to be caught running: checkpoints every 5 steps
+
+
+def _params_of(run_dir: Path):  # pragma: no cover - skeleton
+    """The trained parameters of a run, to compare (e.g. the best checkpoint's arrays)."""
+    raise NotImplementedError("read the best checkpoint through diffseg.runs.load_trained")
+
+
+@pytest.mark.slow
+@pytest.mark.skip(reason="skeleton: needs SIGTERM checkpoint-and-exit in diffseg train (issue 15 item 2)")
+def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):  # pragma: no cover
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["training"]["train"].update({"steps": PREEMPT_STEPS, "checkpoint_every": 5})
+    cfg["tables"] = {"table2": {"dataset": "tiny", "dims": ["3d"], "ablations": {"steps": {"5": "diff"}}}}
+    cfg["figures"] = {}
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    env = {
+        **os.environ,
+        **cluster.env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--profile", str(ROOT / "workflow/profiles/slurm"), "--directory", str(work),
+        "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
+        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run = work / "results" / "runs" / "tiny" / "3d-diff"
+    # 1. Wait for the train job to run past its first checkpoint, then do what a time limit does.
+    deadline = time.monotonic() + 600
+    job_id = None
+    while time.monotonic() < deadline and job_id is None:
+        q = subprocess.run(
+            ["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True, env=env
+        )
+        running = [line.split()[0] for line in q.stdout.splitlines() if "rule_train" in line]
+        if running and any(run.glob("checkpoint*")):  # the checkpoint layout of diffseg.train
+            job_id = running[0]
+        time.sleep(1)
+    assert job_id, "the train job was never seen running past a checkpoint"
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, env=env)
+    out, _ = proc.communicate(timeout=1200)
+    # 2. Snakemake's retry (retries: 1 in the profile) resumed it and the run finished.
+    assert proc.returncode == 0, out[-5000:]
+    jobs = sacct(cluster, since, "JobID,Comment,State")
+    trains = jobs[jobs["Comment"].map(rule_of) == "train"]
+    assert (
+        len(trains) == 2 and trains["State"].iloc[0] != "COMPLETED" and trains["State"].iloc[1] == "COMPLETED"
+    )
+    # 3. With the parameters of an uninterrupted run of the same config.
+    ref = tmp_path / "ref"
+    res = subprocess.run(
+        [sys.executable, "-m", "diffseg.cli", "train", "--run-config", str(run / "config.yaml"),
+         "--data", str(work / "results/data/tiny"), "--out", str(ref)],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    import jax
+    import numpy as np
+
+    for a, b in zip(jax.tree.leaves(_params_of(run)), jax.tree.leaves(_params_of(ref)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
