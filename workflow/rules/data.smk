@@ -20,7 +20,7 @@ rule download:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg download --config {input.cfg} --dataset {wildcards.dataset} 2> {log}"
+        "diffseg download --config {input.cfg:q} --dataset {wildcards.dataset:q} 2> {log:q}"
 
 
 rule data:
@@ -47,7 +47,7 @@ rule data:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg data --config {input.cfg} --dataset {wildcards.dataset} 2> {log}"
+        "diffseg data --config {input.cfg:q} --dataset {wildcards.dataset:q} 2> {log:q}"
 
 
 rule data_figure:
@@ -68,4 +68,4 @@ rule data_figure:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg data-figure --data {params.data} --out {output} 2> {log}"
+        "diffseg data-figure --data {params.data:q} --out {output:q} 2> {log:q}"

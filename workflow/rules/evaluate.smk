@@ -25,4 +25,4 @@ rule test:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg test --run-dir {params.run_dir} --data {params.data} 2> {log}"
+        "diffseg test --run-dir {params.run_dir:q} --data {params.data:q} 2> {log:q}"

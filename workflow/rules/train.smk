@@ -44,4 +44,4 @@ rule train:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg train --run-config {input.cfg} --data {params.data} --out {params.out} 2> {log}"
+        "diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q} 2> {log:q}"
