@@ -27,11 +27,14 @@ from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text
-from diffseg.parallel import data_mesh, replicated
+from diffseg.parallel import batch_sharding, data_mesh, replicated
 from diffseg.runs import RunCheckpoints, abstract, build_model
+from diffseg.train.feed import BatchFeeder
+from diffseg.train.plan import choose_micro_batch
 from diffseg.train.step import build_optimizer, init_state, make_train_step
 
-LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s"]
+LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s", "skipped"]
+MAX_SKIPPED_IN_A_ROW = 100  # non-finite updates skipped in a row before the run stops with an error
 
 
 def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
@@ -93,9 +96,7 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     copies = replicated(mesh)
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
-    state = jax.device_put(
-        init_state(model, tx, dataset.shape, key_init), copies
-    )
+    state = jax.device_put(init_state(model, tx, dataset.shape, key_init), copies)
 
     checkpoints = RunCheckpoints(run_dir)
     config_hash = _config_hash(run_cfg)
@@ -118,14 +119,22 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
             checkpoints = RunCheckpoints(run_dir)
 
-    images = jax.device_put(train_images, copies)
-    labels = jax.device_put(train_labels, copies)
-    step_fn = make_train_step(model, tx, run_cfg, num_classes, mesh)
+    # The data stay on the host; each step's volumes are sent ahead of the step (train/feed.py).
+    choice = choose_micro_batch(model, tx, run_cfg, num_classes, mesh, dataset.shape)
+    if choice.how == "auto":
+        tqdm.write(f"{run_dir}: {choice.describe()}")
+    step_fn = make_train_step(choice.model, tx, run_cfg, num_classes, mesh, choice.micro_batch)
+    batch_size, seed = int(train_cfg["batch_size"]), int(train_cfg["seed"])
+    feeder = BatchFeeder(
+        train_images, train_labels, batch_size, seed, batch_sharding(mesh), int(state["step"]), total
+    )
+    batches = iter(feeder)
     segmenter = Segmenter(model, state["params"], run_cfg)  # compiled once, reused at each validation
     start = int(state["step"])
     log_every = max(1, int(train_cfg["log_every"]))
     clock, seconds_before = time.perf_counter(), float(logs["seconds"])
     window_start, window_step = clock, start
+    skipped_before, skipped_run = int(state["skipped"]), 0
     progress = tqdm(
         total=total,
         initial=start,
@@ -135,18 +144,28 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
         mininterval=2.0,
     )
     for step in range(start + 1, total + 1):
+        images, labels = next(batches)
         state, loss = step_fn(state, images, labels, key_steps)
         if step % log_every == 0 or step == total:
             loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"{run_dir}: loss is {loss} at step {step}; lower optim.learning_rate"
+            skipped = int(state["skipped"])  # non-finite updates skipped so far (as the reference)
+            if skipped > skipped_before:
+                tqdm.write(
+                    f"{run_dir}: step {step}: {skipped} update(s) skipped so far (non-finite gradients)"
                 )
+            all_skipped = skipped - skipped_before >= step - window_step  # every update of the window
+            skipped_run = skipped_run + step - window_step if all_skipped else 0
+            if skipped_run >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(
+                    f"{run_dir}: loss is {loss} at step {step}, the last {skipped_run} updates skipped"
+                    " (non-finite); lower optim.learning_rate"
+                )
+            skipped_before = skipped
             now = time.perf_counter()
             rate = (step - window_step) / max(now - window_start, 1e-9)
             window_start, window_step = now, step
             lr = float(schedule(step - 1))
-            logs["train"].append([step, loss, lr, seconds_before + now - clock, rate])
+            logs["train"].append([step, loss, lr, seconds_before + now - clock, rate, skipped])
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
         if step % every == 0 or step == total:
@@ -166,6 +185,7 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
                 f" (best {logs['best']['mean_dice']:.4f})"
             )
     progress.close()
+    feeder.close()
     checkpoints.close()
     if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
         _write_outputs(run_dir, logs)
