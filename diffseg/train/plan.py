@@ -134,7 +134,8 @@ def step_memory(
         "micro_batch": int(micro_batch),
         "passes": batch // (mesh.size * int(micro_batch)),
         "remat": bool(getattr(model, "remat", False)),
-        "flops": float(cost.get("flops", np.nan)),
+        # XLA's cost analysis counts a loop's body once: the micro-batch scan runs it ``passes`` times.
+        "flops": float(cost.get("flops", np.nan)) * (batch // (mesh.size * int(micro_batch))),
     }
     for name in ("argument", "output", "temp", "alias"):
         out[f"{name}_bytes"] = int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
@@ -337,7 +338,8 @@ def plan(
                 f"{_gib(t['total_bytes'])}"
             )
         lines += [
-            f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step",
+            f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step"
+            + (f" (XLA's count of one pass × {passes} passes)" if passes > 1 else ""),
             f"arguments: {_gib(xla['argument_bytes'])} per device (state + the step's {batch} volumes;"
             f" the {n_train} training volumes, {_gib(host)}, stay on the host)",
             f"temporaries: {_gib(xla['temp_bytes'])} per device (one pass of {m} volume(s):"
