@@ -3,6 +3,12 @@ and the host-side feeder (volumes from (seed, step), prefetched, resume-safe).""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +130,41 @@ def test_feeder_raises_the_threads_error_in_the_caller():
     feeder = BatchFeeder(images.view(Broken), labels, 2, 0, None, 0, 3)
     with pytest.raises(OSError, match="disk gone"):
         next(iter(feeder))
+
+
+def test_two_devices_with_micro_batches_give_the_one_device_update():
+    """2 devices × 2 volumes in one pass, 2 devices × 2 passes of 1, 1 device × 4: one update."""
+    script = textwrap.dedent(
+        """
+        import jax, numpy as np, optax
+        from jax.sharding import Mesh
+        from tests.test_train_step import SHAPE, TINY, _volumes
+        from diffseg.config import resolve_run_config
+        from diffseg.parallel import batch_sharding
+        from diffseg.runs import build_model
+        from diffseg.train.feed import batch_indices
+        from diffseg.train.step import init_state, make_train_step
+        assert len(jax.devices()) == 2
+        cfg = resolve_run_config(TINY, "toy", "3d-seg", {"train.batch_size": 4})
+        model, tx = build_model(cfg, 3), optax.sgd(0.5)
+        images, labels = _volumes()
+        out = []
+        for devices, m in [(jax.devices()[:1], None), (jax.devices(), 1), (jax.devices(), None)]:
+            mesh = Mesh(np.array(devices), ("data",))
+            state = init_state(model, tx, SHAPE, jax.random.key(0))
+            step = make_train_step(model, tx, cfg, 3, mesh, m)
+            for s in range(2):
+                idx = batch_indices(7, s, 4, len(images))
+                batch = [jax.device_put(a[idx], batch_sharding(mesh)) for a in (images, labels)]
+                state, _ = step(state, *batch, jax.random.key(1))
+            out.append(state["params"])
+        for other in out[1:]:
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), other, out[0])
+        print("ok")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
