@@ -67,6 +67,9 @@ BASE: dict[str, Any] = {
     "train": {
         "steps": 12500,
         "batch_size": 8,  # volumes per step, in 2D too (the 2D network sees all their slices)
+        # Volumes per device per pass, gradients accumulated to batch_size: null = all at once;
+        # auto = the largest that fits the device (XLA's compiled memory analysis, 10 % headroom).
+        "micro_batch": None,
         "checkpoint_every": 500,
         "log_every": 10,
         "bf16": False,

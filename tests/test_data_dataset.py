@@ -47,6 +47,32 @@ def test_load_dataset(phantom_dir):
         ds.split("bogus")
 
 
+def test_the_memory_mapped_cache_gives_the_nifti_arrays(phantom_dir, tmp_path):
+    import os
+    import shutil
+
+    for split in ("train", "valid", "test"):
+        assert (phantom_dir / "cache" / f"{split}_images.npy").is_file()
+    uids, images, labels = load_dataset(phantom_dir).split("train")
+    assert isinstance(images, np.memmap) and isinstance(labels, np.memmap) and not images.flags.writeable
+    copy = tmp_path / "nifti_only"
+    shutil.copytree(phantom_dir, copy)
+    shutil.rmtree(copy / "cache")
+    uids2, images2, labels2 = load_dataset(copy).split("train")
+    assert not isinstance(images2, np.memmap) and uids2 == uids
+    np.testing.assert_array_equal(np.asarray(images), images2)
+    np.testing.assert_array_equal(np.asarray(labels), labels2)
+    assert images.dtype == images2.dtype == np.float32 and labels.dtype == labels2.dtype == np.uint8
+    # a NIfTI file changed after the cache was written: the cache is stale, the files are read
+    stale = tmp_path / "stale"
+    shutil.copytree(phantom_dir, stale)
+    path = stale / "images" / f"{uids[0]}.nii.gz"
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert not isinstance(load_dataset(stale).split("train")[1], np.memmap)
+    assert isinstance(load_dataset(stale).split("valid")[1], np.memmap)  # the other splits still count
+
+
 def test_missing_file_and_empty_split(phantom_dir, tmp_path):
     import shutil
 

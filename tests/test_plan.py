@@ -36,9 +36,10 @@ def test_plan_counts_parameters_and_compiles_the_step_without_running_it():
     assert "t = [1, 251, 501, 751, 1001]" in text and "2 forward passes" in text
     xla = facts["xla"]
     assert xla["flops"] > 0 and xla["temp_bytes"] > 0
-    # the 3 training volumes (float32 images, uint8 labels) are arguments of the step
-    assert xla["argument_bytes"] >= 3 * 16 * 16 * 8 * 5
-    assert facts["fits"] is True and "fits 0.93 GiB: yes" in text
+    # the step's 2 volumes (float32 images, uint8 labels) are arguments; the 3 training ones stay home
+    assert xla["argument_bytes"] >= 2 * 16 * 16 * 8 * 5 and facts["host_data_bytes"] == 3 * 16 * 16 * 8 * 5
+    assert facts["micro_batch"] == 2 and xla["passes"] == 1 and "micro-batch: 2 volume(s)" in text
+    assert facts["fits"] is True and "fits 0.93 GiB (less 10% headroom: 0.84 GiB): yes" in text
     assert "time conditioning: reference (the reference's placement" in text
 
 
@@ -67,7 +68,7 @@ def test_the_2d_step_runs_every_slice_of_each_volume(monkeypatch):
     step = make_train_step(model, tx, cfg, 3, data_mesh())
     images = jnp.zeros((3, 16, 16, 8))
     labels = jnp.zeros((3, 16, 16, 8), jnp.uint8)
-    step(state, images, labels, jax.random.key(1))
+    step(state, images[:2], labels[:2], jax.random.key(1))
     assert seen, "the 2D network did not fold depth into its batch"
     # recycling: a forward pass without gradient, then the trained pass: 2 volumes -> 16 slices each
     assert {s[0] for s in seen} == {2} and all(s[1:4] == (16, 16, 8) for s in seen) and len(seen) >= 2
@@ -108,3 +109,18 @@ def test_plan_cli_writes_json_and_rejects_bad_sizes(tmp_path, capsys):
     assert parse_bytes("16GiB") == 16 * 2**30 and parse_bytes("80 GB") == 80 * 10**9
     with pytest.raises(ConfigError, match="datasets.toy.shape"):
         plan({**TINY, "datasets": {"toy": {"source": "phantom"}}}, "toy", "3d-seg", compile_step=False)
+
+
+def test_plan_auto_picks_the_largest_micro_batch_that_fits():
+    cfg = {
+        **TINY,
+        "training": {**TINY["training"], "train": {"batch_size": 4, "steps": 3, "micro_batch": "auto"}},
+    }
+    roomy, text = plan(cfg, "toy", "3d-seg", device_memory=parse_bytes("1GB"))
+    assert roomy["micro_batch"] == 4 and roomy["fits"] and "train.micro_batch: auto" in text
+    one = roomy["tried"][0]
+    assert one["micro_batch"] == 1 and one["total_bytes"] < roomy["xla"]["total_bytes"]
+    # room for 1 volume per pass, not 2: auto runs the step as 4 passes of 1
+    tight, text = plan(cfg, "toy", "3d-seg", device_memory=int(one["total_bytes"] / 0.9 + 16))
+    assert tight["micro_batch"] == 1 and tight["xla"]["passes"] == 4 and tight["fits"], text
+    assert "4 pass(es) per step" in text

@@ -187,20 +187,24 @@ def test_changed_data_retrains_and_stale_predictions_are_recomputed(
     assert (metrics["data_fingerprint"] == best["data_fingerprint"]).all()
 
 
-def test_a_nonfinite_loss_is_never_checkpointed(toy_data, tmp_path, monkeypatch):  # noqa: F811
+def test_a_nonfinite_state_is_never_checkpointed(toy_data, tmp_path, monkeypatch):  # noqa: F811
+    """The step skips non-finite updates; parameters broken anyway stop the run before any save."""
+    import jax
     import jax.numpy as jnp
 
     import diffseg.train.loop as loop
 
-    def nan_at_step_2(*args, **kwargs):
-        def step(state, *rest):  # no network: the loop's checks are what is tested
-            loss = jnp.nan if int(state["step"]) == 1 else 1.0
-            return {**state, "step": state["step"] + 1}, jnp.asarray(loss)
+    def nan_params_at_step_2(*args, **kwargs):
+        def step(state, *rest):  # no network: the loop's check before saving is what is tested
+            params = state["params"]
+            if int(state["step"]) == 1:
+                params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+            return {**state, "params": params, "step": state["step"] + 1}, jnp.asarray(1.0)
 
         return step
 
-    monkeypatch.setattr(loop, "make_train_step", nan_at_step_2)
-    with pytest.raises(FloatingPointError, match="non-finite loss between steps 1 and 3; nothing was saved"):
+    monkeypatch.setattr(loop, "make_train_step", nan_params_at_step_2)
+    with pytest.raises(FloatingPointError, match="parameters not finite at step 3; nothing was saved"):
         loop.train_run(run_cfg(log_every=100), toy_data, tmp_path)  # no logging step before the save
     assert RunCheckpoints(tmp_path).latest_step() is None
 

@@ -21,6 +21,7 @@ from diffseg.data.preprocess import write_nifti
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0
 from diffseg.parallel import data_mesh
 from diffseg.runs import build_model
+from diffseg.train.feed import batch_indices
 from diffseg.train.losses import cross_entropy, dice_loss, segmentation_loss
 from diffseg.train.step import (
     build_optimizer,
@@ -160,8 +161,9 @@ def _losses(run: str, steps: int, mesh=None, **train) -> np.ndarray:
     state = init_state(model, tx, images.shape[1:], jax.random.key(0))
     step = make_train_step(model, tx, cfg, 3, mesh)
     out = []
-    for _ in range(steps):
-        state, loss = step(state, jnp.asarray(images), jnp.asarray(labels), jax.random.key(1))
+    for s in range(steps):
+        index = batch_indices(0, s, int(cfg["train"]["batch_size"]), len(images))  # as the loop's feeder
+        state, loss = step(state, jnp.asarray(images[index]), jnp.asarray(labels[index]), jax.random.key(1))
         out.append(float(loss))
     return np.array(out)
 

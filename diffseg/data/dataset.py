@@ -1,8 +1,17 @@
-"""Loading a prepared dataset (``results/data/{name}``); ``augment_batch`` lives in ``augment.py``."""
+"""Loading a prepared dataset (``results/data/{name}``); ``augment_batch`` lives in ``augment.py``.
+
+Besides the NIfTI files, the data stage writes an uncompressed cache of every split (``write_cache``):
+``cache/{split}_images.npy`` (float32 ``(N, X, Y, Z)``), ``cache/{split}_labels.npy`` (uint8) and
+``cache/{split}.json`` (the uids in order, the shape, and the size and mtime of each NIfTI file it
+was made from; written last). ``Dataset.split`` memory-maps it (``np.load(mmap_mode="r")``) when it
+is present and up to date, so a split larger than RAM is read volume by volume as training asks
+for it; otherwise it reads the NIfTI files into memory, as before.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +21,53 @@ from diffseg.data.augment import augment_batch
 from diffseg.data.preprocess import read_nifti
 from diffseg.data.splits import SPLITS, read_split_csv
 from diffseg.errors import DataError, fmt_shape
+from diffseg.io import atomic_path, atomic_write_json
 
-__all__ = ["Dataset", "augment_batch", "load_dataset"]
+__all__ = ["Dataset", "augment_batch", "load_dataset", "write_cache"]
+
+CACHE = "cache"
+
+
+def _sources(data_dir: Path, uids: list[str]) -> list[list[int]]:
+    """Size and mtime (ns) of each uid's image and label NIfTI: what the cache was made from."""
+    out = []
+    for uid in uids:
+        row = []
+        for sub in ("images", "labels"):
+            st = os.stat(data_dir / sub / f"{uid}.nii.gz")
+            row += [st.st_size, st.st_mtime_ns]
+        out.append(row)
+    return out
+
+
+def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int]) -> None:
+    """Write the uncompressed, memory-mappable cache of every split of ``data_dir`` (see the module).
+
+    Reads ``split.csv`` and the NIfTI files volume by volume into ``.npy`` files opened with
+    ``open_memmap`` (never the whole split in memory); each file is written atomically and the
+    manifest ``{split}.json`` last, so an interrupted write leaves no cache that counts.
+    """
+    data_dir = Path(data_dir)
+    shape = tuple(int(s) for s in shape)
+    split = read_split_csv(data_dir / "split.csv")
+    (data_dir / CACHE).mkdir(exist_ok=True)
+    for name in SPLITS:
+        uids = sorted(u for u, s in split.items() if s == name)
+        if not uids:
+            continue
+        for sub, dtype in (("images", np.float32), ("labels", np.uint8)):
+            with atomic_path(data_dir / CACHE / f"{name}_{sub}.npy") as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *shape))
+                for i, uid in enumerate(uids):
+                    path = data_dir / sub / f"{uid}.nii.gz"
+                    data, _ = read_nifti(path)
+                    if data.shape != shape:
+                        raise DataError(f"{path}: shape {data.shape}, expected {shape}")
+                    out[i] = data
+                out.flush()
+                del out
+        manifest = {"uids": uids, "shape": list(shape), "sources": _sources(data_dir, uids)}
+        atomic_write_json(data_dir / CACHE / f"{name}.json", manifest)
 
 
 class Dataset:
@@ -67,13 +121,46 @@ class Dataset:
             )
         return sorted(u for u, s in self._split.items() if s == name)
 
+    def cached(self, name: str) -> tuple[np.memmap, np.memmap] | None:
+        """Split ``name``'s uncompressed cache, memory-mapped read-only, if present and up to date
+        (same uids and shape, NIfTI files unchanged since it was written); else ``None``."""
+        folder = self.dir / CACHE
+        try:
+            manifest = json.loads((folder / f"{name}.json").read_text())
+            uids = self.uids(name)
+            if manifest["uids"] != uids or tuple(manifest["shape"]) != self.shape:
+                return None
+            if manifest["sources"] != _sources(self.dir, uids):
+                return None
+            images = np.load(folder / f"{name}_images.npy", mmap_mode="r")
+            labels = np.load(folder / f"{name}_labels.npy", mmap_mode="r")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        want = (len(uids), *self.shape)
+        if (
+            images.shape != want
+            or labels.shape != want
+            or images.dtype != np.float32
+            or labels.dtype != np.uint8
+        ):
+            return None
+        return images, labels
+
     def split(self, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Load split ``name``: ``(uids, images (N, X, Y, Z) float32, labels (N, X, Y, Z) uint8)``; cached."""
+        """Load split ``name``: ``(uids, images (N, X, Y, Z) float32, labels (N, X, Y, Z) uint8)``; cached.
+
+        Memory-mapped (read-only ``np.memmap``) from the data stage's cache when it is up to date,
+        else read from the NIfTI files into memory.
+        """
         if name in self._cache:
             return self._cache[name]
         uids = self.uids(name)
         if not uids:
             raise DataError(f"{self.dir / 'split.csv'}: split {name!r} is empty")
+        mapped = self.cached(name)
+        if mapped is not None:
+            self._cache[name] = (uids, *mapped)
+            return self._cache[name]
         images = np.empty((len(uids), *self.shape), np.float32)
         labels = np.empty((len(uids), *self.shape), np.uint8)
         for i, uid in enumerate(uids):

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from diffseg.data.dataset import write_cache
 from diffseg.data.phantom import generate_phantom
 from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case, write_nifti
 from diffseg.data.sources import list_source
@@ -174,6 +175,7 @@ def prepare_dataset(
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
+        write_cache(tmp, shape)  # uncompressed, memory-mappable copy of each split (data/dataset.py)
         atomic_write_json(tmp / "dataset.json", info)
         info["fingerprint"] = compute_fingerprint(tmp)  # what runs trained on it are tied to
         atomic_write_json(tmp / "dataset.json", info)  # last: the dataset is complete

@@ -32,13 +32,17 @@ from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
-from diffseg.parallel import data_mesh, replicated
+from diffseg.parallel import batch_sharding, data_mesh, replicated
 from diffseg.progress import Progress
 from diffseg.runs import RunCheckpoints, abstract, build_model
+from diffseg.train.feed import BatchFeeder
+from diffseg.train.plan import choose_micro_batch
 from diffseg.train.step import build_optimizer, init_state, make_train_step
 
-# session: which start of the process ran the step (0 first, 1 after the first resume, ...).
-LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s", "session"]
+# session: which start of the process ran the step (0 first, 1 after the first resume, ...);
+# skipped: updates skipped so far because their loss or gradients were not finite.
+LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s", "session", "skipped"]
+MAX_SKIPPED_IN_A_ROW = 100  # non-finite updates skipped in a row before the run stops with an error
 
 
 def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
@@ -110,12 +114,19 @@ def _owner(saved: dict[str, Any] | None, run_dir: Path) -> tuple[Any, Any] | Non
     return None
 
 
-def _check_finite(flag: jax.Array, run_dir: Path, since: int, step: int, saved_step: int | None) -> None:
-    """``FloatingPointError`` before anything is saved when a loss in ``(since, step]`` was not finite."""
-    if bool(flag):
+def _check_finite(state: dict[str, Any], run_dir: Path, step: int, saved_step: int | None) -> None:
+    """``FloatingPointError`` before a save when the parameters are not finite.
+
+    The step skips non-finite updates, so this guards against what skipping cannot catch
+    (a finite loss with parameters already broken): a non-finite state is never checkpointed.
+    """
+    finite = jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), state["params"]), jnp.bool_(True)
+    )
+    if not bool(finite):
         where = f"the last checkpoint (step {saved_step}) is kept" if saved_step else "nothing was saved"
         raise FloatingPointError(
-            f"{run_dir}: non-finite loss between steps {since + 1} and {step}; {where};"
+            f"{run_dir}: parameters not finite at step {step}; {where};"
             " lower optim.learning_rate or check the data"
         )
 
@@ -231,37 +242,53 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
             flush=True,
         )
 
-    images = jax.device_put(train_images, copies)
-    labels = jax.device_put(train_labels, copies)
-    step_fn = make_train_step(model, tx, run_cfg, num_classes, mesh)
+    # The data stay on the host; each step's volumes are sent ahead of the step (train/feed.py).
+    choice = choose_micro_batch(model, tx, run_cfg, num_classes, mesh, dataset.shape)
+    if choice.how == "auto":
+        print(f"{run_dir}: {choice.describe()}", file=sys.stderr, flush=True)
+    step_fn = make_train_step(choice.model, tx, run_cfg, num_classes, mesh, choice.micro_batch)
+    batch_size, seed = int(train_cfg["batch_size"]), int(train_cfg["seed"])
+    feeder = BatchFeeder(
+        train_images, train_labels, batch_size, seed, batch_sharding(mesh), int(state["step"]), total
+    )
+    batches = iter(feeder)
     segmenter = Segmenter(model, state["params"], run_cfg)  # compiled once, reused at each validation
     start = int(state["step"])
     log_every = max(1, int(train_cfg["log_every"]))
     clock, seconds_before = time.perf_counter(), float(logs["seconds"])
     window_start, window_step = clock, start
     saved_step = start or None
-    checked = start  # non-finite losses are checked up to here
-    nonfinite = jnp.zeros((), bool)
+    skipped_before, skipped_run = int(state["skipped"]), 0
     progress = Progress(total, progress_desc, initial=start)
     with _StopOnSignal() as stop:
         for step in range(start + 1, total + 1):
+            images, labels = next(batches)
             state, loss = step_fn(state, images, labels, key_steps)
-            nonfinite = jnp.logical_or(nonfinite, ~jnp.isfinite(loss))  # on device: no blocking
             progress.update(1)
             if step % log_every == 0 or step == total:
                 loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
-                _check_finite(nonfinite, run_dir, checked, step, saved_step)
-                checked = step
+                skipped = int(state["skipped"])  # non-finite updates skipped so far (as the reference)
+                if skipped > skipped_before:
+                    progress.write(f"{run_dir}: step {step}: {skipped} update(s) skipped so far (non-finite)")
+                all_skipped = skipped - skipped_before >= step - window_step  # every update of the window
+                skipped_run = skipped_run + step - window_step if all_skipped else 0
+                if skipped_run >= MAX_SKIPPED_IN_A_ROW:
+                    raise FloatingPointError(
+                        f"{run_dir}: loss is {loss} at step {step}, the last {skipped_run} updates skipped"
+                        " (non-finite); lower optim.learning_rate or check the data"
+                    )
+                skipped_before = skipped
                 now = time.perf_counter()
                 rate = (step - window_step) / max(now - window_start, 1e-9)
                 window_start, window_step = now, step
                 lr = float(schedule(step - 1))
-                logs["train"].append([step, loss, lr, seconds_before + now - clock, rate, logs["session"]])
+                logs["train"].append(
+                    [step, loss, lr, seconds_before + now - clock, rate, logs["session"], skipped]
+                )
                 progress.log(loss=loss, lr=lr)
             interrupted = stop.signum is not None
             if step % every == 0 or step == total or interrupted:
-                _check_finite(nonfinite, run_dir, checked, step, saved_step)  # never save a NaN state
-                checked = step
+                _check_finite(state, run_dir, step, saved_step)  # never save a non-finite state
                 if step % every == 0 or step == total:
                     segmenter.params = state["params"]
                     score = validate(
@@ -292,9 +319,11 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
                 _write_outputs(run_dir, logs)
             if interrupted:
                 progress.close()
+                feeder.close()
                 checkpoints.close()
                 raise TrainingInterrupted(int(stop.signum), step, run_dir)
     progress.close()
+    feeder.close()
     checkpoints.close()
     if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
         _write_outputs(run_dir, logs)

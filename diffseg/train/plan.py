@@ -15,7 +15,9 @@ on a GPU the plan is that of the convolutions training would use anyway.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,9 @@ from diffseg.config import resolve_run_config
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.errors import ConfigError
-from diffseg.parallel import data_mesh
+from diffseg.parallel import batch_sharding, data_mesh
 from diffseg.runs import build_model, count_parameters, init_params
-from diffseg.train.step import build_optimizer, init_state, make_train_step
+from diffseg.train.step import build_optimizer, check_micro_batch, init_state, make_train_step
 
 # Training cases of the downloaded datasets (DESIGN.md, Datasets), for the plan's data bytes.
 KNOWN_TRAIN_CASES = {"prostate_mr": 411, "abdominal_ct": 200}
@@ -83,28 +85,171 @@ def train_cases(name: str, ds_cfg: Mapping[str, Any], results: str | Path) -> in
     raise ConfigError(f"datasets.{name}.split.train: needed to plan (or prepare the dataset first)")
 
 
-def xla_plan(
-    run_cfg: dict[str, Any], num_classes: int, volume_shape: tuple[int, ...], n_train: int
+HEADROOM = 0.10  # share of a device's memory left free by micro_batch auto (fragmentation, workspaces)
+
+
+def device_memory_bytes(device: Any = None) -> int | None:
+    """The memory of ``device`` (default: the first local one) that XLA may allocate.
+
+    An accelerator's ``memory_stats()["bytes_limit"]``; on the CPU the machine's physical memory.
+    ``None`` when neither is known.
+    """
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_memory(
+    model: Any,
+    tx: Any,
+    run_cfg: dict[str, Any],
+    num_classes: int,
+    mesh: Any,
+    volume_shape: tuple[int, ...],
+    micro_batch: int,
 ) -> dict[str, Any]:
-    """Compile (never run) the run's train step on abstract arrays; XLA's FLOPs and bytes per device."""
-    model = build_model(run_cfg, num_classes, conv_impl="xla")
-    tx, _ = build_optimizer(run_cfg)
-    mesh = data_mesh()
-    step = make_train_step(model, tx, run_cfg, num_classes, mesh)
+    """Compile (never run) the train step with ``micro_batch`` volumes per device per pass, on
+    abstract arrays; XLA's FLOPs and bytes per device (``argument``: the state and the step's
+    ``B`` volumes; ``temp``: what one micro-batch pass needs; ``total`` counts the donated,
+    aliased state once)."""
+    step = make_train_step(model, tx, run_cfg, num_classes, mesh, micro_batch)
     state = jax.eval_shape(lambda: init_state(model, tx, volume_shape, jax.random.key(0)))
-    images = jax.ShapeDtypeStruct((n_train, *volume_shape), jnp.float32)
-    labels = jax.ShapeDtypeStruct((n_train, *volume_shape), jnp.uint8)
+    batch = int(run_cfg["train"]["batch_size"])
+    split = batch_sharding(mesh)
+    images = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.float32, sharding=split)
+    labels = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.uint8, sharding=split)
     key = jax.eval_shape(lambda: jax.random.key(0))
     compiled = step.lower(state, images, labels, key).compile()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     memory = compiled.memory_analysis()
-    out = {"backend": jax.default_backend(), "devices": mesh.size, "flops": float(cost.get("flops", np.nan))}
+    out = {
+        "backend": jax.default_backend(),
+        "devices": mesh.size,
+        "micro_batch": int(micro_batch),
+        "passes": batch // (mesh.size * int(micro_batch)),
+        "remat": bool(getattr(model, "remat", False)),
+        # XLA's cost analysis counts a loop's body once: the micro-batch scan runs it ``passes`` times.
+        "flops": float(cost.get("flops", np.nan)) * (batch // (mesh.size * int(micro_batch))),
+    }
     for name in ("argument", "output", "temp", "alias"):
         out[f"{name}_bytes"] = int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
     # Donated state is aliased to the output: count it once.
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     return out
+
+
+@dataclass
+class MicroBatchChoice:
+    """What ``choose_micro_batch`` settled on: volumes per device per pass, the network to build
+    the step with (remat possibly switched on), and XLA's plan of that step when compiled."""
+
+    micro_batch: int
+    model: Any
+    how: str  # "config" | "auto"
+    budget: int | None = None  # bytes auto had: device memory minus headroom
+    xla: dict[str, Any] | None = None
+    tried: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.budget is None or self.xla is None:
+            return None
+        return self.xla["total_bytes"] <= self.budget
+
+    def describe(self) -> str:
+        remat = bool(getattr(self.model, "remat", False))
+        text = (
+            f"micro-batch: {self.micro_batch} volume(s) per device per pass, remat {'on' if remat else 'off'}"
+        )
+        if self.how == "auto" and self.xla is not None:
+            text += f" (auto: {_gib(self.xla['total_bytes'])} of {_gib(self.budget or 0)} per device)"
+        return text
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def choose_micro_batch(
+    model: Any,
+    tx: Any,
+    run_cfg: dict[str, Any],
+    num_classes: int,
+    mesh: Any,
+    volume_shape: tuple[int, ...],
+    device_memory: int | None = None,
+    headroom: float = HEADROOM,
+) -> MicroBatchChoice:
+    """Resolve ``train.micro_batch``: an integer or null is taken as is (validated); ``auto`` is
+    the largest divisor of ``batch_size / devices`` whose compiled step (XLA's memory analysis,
+    on this backend) fits ``device_memory`` (default: the device's, ``device_memory_bytes``)
+    minus ``headroom``.
+
+    Auto first compiles one volume per pass with the configured ``model.remat``; its bytes give
+    a linear guess (state and batch + m × one volume's temporaries) for the largest m, which is
+    then compiled to check (and lowered until it fits). Only when a single volume does not fit
+    without remat does auto switch ``model.remat`` on (the reference network only), since remat
+    costs a second forward pass. If nothing fits, it returns 1 volume per pass (remat on where
+    possible) and ``fits`` is False.
+    """
+    value = run_cfg["train"].get("micro_batch")
+    if value != "auto":
+        return MicroBatchChoice(check_micro_batch(run_cfg, mesh.size, value), model, "config")
+    per_device = check_micro_batch({"train": {**run_cfg["train"], "micro_batch": None}}, mesh.size)
+    memory = device_memory if device_memory is not None else device_memory_bytes()
+    if memory is None:
+        raise ConfigError("train.micro_batch: auto needs the device's memory, which is unknown here")
+    budget = int(memory * (1.0 - headroom))
+    models = [model]
+    if not getattr(model, "remat", True) and hasattr(model, "clone"):
+        models.append(model.clone(remat=True))
+    tried: list[dict[str, Any]] = []
+
+    def measure(net: Any, m: int) -> dict[str, Any]:
+        plan = step_memory(net, tx, run_cfg, num_classes, mesh, volume_shape, m)
+        tried.append(plan)
+        return plan
+
+    for net in models:
+        one = measure(net, 1)
+        if one["total_bytes"] > budget:
+            continue
+        fixed = one["total_bytes"] - one["temp_bytes"]
+        guess = max(1, int((budget - fixed) // max(one["temp_bytes"], 1)))
+        for m in _divisors_desc(per_device):
+            if m == 1:
+                return MicroBatchChoice(1, net, "auto", budget, one, tried)
+            if m > guess:
+                continue
+            plan = measure(net, m)
+            if plan["total_bytes"] <= budget:
+                return MicroBatchChoice(m, net, "auto", budget, plan, tried)
+    return MicroBatchChoice(1, models[-1], "auto", budget, tried[-1], tried)
+
+
+def xla_plan(
+    run_cfg: dict[str, Any],
+    num_classes: int,
+    volume_shape: tuple[int, ...],
+    device_memory: int | None = None,
+) -> tuple[MicroBatchChoice, dict[str, Any]]:
+    """The run's step as training would build it (micro-batch and remat resolved for
+    ``device_memory``), compiled, never run; XLA's FLOPs and bytes per device."""
+    model = build_model(run_cfg, num_classes, conv_impl="xla")
+    tx, _ = build_optimizer(run_cfg)
+    mesh = data_mesh()
+    choice = choose_micro_batch(model, tx, run_cfg, num_classes, mesh, volume_shape, device_memory)
+    if choice.xla is None:
+        choice.xla = step_memory(
+            choice.model, tx, run_cfg, num_classes, mesh, volume_shape, choice.micro_batch
+        )
+    return choice, choice.xla
 
 
 def _gib(n: float) -> str:
@@ -169,25 +314,50 @@ def plan(
     lines.append(f"precision: {precision}; steps: {train_cfg['steps']}")
     if compile_step:
         n_train = train_cases(dataset, ds_cfg, results)
-        xla = xla_plan(run_cfg, num_classes, shape, n_train)
+        host = n_train * int(np.prod(shape)) * 5  # float32 images + uint8 labels
+        choice, xla = xla_plan(run_cfg, num_classes, shape, device_memory)
         facts["xla"] = xla
+        facts["micro_batch"] = choice.micro_batch
+        facts["remat"] = xla["remat"]
+        facts["host_data_bytes"] = host
+        facts["tried"] = [
+            {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes")} for t in choice.tried
+        ]
+        m, passes = xla["micro_batch"], xla["passes"]
+        how = "train.micro_batch: auto" if choice.how == "auto" else "train.micro_batch"
         lines += [
             "",
             f"## XLA's plan of one step (compiled for {xla['backend']}, {xla['devices']} device(s), not run)",
             "",
+            f"micro-batch: {m} volume(s) per device per pass, {passes} pass(es) per step ({how}); "
+            f"remat: {'on' if xla['remat'] else 'off'}",
         ]
+        for t in choice.tried if choice.how == "auto" else []:
+            lines.append(
+                f"  auto tried {t['micro_batch']} volume(s) per pass, remat {'on' if t['remat'] else 'off'}: "
+                f"{_gib(t['total_bytes'])}"
+            )
         lines += [
-            f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step",
-            f"arguments: {_gib(xla['argument_bytes'])} per device (state + the {n_train} training volumes)",
-            f"temporaries: {_gib(xla['temp_bytes'])} per device",
+            f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step"
+            + (f" (XLA's count of one pass × {passes} passes)" if passes > 1 else ""),
+            f"arguments: {_gib(xla['argument_bytes'])} per device (state + the step's {batch} volumes;"
+            f" the {n_train} training volumes, {_gib(host)}, stay on the host)",
+            f"temporaries: {_gib(xla['temp_bytes'])} per device (one pass of {m} volume(s):"
+            f" {_gib(xla['temp_bytes'] / m)} per volume)",
             f"outputs: {_gib(xla['output_bytes'])} (donated state aliased: {_gib(xla['alias_bytes'])})",
             f"total: {_gib(xla['total_bytes'])} per device",
         ]
         if device_memory is not None:
-            fits = xla["total_bytes"] <= device_memory
+            budget = int(device_memory * (1.0 - HEADROOM))
+            fits = xla["total_bytes"] <= budget
             facts["fits"] = fits
             lines.append(
-                f"fits {_gib(device_memory)}: {'yes' if fits else 'no'}"
-                + ("" if fits else " (lower train.batch_size, use model.remat, or a larger device)")
+                f"fits {_gib(device_memory)} (less {HEADROOM:.0%} headroom: {_gib(budget)}): "
+                + ("yes" if fits else "no")
+                + (
+                    ""
+                    if fits
+                    else " (set train.micro_batch: auto or lower, model.remat: true, or a larger device)"
+                )
             )
     return facts, "\n".join(lines) + "\n"

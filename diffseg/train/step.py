@@ -1,12 +1,24 @@
-"""One jitted training step: sample a batch on device, augment, noise (with recycling), update.
+"""One jitted training step: augment, noise (with recycling), accumulate gradients, update.
 
-The whole step, batch sampling included, is one XLA program: the training volumes live on
-the devices (replicated), the batch axis is sharded over all local devices (data parallel,
-``jax.sharding``), and parameters are replicated, so XLA inserts the gradient all-reduce.
+The batch is gathered on the host (``diffseg.train.feed``) and arrives on the devices already
+sharded along its batch axis (data parallel, ``jax.sharding``); parameters are replicated, so
+XLA inserts the gradient all-reduce. Device memory holds the step, never the dataset.
 
-Shapes: training volumes ``(N, X, Y, Z)``; a batch is ``(B, X, Y, Z, ·)`` in 2D and 3D alike: the
-2D network sees all ``B·Z`` axial slices and the loss is taken on the reassembled volumes, as
-in the reference (``batch_size`` counts volumes).
+Shapes: a batch is ``images (B, X, Y, Z)`` float32 and ``labels (B, X, Y, Z)`` integer, ``B =
+train.batch_size`` volumes, in 2D and 3D alike: the 2D network sees all ``B·Z`` axial slices and
+the loss is taken on the reassembled volumes, as in the reference (``batch_size`` counts volumes).
+
+Micro-batches (``train.micro_batch`` = m volumes per device per pass): the ``B`` volumes are
+run as ``B / (m · devices)`` passes in a ``lax.scan`` whose gradients (and losses) are averaged.
+Every loss is a mean over equally sized samples (``diffseg.train.losses``), so the mean of the
+micro-batches' mean losses is the batch's mean loss. All randomness is drawn **per sample**,
+from ``fold_in(step key, global sample index)`` (augmentation, diffusion position k, noise,
+recycling noise), and the volumes are chosen on the host from (seed, step): the update does not
+depend on the micro-batch size (up to float rounding in the sums).
+
+Non-finite updates are skipped, as in the reference: when the loss or any gradient is not
+finite, parameters and optimizer state are kept, ``state["step"]`` still advances (the next
+step draws fresh randomness) and ``state["skipped"]`` counts it.
 """
 
 from __future__ import annotations
@@ -17,15 +29,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffseg.data import augment_batch
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0, x0_to_logits
+from diffseg.errors import ConfigError
 from diffseg.parallel import batch_sharding
 from diffseg.runs import init_params
 from diffseg.train.losses import segmentation_loss
 
-State = dict[str, Any]  # {"params", "opt_state", "step"}
+State = dict[str, Any]  # {"params", "opt_state", "step", "skipped"}
 
 
 def build_optimizer(run_cfg: dict[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -57,29 +70,30 @@ def init_state(
 ) -> State:
     """Fresh parameters and optimizer state for volumes of ``volume_shape`` ``(X, Y, Z)``."""
     params = init_params(model, volume_shape, key)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers (both donated)
+    return {"params": params, "opt_state": tx.init(params), "step": step, "skipped": skipped}
 
 
-def sample_batch(
-    key: jax.Array,
-    images: jax.Array,
-    labels: jax.Array,
-    batch_size: int,
-    augment_cfg: dict[str, Any],
+def sample_keys(step_key: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per sample: ``fold_in(step_key, i)`` for each global sample index ``i`` ``(n,)``."""
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
+
+
+def augment_samples(
+    keys: jax.Array, images: jax.Array, labels: jax.Array, augment_cfg: dict[str, Any]
 ) -> tuple[jax.Array, jax.Array]:
-    """Random (augmented) training volumes, for the 2D and the 3D network alike.
+    """``augment_batch`` with one key per sample ``keys (n,)``, so a sample's draw does not depend on
+    which other samples share its pass. images/labels ``(n, X, Y, Z)`` → the same shapes, dtypes."""
 
-    Args:
-        images: ``(N, X, Y, Z)`` float32; labels: ``(N, X, Y, Z)`` integer.
+    def one(key, image, label):
+        image, label = augment_batch(key, image[None], label[None], augment_cfg)
+        return image[0], label[0]
 
-    Returns:
-        images ``(B, X, Y, Z, 1)`` float32 and labels ``(B, X, Y, Z)`` int32.
-    """
-    key_index, key_augment = jax.random.split(key)
-    index = jax.random.randint(key_index, (batch_size,), 0, images.shape[0])
-    image, label = images[index], labels[index]
-    image, label = augment_batch(key_augment, image, label, augment_cfg)
-    return image[..., None].astype(jnp.float32), label.astype(jnp.int32)
+    return jax.vmap(one)(keys, images, labels)
+
+
+def _per_sample(keys: jax.Array, draw: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    return jax.vmap(draw)(keys)
 
 
 def noisy_input(
@@ -95,32 +109,39 @@ def noisy_input(
 ) -> tuple[jax.Array, jax.Array]:
     """The network's training input ``x_k`` ``(B, *S, C)`` at positions ``k`` ``(B,)``, and its noise.
 
-    Without recycling, the ground truth ``x0`` noised to ``k``. With recycling (paper eq. 8-9):
-    noise the ground truth one step further, let the model predict ``x0`` from it without
-    gradient, and noise that prediction to ``k`` with fresh noise, so training sees the model's
-    own errors as sampling will. At the last step the "further" step is the last step itself
-    (its input is near pure noise, so recycling changes almost nothing there).
+    ``key``: one key per sample ``(B,)`` (or a single key, split into ``B``); sample ``b``'s noise
+    comes from ``key[b]`` only. Without recycling, the ground truth ``x0`` noised to ``k``. With
+    recycling (paper eq. 8-9): noise the ground truth one step further, let the model predict
+    ``x0`` from it without gradient, and noise that prediction to ``k`` with fresh noise, so
+    training sees the model's own errors as sampling will. At the last step the "further" step
+    is the last step itself (its input is near pure noise, so recycling changes almost nothing).
     """
-    key_first, key_noise = jax.random.split(key)
+    keys = key if key.ndim else jax.random.split(key, x0.shape[0])
+    pairs = jax.vmap(jax.random.split)(keys)  # (B, 2)
+    shape = x0.shape[1:]
     start = x0
     if recycle:
         k_next = jnp.minimum(k + 1, diffusion.num_steps - 1)
-        x_next = diffusion.q_sample(x0, k_next, jax.random.normal(key_first, x0.shape))
+        first = _per_sample(pairs[:, 0], lambda kk: jax.random.normal(kk, shape))
+        x_next = diffusion.q_sample(x0, k_next, first)
         output = apply_fn(params, image, x_next, diffusion.t(k_next)).astype(jnp.float32)
         start = jax.lax.stop_gradient(diffusion.predict_x0(output, x_next, k_next, prediction))
-    noise = jax.random.normal(key_noise, x0.shape)
+    noise = _per_sample(pairs[:, 1], lambda kk: jax.random.normal(kk, shape))
     return diffusion.q_sample(start, k, noise), noise
 
 
 def make_loss_fn(
     model: Any, run_cfg: dict[str, Any], num_classes: int
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``loss(params, image (B,X,Y,Z,1), label (B,X,Y,Z), key) -> scalar`` for the run's variant."""
+    """``loss(params, image (n,X,Y,Z,1), label (n,X,Y,Z), keys (n,)) -> scalar`` for the run's variant.
+
+    ``keys`` holds one PRNG key per sample; the loss is the mean over the ``n`` samples.
+    """
     diff_cfg, loss_cfg = run_cfg["diffusion"], run_cfg["loss"]
     if not diff_cfg["enabled"]:
 
-        def seg_loss(params, image, label, key):
-            del key
+        def seg_loss(params, image, label, keys):
+            del keys
             onehot = jax.nn.one_hot(label, num_classes, dtype=jnp.float32)
             return segmentation_loss(model.apply(params, image), onehot, loss_cfg)
 
@@ -129,12 +150,14 @@ def make_loss_fn(
     diffusion = GaussianDiffusion.from_config(diff_cfg)
     prediction, recycle = diff_cfg["prediction"], bool(diff_cfg["recycle"])
 
-    def diffusion_loss(params, image, label, key):
-        key_k, key_noise = jax.random.split(key)
-        x0 = mask_to_x0(label, num_classes)  # (B, *S, C) in {-1, 1}
+    def diffusion_loss(params, image, label, keys):
+        pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): position k, noise
+        x0 = mask_to_x0(label, num_classes)  # (n, *S, C) in {-1, 1}
         onehot = (x0 + 1.0) / 2.0
-        k = diffusion.random_k(key_k, label.shape[0])
-        x_t, noise = noisy_input(model.apply, params, diffusion, image, x0, k, key_noise, prediction, recycle)
+        k = _per_sample(pairs[:, 0], lambda kk: jax.random.randint(kk, (), 0, diffusion.num_steps))
+        x_t, noise = noisy_input(
+            model.apply, params, diffusion, image, x0, k, pairs[:, 1], prediction, recycle
+        )
         output = model.apply(params, image, x_t, diffusion.t(k)).astype(jnp.float32)
         if prediction == "x0":
             return segmentation_loss(output, onehot, loss_cfg)
@@ -149,31 +172,103 @@ def make_loss_fn(
     return diffusion_loss
 
 
+def check_micro_batch(run_cfg: dict[str, Any], devices: int, micro_batch: Any = None) -> int:
+    """Volumes per device per pass, validated: ``micro_batch`` (else ``train.micro_batch``; null =
+    the whole per-device batch) must divide ``train.batch_size / devices``. ``auto`` must have been
+    resolved first (``diffseg.train.plan.choose_micro_batch``)."""
+    train_cfg = run_cfg["train"]
+    batch_size = int(train_cfg["batch_size"])
+    if batch_size % devices:
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {devices} devices")
+    per_device = batch_size // devices
+    value = train_cfg.get("micro_batch") if micro_batch is None else micro_batch
+    if value is None:
+        return per_device
+    if value == "auto":
+        raise ConfigError("train.micro_batch: 'auto' must be resolved before building the step")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or per_device % value:
+        raise ConfigError(
+            f"train.micro_batch: {value!r} must be null, auto, or a positive integer dividing "
+            f"train.batch_size / devices = {per_device}"
+        )
+    return int(value)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
     run_cfg: dict[str, Any],
     num_classes: int,
     mesh: Mesh,
+    micro_batch: int | None = None,
 ) -> Callable[[State, jax.Array, jax.Array, jax.Array], tuple[State, jax.Array]]:
-    """The jitted ``step(state, images (N,X,Y,Z), labels (N,X,Y,Z), key) -> (state, loss)``."""
-    train_cfg = run_cfg["train"]
-    batch_size = int(train_cfg["batch_size"])
-    if batch_size % mesh.size:
-        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {mesh.size} devices")
-    augment_cfg = dict(train_cfg["augment"])
+    """The jitted ``step(state, images (B,X,Y,Z), labels (B,X,Y,Z), key) -> (state, loss)``.
+
+    ``images`` float32 and ``labels`` integer are the step's ``B = train.batch_size`` volumes, not
+    yet augmented, best already sharded along the batch axis (``diffseg.train.feed``); ``key`` is the
+    run's step key, folded with ``state["step"]`` inside (resume-safe). ``micro_batch`` (volumes
+    per device per pass; default ``train.micro_batch``, null = all ``B / devices`` at once) sets how
+    many passes the gradient is accumulated over; the result does not depend on it. ``loss`` is
+    the batch's mean loss (NaN or inf when the update was skipped).
+    """
+    devices = mesh.size
+    m = check_micro_batch(run_cfg, devices, micro_batch)
+    batch_size = int(run_cfg["train"]["batch_size"])
+    passes = batch_size // (devices * m)
+    augment_cfg = dict(run_cfg["train"]["augment"])
     loss_fn = make_loss_fn(model, run_cfg, num_classes)
+    grad_fn = jax.value_and_grad(loss_fn)
     split = batch_sharding(mesh)
+    split_passes = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    def by_pass(x: jax.Array) -> jax.Array:
+        """``(B, ...)`` → ``(passes, devices·m, ...)``: pass j takes m samples of each device's share."""
+        x = jax.lax.with_sharding_constraint(x, split)
+        x = x.reshape(devices, passes, m, *x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1).reshape(passes, devices * m, *x.shape[3:])
+        return jax.lax.with_sharding_constraint(x, split_passes)
+
+    def one_pass(params, step_key, image, label, index):
+        """Mean loss and gradients of ``n`` samples ``(n, X, Y, Z)`` with global indices ``index``."""
+        keys = sample_keys(step_key, index)
+        key_pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): augmentation, loss
+        image, label = augment_samples(key_pairs[:, 0], image, label.astype(jnp.int32), augment_cfg)
+        image = image[..., None].astype(jnp.float32)
+        return grad_fn(params, image, label, key_pairs[:, 1])
 
     def step(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
-        key = jax.random.fold_in(key, state["step"])  # the step's randomness: resume-safe
-        key_batch, key_loss = jax.random.split(key)
-        image, label = sample_batch(key_batch, images, labels, batch_size, augment_cfg)
-        image = jax.lax.with_sharding_constraint(image, split)
-        label = jax.lax.with_sharding_constraint(label, split)
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], image, label, key_loss)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+        step_key = jax.random.fold_in(key, state["step"])  # the step's randomness: resume-safe
+        params = state["params"]
+        index = jnp.arange(batch_size, dtype=jnp.int32)
+        if passes == 1:
+            images = jax.lax.with_sharding_constraint(images, split)
+            labels = jax.lax.with_sharding_constraint(labels, split)
+            loss, grads = one_pass(params, step_key, images, labels, index)
+        else:
+            xs = (by_pass(images), by_pass(labels), by_pass(index))
+
+            def body(carry, x):
+                loss, grads = one_pass(params, step_key, *x)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+            loss, grads = loss / passes, jax.tree.map(lambda g: g / passes, grads)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "skipped": state.get("skipped", jnp.zeros((), jnp.int32)) + (~finite).astype(jnp.int32),
+        }
+        return new_state, loss
 
     return jax.jit(step, donate_argnums=0)
