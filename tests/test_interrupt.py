@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from test_provenance import assert_same_params, base_run, latest_params, run_cfg  # noqa: F401
 from test_train import toy_data  # noqa: F401 (a fixture)
 
@@ -76,6 +77,7 @@ def _resume_and_compare(run_dir: Path, data: Path, base: Path, resumed_from: int
     assert not [p for p in run_dir.rglob("*") if "tmp" in p.name]  # the kill's temporaries are gone
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_then_resume(base_run, toy_data, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     child = _start("kill-in-save", 6, toy_data, run_dir, tmp_path / "err.txt")
@@ -91,6 +93,7 @@ def test_sigkill_during_a_checkpoint_save_then_resume(base_run, toy_data, tmp_pa
     _resume_and_compare(run_dir, toy_data, base_run, resumed_from=3)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_nonzero_and_resumes(base_run, toy_data, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
     child = _start("sigterm", 5, toy_data, run_dir, tmp_path / "err.txt")
