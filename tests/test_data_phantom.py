@@ -116,3 +116,13 @@ def test_paper_shapes(anatomy):
     for name in SMALL[anatomy]:
         assert share[names.index(name)] < 0.005
     assert np.isfinite(image).all()
+
+
+def test_gaussian_filter_is_scipys():
+    from scipy import ndimage
+
+    from diffseg.data.phantom import _gaussian_filter
+
+    a = np.random.default_rng(0).normal(0, 1, (40, 30, 12)).astype(np.float32)
+    for sigma in (2.0, (0.7, 0.7, 0.3), (0.0, 1.5, 0.3)):
+        np.testing.assert_array_equal(_gaussian_filter(a, sigma), ndimage.gaussian_filter(a, sigma))

@@ -274,9 +274,27 @@ class _Anatomy:
         return _Field(box, np.where((ang >= a0) & (ang <= a1), d, np.inf), x, y, z)
 
 
+def _gaussian_filter(a: np.ndarray, sigma: float | Sequence[float]) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(a, sigma)``, the same values, faster on large volumes.
+
+    Axis by axis as scipy does; the first axis (the slowest to filter in place: the longest
+    stride) is filtered after moving it last, which changes the memory order, not the sums.
+    """
+    sigmas = np.broadcast_to(np.asarray(sigma, np.float64), (a.ndim,))
+    for axis, s in enumerate(sigmas):
+        if s <= 1e-15:  # scipy's own skip
+            continue
+        if axis == 0:
+            moved = ndimage.gaussian_filter1d(np.ascontiguousarray(np.moveaxis(a, 0, -1)), float(s), axis=-1)
+            a = np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+        else:
+            a = ndimage.gaussian_filter1d(a, float(s), axis=axis)
+    return a
+
+
 def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Smooth zero-mean unit-std random field ``shape`` (organ texture)."""
-    f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    f = _gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     return f / (f.std() + 1e-6)
 
 
@@ -458,7 +476,7 @@ def generate_phantom(
     coarse: Grid = (xr, yr, zr[..., sub // 2 :: sub])
     if anatomy == "pelvis":
         image = image * (1 + 0.08 * _texture(rng, shape, 2.0))  # tissue heterogeneity
-        image = ndimage.gaussian_filter(image, sigma=(0.7, 0.7, 0.3))  # point-spread function
+        image = _gaussian_filter(image, (0.7, 0.7, 0.3))  # point-spread function
         image = image * _bias_field(rng, coarse, amplitude=0.3)
         noise = 0.045
         re = image + rng.normal(0, noise, shape)
@@ -467,7 +485,7 @@ def generate_phantom(
         image = image * rng.uniform(200, 1500)  # arbitrary MR scanner units
     else:
         image = image + 12 * _texture(rng, shape, 1.5)
-        image = ndimage.gaussian_filter(image, sigma=(0.6, 0.6, 0.3))
+        image = _gaussian_filter(image, (0.6, 0.6, 0.3))
         image = image + rng.normal(0, rng.uniform(15, 25), shape)
         image = np.clip(image, -1024, 3071)
     return image.astype(np.float32), np.ascontiguousarray(label, dtype=np.uint8)
