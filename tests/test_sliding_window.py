@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +148,33 @@ def test_overlap_out_of_range():
 def test_evaluate_window_overlap_is_the_default():
     cfg = run_config("3d-seg")
     assert inference.Segmenter(PerVoxel(), PARAMS, cfg).overlap == cfg["evaluate"]["window_overlap"] == 0.5
+
+
+def test_windows_sharded_over_two_devices(tmp_path):
+    """Windows batched over two devices: the same blend as on one device, windows keyed the same."""
+    volume = np.random.default_rng(0).normal(0, 1, (20, 15, 10)).astype(np.float32)
+    np.save(tmp_path / "volume.npy", volume)
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np
+        from tests.test_sliding_window import PARAMS, PerVoxel, run_config
+        from diffseg.evaluate.inference import Segmenter
+        assert len(jax.devices()) == 2
+        volume = np.load("{tmp_path}/volume.npy")
+        out = {{}}
+        for run in ("3d-seg", "3d-diff"):
+            two = Segmenter(PerVoxel(), PARAMS, run_config(run), batch_size=3, window=(12, 10, 8))
+            assert two.batch_size == 4  # rounded up to the devices
+            out[run] = two.probabilities(volume, jax.random.key(5))
+        np.savez("{tmp_path}/two.npz", **out)
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = np.load(tmp_path / "two.npz")
+    assert len(jax.devices()) == 1
+    for run in ("3d-seg", "3d-diff"):
+        one = Segmenter(PerVoxel(), PARAMS, run_config(run), batch_size=1, window=(12, 10, 8))
+        assert_allclose(two[run], one.probabilities(volume, jax.random.key(5)), atol=1e-6)
