@@ -82,7 +82,11 @@ BASE: dict[str, Any] = {
             "max_scaling": [0.15, 0.15, 0.15],  # +- fraction per axis
         },
     },
-    "evaluate": {"tolerance_mm": 1.0, "batch_size": 1},
+    "evaluate": {
+        "tolerance_mm": 1.0,
+        "batch_size": 1,
+        "window_overlap": 0.5,  # sliding windows of the training shape: the share neighbours overlap
+    },
 }
 
 DIMS: dict[str, dict[str, Any]] = {

@@ -65,3 +65,64 @@ def test_spacing_matters():
     share_f = np.bincount(fine.ravel(), minlength=9) / fine.size
     share_c = np.bincount(coarse.ravel(), minlength=9) / coarse.size
     np.testing.assert_allclose(share_f[1:4], share_c[1:4], atol=0.01)
+
+
+# The paper's shapes and spacings (config/paper.yaml, config/rehearsal.yaml)
+PAPER = {"pelvis": ((256, 256, 48), (0.75, 0.75, 2.5)), "abdomen": ((192, 128, 128), (1.5, 1.5, 5.0))}
+
+
+@pytest.mark.parametrize("anatomy", ["pelvis", "abdomen"])
+def test_bounding_boxes_change_nothing(anatomy, monkeypatch):
+    """Shapes are evaluated in their bounding boxes only: the same bits as on the whole grid."""
+    from diffseg.data import phantom
+
+    shape, spacing = DEMO[anatomy]
+    boxed = [generate_phantom(anatomy, shape, spacing, seed=2, index=i) for i in range(3)]
+    monkeypatch.setattr(phantom._Pose, "box", lambda self, center, half: self.full())
+    for i, (image, label) in enumerate(boxed):
+        image_full, label_full = generate_phantom(anatomy, shape, spacing, seed=2, index=i)
+        np.testing.assert_array_equal(image, image_full)
+        np.testing.assert_array_equal(label, label_full)
+
+
+def test_box_holds_the_shape():
+    """A box is a superset of every voxel within its half extents, whatever the pose."""
+    from diffseg.data.phantom import _Pose
+
+    axes = [np.linspace(-1, 1, 40), np.linspace(-0.8, 0.8, 30), np.linspace(-2, 2, 50)]
+    for theta in (-0.2, 0.0, 0.15):
+        pose = _Pose(axes, theta, (0.05, -0.03, 0.1))
+        x, y, z = pose.coords(pose.full())
+        center, half = (0.3, -0.2, 0.5), (0.25, 0.1, 0.4)
+        inside = (np.abs(x - center[0]) <= half[0]) & (np.abs(y - center[1]) <= half[1])
+        inside = inside & (np.abs(z - center[2]) <= half[2])
+        box = pose.box(center, half)
+        outside = inside.copy()
+        outside[box] = False
+        assert inside.any() and not outside.any()
+        assert np.prod([s.stop - s.start for s in box]) < inside.size / 4  # and it is a small box
+
+
+@pytest.mark.parametrize("anatomy", ["pelvis", "abdomen"])
+def test_paper_shapes(anatomy):
+    """At the paper's shapes (the rehearsal's): shapes, dtypes, every class, small structures."""
+    shape, spacing = PAPER[anatomy]
+    names = CLASSES[anatomy]
+    image, label = generate_phantom(anatomy, shape, spacing, seed=0, index=0)
+    assert image.shape == label.shape == shape and image.dtype == np.float32 and label.dtype == np.uint8
+    assert label.flags.c_contiguous and image.flags.c_contiguous
+    share = np.bincount(label.ravel(), minlength=len(names)) / label.size
+    assert len(share) == len(names) and (share > 0).all(), share
+    for name in SMALL[anatomy]:
+        assert share[names.index(name)] < 0.005
+    assert np.isfinite(image).all()
+
+
+def test_gaussian_filter_is_scipys():
+    from scipy import ndimage
+
+    from diffseg.data.phantom import _gaussian_filter
+
+    a = np.random.default_rng(0).normal(0, 1, (40, 30, 12)).astype(np.float32)
+    for sigma in (2.0, (0.7, 0.7, 0.3), (0.0, 1.5, 0.3)):
+        np.testing.assert_array_equal(_gaussian_filter(a, sigma), ndimage.gaussian_filter(a, sigma))

@@ -1,7 +1,8 @@
 """Segment a new scan with a trained run: any size, spacing and orientation.
 
 The scan is preprocessed as the run's training data were (orientation, spacing, clip,
-normalisation), padded to what the U-Net can take, segmented, and the mask is resampled
+normalisation), padded to what the U-Net can take, segmented in sliding windows of the
+training shape (``diffseg.evaluate.inference.Segmenter``), and the mask is resampled
 back onto the input's own voxel grid (nearest neighbour), so it overlays the input.
 With several samples (diffusion runs draw a different noise each time) the mask is their
 majority vote and a voxel-wise entropy map shows where the samples disagree.
@@ -82,7 +83,7 @@ def predict_scan(
     pads = [(0, (-n) % factor if a < axes else 0) for a, n in enumerate(volume.shape)]
     padded = np.pad(volume, pads, constant_values=float(volume.min()))
 
-    segmenter = Segmenter(model, params, run_cfg)
+    segmenter = Segmenter(model, params, run_cfg, window=info["shape"])  # windows of the training shape
     key = jax.random.key(seed)
     crop = tuple(slice(0, n) for n in volume.shape)
     progress = Progress(samples, f"predict {image_path.name}", unit="sample")
