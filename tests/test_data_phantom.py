@@ -126,3 +126,15 @@ def test_gaussian_filter_is_scipys():
     a = np.random.default_rng(0).normal(0, 1, (40, 30, 12)).astype(np.float32)
     for sigma in (2.0, (0.7, 0.7, 0.3), (0.0, 1.5, 0.3)):
         np.testing.assert_array_equal(_gaussian_filter(a, sigma), ndimage.gaussian_filter(a, sigma))
+
+
+def test_anatomy_lies_where_the_lps_affine_says():
+    """Arrays are LPS: +X towards the patient's left, +Y posterior (the files' default affine)."""
+
+    def centre(label, name, anatomy):
+        return np.argwhere(label == CLASSES[anatomy].index(name)).mean(axis=0)
+
+    _, pelvis = generate_phantom("pelvis", (48, 48, 16), (0.75, 0.75, 2.5), seed=0, index=0)
+    assert centre(pelvis, "bladder", "pelvis")[1] < centre(pelvis, "rectum", "pelvis")[1]  # anterior
+    _, abdomen = generate_phantom("abdomen", (64, 48, 16), (1.5, 1.5, 5.0), seed=0, index=0)
+    assert centre(abdomen, "liver", "abdomen")[0] < centre(abdomen, "spleen", "abdomen")[0]  # right

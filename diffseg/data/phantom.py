@@ -446,7 +446,9 @@ def generate_phantom(
         seed, index: the case is a pure function of ``(anatomy, seed, index)``.
 
     Returns:
-        image float32 ``(X, Y, Z)`` and label uint8 ``(X, Y, Z)`` with values ``0..len(CLASSES)-1``.
+        image float32 ``(X, Y, Z)`` and label uint8 ``(X, Y, Z)`` with values ``0..len(CLASSES)-1``,
+        in LPS array order (X towards the patient's left, Y posterior, Z superior), as the files'
+        default affine says (``write_nifti``).
     """
     if anatomy not in _PAINTERS:
         raise ValueError(f"unknown phantom anatomy {anatomy!r}: expected one of {sorted(_PAINTERS)}")
@@ -488,4 +490,6 @@ def generate_phantom(
         image = _gaussian_filter(image, (0.6, 0.6, 0.3))
         image = image + rng.normal(0, rng.uniform(15, 25), shape)
         image = np.clip(image, -1024, 3071)
-    return image.astype(np.float32), np.ascontiguousarray(label, dtype=np.uint8)
+    # The painters put anterior at +y; LPS has Y run posterior (the spine at high Y).
+    image, label = image[:, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label, dtype=np.uint8)

@@ -74,7 +74,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
             old.unlink()
         atomic_write_json(stamp, identity)
 
-    segmenter = Segmenter(model, params, run_cfg)
+    segmenter = Segmenter(model, params, run_cfg, window=info["shape"])  # windows of the training shape
     key = jax.random.key(seed)
     tolerance = float(run_cfg["evaluate"]["tolerance_mm"])
     frames = []
