@@ -7,6 +7,9 @@ memory their rules ask for, that the local rules (run configs, tables, statistic
 did not, and that the GPU requests became the plugin's ``--gpus`` option (``ReqTRES`` and
 ``scontrol show job``); the jobs themselves run on the CPU.
 
+A second run is preempted: its train job gets SIGTERM through ``scancel``, checkpoints, fails,
+and Snakemake's retry resumes it to the parameters of an uninterrupted run (issue 15 item 2).
+
 Skipped, saying why, where SLURM is not installed (``.ci/slurm`` installs it) or cannot be
 started here; with ``DIFFSEG_SLURM_REQUIRED=1`` (``.ci/slurm`` sets it) that is a failure.
 """
@@ -14,6 +17,7 @@ started here; with ``DIFFSEG_SLURM_REQUIRED=1`` (``.ci/slurm`` sets it) that is 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -275,69 +279,151 @@ def test_the_plugin_turns_compute_into_sbatch_options():
     assert plugin  # imported for the skip
 
 
-# -- Item 2 of issue 15, preemption: a SKELETON, skipped until `diffseg train` handles SIGTERM -
+# -- Item 2 of issue 15: preemption -----------------------------------------------------------
 #
-# Needs (the reliability issue's SIGTERM handling, being written elsewhere): on SIGTERM,
-# `diffseg train` saves a checkpoint at the current step and exits non-zero, and a rerun in
-# the same run folder resumes from it and rebuilds train_log.csv/valid.csv (Snakemake deletes
-# a failed job's declared outputs before the retry; checkpoints are not declared, so they
-# stay). Whoever lands second fills in `_params_of` and removes the skip.
-PREEMPT_STEPS = 40  # long enough to be caught running: checkpoints every 5 steps
+# A running train job is sent `scancel --signal=TERM <job>`: SIGTERM to the processes of its
+# job steps, so to `diffseg train` in the plugin's `srun` step (and to the step's Snakemake,
+# which waits for its job). `diffseg train` finishes its step, checkpoints and exits 143; the
+# job fails; Snakemake's retry (`retries: 1` in the profile) resubmits it and it resumes.
+# Snakemake deletes the failed job's declared outputs before the retry; checkpoints are not
+# declared, so they stay. Not `--full`: it signals the batch script's `srun` too, which then
+# cancels its step ("srun: forcing job termination", the task SIGKILLed) before the save: the
+# retry resumes from the periodic checkpoint before (as after a kill; tests/test_interrupt.py).
+# `--batch` reached `diffseg train` here only through `srun` forwarding it, racing the batch
+# script's `sh`, which dies of the signal and ends the job. The volume is larger than TINY's,
+# so the 120 steps take long enough (about 25 s on a CPU) for the signal to land mid-run.
+PREEMPT_STEPS, PREEMPT_EVERY = 120, 20
+PREEMPT_SHAPE = [48, 48, 16]
+SCANCEL = os.environ.get("DIFFSEG_TEST_SCANCEL", "")  # more scancel options, e.g. --full, to see that
 
 
-def _params_of(run_dir: Path):  # pragma: no cover - skeleton
-    """The trained parameters of a run, to compare (e.g. the best checkpoint's arrays)."""
-    raise NotImplementedError("read the best checkpoint through diffseg.runs.load_trained")
+def _latest_state(run_dir: Path) -> tuple[dict, int]:
+    """The latest checkpoint's state (params, optimizer state, step) of a run folder."""
+    import json
+
+    import jax
+
+    from diffseg.config import load_yaml
+    from diffseg.runs import RunCheckpoints, build_model
+    from diffseg.train.step import build_optimizer, init_state
+
+    run_cfg = load_yaml(run_dir / "config.yaml")
+    info = json.loads((run_dir / "dataset.json").read_text())
+    model = build_model(run_cfg, int(info["num_classes"]))
+    tx, _ = build_optimizer(run_cfg)
+    like = jax.eval_shape(lambda: init_state(model, tx, tuple(info["shape"]), jax.random.key(0)))
+    ckpt = RunCheckpoints(run_dir)
+    state, _ = ckpt.restore(like)
+    ckpt.close()
+    return state, int(state["step"])
+
+
+def _saved_steps(run_dir: Path) -> list[int]:
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="skeleton: needs SIGTERM checkpoint-and-exit in diffseg train (issue 15 item 2)")
-def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):  # pragma: no cover
+def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):
+    import jax
+    import numpy as np
+
+    from diffseg.runs import load_trained
+
     cfg = yaml.safe_load(yaml.safe_dump(TINY))
-    cfg["training"]["train"].update({"steps": PREEMPT_STEPS, "checkpoint_every": 5})
-    cfg["tables"] = {"table2": {"dataset": "tiny", "dims": ["3d"], "ablations": {"steps": {"5": "diff"}}}}
-    cfg["figures"] = {}
+    cfg["datasets"]["tiny"]["shape"] = PREEMPT_SHAPE
+    cfg["training"]["train"].update(
+        {"steps": PREEMPT_STEPS, "checkpoint_every": PREEMPT_EVERY, "log_every": 5}
+    )
     work = tmp_path / "w"
     work.mkdir()
     (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {
-        **os.environ,
-        **cluster.env,
+        **os.environ, **cluster.env,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    }  # fmt: skip
+    run = work / "results" / "runs" / "tiny" / "3d-diff"
+    train_log = work / "results" / "logs" / "train" / "tiny" / "3d-diff.log"
     since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
         "--profile", str(ROOT / "workflow/profiles/slurm"), "--directory", str(work),
         "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+        str(run.relative_to(work) / "best.json"),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    run = work / "results" / "runs" / "tiny" / "3d-diff"
-    # 1. Wait for the train job to run past its first checkpoint, then do what a time limit does.
-    deadline = time.monotonic() + 600
-    job_id = None
-    while time.monotonic() < deadline and job_id is None:
-        q = subprocess.run(
-            ["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True, env=env
+    t0 = time.monotonic()
+    out_file = tmp_path / "snakemake.out"
+    with out_file.open("w") as out_fh:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out_fh, stderr=subprocess.STDOUT, text=True)
+    try:
+        # 1. Wait for the train job to run past its first checkpoint, then do what a time limit does.
+        job_id, deadline = None, time.monotonic() + 600
+        while job_id is None and time.monotonic() < deadline and proc.poll() is None:
+            q = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True,
+                               env=env, timeout=30)  # fmt: skip
+            running = [line.split()[0] for line in q.stdout.splitlines() if "rule_train" in line]
+            if running and _saved_steps(run):
+                job_id = running[0]
+            else:
+                time.sleep(0.5)
+        assert job_id, (
+            f"the train job was never seen running past a checkpoint\n{out_file.read_text()[-3000:]}"
         )
-        running = [line.split()[0] for line in q.stdout.splitlines() if "rule_train" in line]
-        if running and any(run.glob("checkpoint*")):  # the checkpoint layout of diffseg.train
-            job_id = running[0]
-        time.sleep(1)
-    assert job_id, "the train job was never seen running past a checkpoint"
-    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, env=env)
-    out, _ = proc.communicate(timeout=1200)
-    # 2. Snakemake's retry (retries: 1 in the profile) resumed it and the run finished.
-    assert proc.returncode == 0, out[-5000:]
-    jobs = sacct(cluster, since, "JobID,Comment,State")
-    trains = jobs[jobs["Comment"].map(rule_of) == "train"]
+        signalled_after = _saved_steps(run)
+        subprocess.run(
+            ["scancel", "--signal=TERM", *SCANCEL.split(), job_id], check=True, env=env, timeout=30
+        )
+        # The first attempt's own log, read before the retry's `2> {log}` replaces it.
+        first_log, deadline = "", time.monotonic() + 120
+        while "checkpoint saved at step" not in first_log and time.monotonic() < deadline:
+            time.sleep(0.2)
+            first_log = train_log.read_text() if train_log.is_file() else ""
+            if "resuming" in first_log or proc.poll() is not None:  # the retry's log, or all over
+                break
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    elapsed = time.monotonic() - t0
+    out = out_file.read_text()
+    slurm_logs = {p.name: p.read_text() for p in (work / ".snakemake" / "slurm_logs").rglob("*.log")}
+    print(f"snakemake through SLURM, preempted once, took {elapsed:.0f} s; signalled after {signalled_after}")
+    print(first_log[-600:])
+    # 2. The signal reached `diffseg train`, which saved and stopped; Snakemake's retry resumed it.
+    assert proc.returncode == 0, f"{out[-5000:]}\n--- job logs ---\n{str(slurm_logs)[-5000:]}"
+    match = re.search(r"SIGTERM received; checkpoint saved at step (\d+)", first_log)
+    assert match, f"no SIGTERM checkpoint in the first attempt's log:\n{first_log[-3000:]}"
+    stopped_at = int(match.group(1))
+    assert signalled_after[-1] <= stopped_at < PREEMPT_STEPS, (signalled_after, stopped_at)
+    resumed = train_log.read_text()
     assert (
-        len(trains) == 2 and trains["State"].iloc[0] != "COMPLETED" and trains["State"].iloc[1] == "COMPLETED"
+        f"resuming {run.relative_to(work)} from step {stopped_at} of {PREEMPT_STEPS} (session 1)" in resumed
+    ), resumed[-3000:]
+    log = pd.read_csv(run / "train_log.csv")
+    assert list(log["step"]) == list(range(5, PREEMPT_STEPS + 1, 5))  # log_every: 5
+    assert set(log.loc[log["step"] <= stopped_at, "session"]) == {0}
+    assert set(log.loc[log["step"] > stopped_at, "session"]) == {1}  # only the remaining steps ran again
+    assert list(pd.read_csv(run / "valid.csv")["step"]) == list(
+        range(PREEMPT_EVERY, PREEMPT_STEPS + 1, PREEMPT_EVERY)
     )
-    # 3. With the parameters of an uninterrupted run of the same config.
+
+    # 3. sacct: the first attempt failed (its step's Snakemake exits 1 after the 143), the retry completed.
+    jobs = sacct(cluster, since, "JobID,Comment,State,ExitCode")
+    print(jobs.to_string())
+    trains = jobs[jobs["Comment"].map(rule_of) == "train"].sort_values("JobID", key=lambda s: s.astype(int))
+    assert list(trains["JobID"])[0] == job_id and len(trains) == 2, trains
+    assert trains["State"].iloc[0] in ("FAILED", "CANCELLED", "CANCELLED+"), trains
+    assert trains["ExitCode"].iloc[0] != "0:0" and trains["State"].iloc[1] == "COMPLETED", trains
+    fields = ["-o", "JobID,State,ExitCode"]
+    steps = subprocess.run(["sacct", "-P", "-n", "-j", job_id, *fields], capture_output=True, text=True,
+                           env=env, timeout=60, check=True).stdout  # fmt: skip
+    print(steps)
+    assert f"{job_id}.0|FAILED" in steps, steps  # the srun step that ran `diffseg train`
+
+    # 4. The same parameters as an uninterrupted run of the same config, here without SLURM.
     ref = tmp_path / "ref"
     res = subprocess.run(
         [sys.executable, "-m", "diffseg.cli", "train", "--run-config", str(run / "config.yaml"),
@@ -345,8 +431,12 @@ def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):  
         capture_output=True, text=True, env=env, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    import jax
-    import numpy as np
-
-    for a, b in zip(jax.tree.leaves(_params_of(run)), jax.tree.leaves(_params_of(ref)), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (a, a_step), (b, b_step) = _latest_state(run), _latest_state(ref)
+    assert a_step == b_step == PREEMPT_STEPS
+    assert _saved_steps(run)[-1] == PREEMPT_STEPS
+    same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert all(jax.tree.leaves(same)), "the resumed run's final state differs from the uninterrupted run's"
+    for x, y in zip(
+        jax.tree.leaves(load_trained(run)[1]), jax.tree.leaves(load_trained(ref)[1]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
