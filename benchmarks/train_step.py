@@ -186,7 +186,7 @@ def jax_model(
 def jax_inputs(data: Batch) -> dict[str, jax.Array]:
     """The batch as device arrays, with the PRNG key of the step's noise."""
     arrays = {k: jnp.asarray(v) for k, v in vars(data).items()}
-    return arrays | {"key": jax.random.PRNGKey(1)}
+    return arrays | {"key": jax.random.key(1)}
 
 
 def jax_runner(step, state, batch: dict[str, jax.Array]) -> Runner:
