@@ -15,11 +15,15 @@ Run names are ``{dim}-{variant}`` (``3d-diff``), optionally suffixed ``-seed{N}`
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
+import numbers
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from diffseg.errors import ConfigError
@@ -111,6 +115,264 @@ RUN_NAME = re.compile(
 )
 
 
+# --- Strict config -------------------------------------------------------------------------------
+# The run-config keys are BASE's (a key added to BASE is valid everywhere at once) and their types
+# are inferred from BASE's values, except where a value's type does not say everything:
+VALUE_TYPES: dict[str, tuple[str, ...]] = {
+    "optim.decay_steps": ("integer", "null"),  # null: decay over all train.steps
+    "train.micro_batch": ("integer", "null"),  # null: the whole batch at once
+    "train.augment.max_rotation": ("number", "number list"),  # one number: every axis
+    "train.augment.max_translation": ("number", "number list"),
+    "train.augment.max_scaling": ("number", "number list"),
+}
+_DESCRIBE = {
+    "bool": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "null": "null",
+    "integer list": "a list of integers",
+    "number list": "a list of numbers",
+    "string list": "a list of strings",
+}
+# The workflow-level keys and the dataset entries' keys (per source) are the schema's.
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+_RUN_CONFIG_REF = "#/definitions/overrides"  # the schema's marker of a run-config section
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if kind == "null":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool | np.bool_)
+    if isinstance(value, bool | np.bool_):
+        return False  # YAML's true is not the integer 1
+    if kind == "integer":
+        return isinstance(value, numbers.Integral)
+    if kind == "number":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind.endswith(" list"):
+        item = kind.removesuffix(" list")
+        return isinstance(value, list | tuple) and all(_is_kind(v, item) for v in value)
+    raise AssertionError(kind)
+
+
+def _infer_kinds(value: Any) -> tuple[str, ...]:
+    """The type of a BASE value: its kind (a list's from its items); None says nothing (any)."""
+    if value is None:
+        return ("any",)
+    for kind in ("bool", "integer", "number", "string"):
+        if _is_kind(value, kind):
+            return (kind,)
+    if isinstance(value, list | tuple):
+        for kind in ("integer list", "number list", "string list"):
+            if _is_kind(value, kind):
+                return (kind,)
+    return ("any",)
+
+
+def _show(value: Any) -> str:
+    """``str 'ten'``, ``int 3``, ``null``: a value for an error message (numpy scalars as Python's)."""
+    if value is None:
+        return "null"
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _unknown(path: str, key: Any, valid: Any, what: str = "") -> ConfigError:
+    """``path: unknown key 'key'; did you mean 'x'?`` (the nearest valid key), else the valid keys."""
+    valid = sorted(str(v) for v in valid)
+    lower = {v.lower(): v for v in valid}  # case-blind: 3D -> 3d
+    close = difflib.get_close_matches(str(key).lower(), list(lower), n=1, cutoff=0.6)
+    hint = f"did you mean {lower[close[0]]!r}?" if close else f"valid keys: {', '.join(valid) or 'none'}"
+    return ConfigError(f"{path}: unknown key {key!r}{what}; {hint}")
+
+
+def _yaml_float(text: str) -> str:
+    """``1e-4`` -> ``1.0e-4``: how YAML 1.1 (PyYAML, Snakemake) reads the number as a float."""
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if exponent and "." not in mantissa:
+        mantissa += ".0"
+    if exponent and exponent[0] not in "+-":
+        exponent = "+" + exponent
+    return f"{mantissa}e{exponent}" if exponent else mantissa
+
+
+def _check_value(value: Any, kinds: tuple[str, ...], path: str) -> None:
+    if any(_is_kind(value, kind) for kind in kinds):
+        return
+    msg = f"{path} must be {' or '.join(_DESCRIBE.get(k, k) for k in kinds)}, got {_show(value)}"
+    if isinstance(value, str) and any(k in ("number", "integer") for k in kinds):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:  # YAML 1.1 reads 1e-4 (no dot, unsigned exponent) as a string
+            msg += f" (YAML reads {value} as a string: write {_yaml_float(value)})"
+    raise ConfigError(msg)
+
+
+def check_run_section(value: Any, path: str, base: Mapping[str, Any] = BASE, rel: str = "") -> None:
+    """Check run-config overrides (``training``, a variant, ``--set model=...``) against ``BASE``.
+
+    Every key must be one of ``base``'s, a section a mapping and a value of its key's type
+    (``VALUE_TYPES``, else inferred from BASE's value); ``ConfigError`` names the full key path
+    (``path`` is where ``value`` lies, ``rel`` its place in the run config).
+    """
+    if value is None and not rel:
+        return  # an empty override section (``variants: {mine: }``)
+    what = f" {rel} keys" if rel else " run-config sections"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path} must be a mapping of{what}, got {_show(value)}")
+    for key, sub in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        here = f"{rel}.{key}" if rel else str(key)
+        if key not in base:
+            raise _unknown(where, key, base)
+        if isinstance(base[key], Mapping):
+            check_run_section(sub, where, base[key], here)
+        else:
+            _check_value(sub, VALUE_TYPES.get(here) or _infer_kinds(base[key]), where)
+
+
+def _check_dotted(dotted: str, value: Any, where: str) -> None:
+    """One ``--set`` override ``train.steps=10``: a BASE key path and a value of its type."""
+    node: Any = BASE
+    rel = ""
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"{where} {dotted}: {rel} is not a section of the run config")
+        if key not in node:
+            raise _unknown(f"{where} {dotted}", key, node)
+        node, rel = node[key], f"{rel}.{key}" if rel else key
+    if isinstance(node, Mapping):
+        check_run_section(value, f"{where} {dotted}", node, rel)
+    else:
+        _check_value(value, VALUE_TYPES.get(rel) or _infer_kinds(node), f"{where} {dotted}")
+
+
+@functools.cache
+def load_schema() -> dict[str, Any] | None:
+    """The workflow config's JSON schema (``workflow/schemas/config.schema.yaml``); None when absent
+    (diffseg installed without the workflow: only the run-config sections are checked then)."""
+    if not SCHEMA_PATH.is_file():
+        return None
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@functools.cache
+def _validator() -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(load_schema())
+
+
+def _deref(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    while "$ref" in schema:
+        node: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def _source_keys(schema: Mapping[str, Any], value: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """``(source, its keys)`` from an ``allOf: [{if: {properties: {source: {const}}}, then: ...}]``."""
+    for rule in schema.get("allOf", ()):
+        const = (((rule.get("if") or {}).get("properties") or {}).get("source") or {}).get("const")
+        names = ((rule.get("then") or {}).get("propertyNames") or {}).get("enum")
+        if const is not None and names is not None and value.get("source") == const:
+            return const, list(names)
+    return None
+
+
+def _walk(schema: Mapping[str, Any], value: Any, path: str, root: Mapping[str, Any]) -> None:
+    """Unknown keys, with the schema's ``properties`` (and per-source key lists) as the valid ones."""
+    if schema.get("$ref") == _RUN_CONFIG_REF:
+        check_run_section(value, path)
+        return
+    schema = _deref(schema, root)
+    for branch in (*schema.get("oneOf", ()), *schema.get("anyOf", ())):
+        branch = _deref(branch, root)
+        if isinstance(value, Mapping) and "object" in str(branch.get("type", "")):
+            _walk(branch, value, path, root)
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            _walk(schema["items"], item, f"{path}[{i}]", root)
+    if not isinstance(value, Mapping):
+        return
+    props = schema.get("properties") or {}
+    patterns = schema.get("patternProperties") or {}
+    extra = schema.get("additionalProperties", True)
+    names = (schema.get("propertyNames") or {}).get("enum")
+    per_source = _source_keys(schema, value)
+    for key, sub in value.items():
+        where = f"{path}.{key}" if path else str(key)
+        if names is not None and key not in names:
+            raise _unknown(where, key, names)
+        if per_source is not None and key not in per_source[1]:
+            raise _unknown(where, key, per_source[1], f" for source {per_source[0]!r}")
+        if key in props:
+            _walk(props[key], sub, where, root)
+        elif any(re.search(p, str(key)) for p in patterns):
+            _walk(next(s for p, s in patterns.items() if re.search(p, str(key))), sub, where, root)
+        elif isinstance(extra, Mapping):
+            _walk(extra, sub, where, root)
+        elif extra is False:
+            raise _unknown(where, key, props)
+
+
+def _json_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_config(config: Mapping[str, Any], where: str | Path | None = None) -> None:
+    """Check a workflow config strictly; ``ConfigError`` names the key path and the problem.
+
+    Unknown keys anywhere (the top level, ``training``, ``dims.<dim>``, ``variants.<name>``, a
+    dataset entry and its ``training``) are errors with the nearest valid key; run-config values
+    must have BASE's types; the rest of the schema (types, choices) is checked with jsonschema.
+    Keys the schema requires of a whole workflow config (``tables``) are not required here, so a
+    config for ``diffseg data``/``plan`` alone may leave them out. ``where`` (the file) prefixes
+    the message.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{prefix}expected a mapping at the top level, got {_show(config)}")
+    schema = load_schema()
+    try:
+        if schema is None:  # no schema: the run-config sections only
+            check_run_section(config.get("training"), "training")
+            for section in ("dims", "variants"):
+                for name, sub in (config.get(section) or {}).items():
+                    check_run_section(sub, f"{section}.{name}")
+            for name, entry in (config.get("datasets") or {}).items():
+                check_run_section((entry or {}).get("training"), f"datasets.{name}.training")
+            return
+        _walk(schema, config, "", schema)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+    import jsonschema
+
+    errors = [
+        e for e in _validator().iter_errors(dict(config)) if not (e.validator == "required" and not e.path)
+    ]
+    if errors:
+        err = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(f"{prefix}{_json_path(err.absolute_path) or 'config'}: {err.message}")
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
     """Recursively merge ``override`` into a copy of ``base``; lists and scalars replace."""
     out = copy.deepcopy(dict(base))
@@ -150,22 +412,25 @@ def variants(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {**VARIANTS, **{k: v or {} for k, v in (config.get("variants") or {}).items()}}
 
 
-def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = cfg
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section of the run config")
-        node = node[key]
-    if keys[-1] not in node:
-        raise ConfigError(f"override {dotted!r}: unknown key {keys[-1]!r}")
-    node[keys[-1]] = value
+def apply_overrides(
+    cfg: dict[str, Any], overrides: Mapping[str, Any] | None, where: str = "override"
+) -> dict[str, Any]:
+    """Set dotted keys (``{"train.steps": 10}``) in ``cfg`` in place.
 
-
-def apply_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Set dotted keys (``{"train.steps": 10}``) in ``cfg`` in place; unknown keys are errors."""
-    for key, value in (overrides or {}).items():
-        _set_dotted(cfg, key, value)
+    Each key must be a key path of ``BASE`` and its value of that key's type (``ConfigError``
+    naming ``{where} {key}`` and the nearest valid key); a section's value (``model={...}``) is
+    merged into the section rather than replacing it.
+    """
+    for dotted, value in (overrides or {}).items():
+        _check_dotted(str(dotted), value, where)
+        *parents, last = str(dotted).split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+            node[last] = deep_merge(node[last], value)
+        else:
+            node[last] = copy.deepcopy(value)
     return cfg
 
 
@@ -176,7 +441,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
     return out
 
 
@@ -194,10 +462,16 @@ def resolve_run_config(
         run: ``{dim}-{variant}[-seed{N}]``.
         overrides: dotted keys to values (``{"train.steps": 10}``), applied last.
 
+    Raises:
+        ConfigError: the config is not valid (:func:`validate_config`: an unknown key anywhere,
+            with its full path and the nearest valid key, or a value of the wrong type), or the
+            run, its dataset or the resolved settings are not.
+
     Returns:
         A plain dict with sections ``model, diffusion, loss, optim, train, evaluate`` and the
         run's identity ``dataset, run, dim, variant, seed``.
     """
+    validate_config(config)
     dim, variant, seed = parse_run_name(run)
     all_variants = variants(config)
     if variant not in all_variants:

@@ -1,16 +1,23 @@
-"""Run-config resolution: base, dims, variants, YAML overrides, run names, errors."""
+"""Run-config resolution: base, dims, variants, YAML overrides, run names, errors; strict config."""
+
+import ast
+from pathlib import Path
 
 import pytest
 
 from diffseg.config import (
     BASE,
+    SCHEMA_PATH,
     deep_merge,
     load_yaml,
     parse_overrides,
     parse_run_name,
     resolve_run_config,
+    validate_config,
 )
 from diffseg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = {
     "datasets": {"toy": {"source": "phantom", "training": {"train": {"steps": 7}}}},
@@ -117,3 +124,175 @@ def test_shipped_configs_resolve():
 def test_bad_choices_name_the_key_and_the_allowed_values(key, value):
     with pytest.raises(ConfigError, match=rf"{key} must be one of .*got '{value}'"):
         resolve_run_config(CONFIG, "toy", "3d-diff", {key: value})
+
+
+# --- Strict config: every unknown key is an error naming its path and the nearest valid key ---
+
+STRICT = {
+    "datasets": {
+        "ph": {"source": "phantom", "num_cases": 6, "split": {"train": 3, "valid": 1, "test": 2}},
+        "pr": {"source": "prostate_mr", "zenodo_record": 7013610, "split": "reference"},
+        "ct": {"source": "abdominal_ct", "clip": [-991, 362]},
+        "own": {"source": "msd", "path": "/data/Task05", "crop": "centre"},
+    },
+    "training": {"model": {"channels": [4, 8]}},
+    "dims": {"2d": {"train": {"batch_size": 4}}},
+    "variants": {"mine": {"diffusion": {"recycle": False}}},
+    "tables": {"table1": {"datasets": ["ph"], "dims": ["3d"], "cells": {"N": "seg", "Y": "diff"}}},
+}
+
+
+def _patched(path: str, value):
+    """STRICT with ``value`` set at the dotted ``path`` (sections created as needed)."""
+    cfg = deep_merge(STRICT, {})
+    *parents, last = path.split(".")
+    node = cfg
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "suggestion"),
+    [
+        ("tabels", {}, "tables"),  # the top level
+        ("training.optim.warmup_stpes", 3, "warmup_steps"),
+        ("training.trian", {}, "train"),
+        ("dims.2d.train.batch_sise", 4, "batch_size"),
+        ("dims.3D", {}, "3d"),
+        ("variants.mine.diffusion.recylce", False, "recycle"),
+        ("variants.mine.train.augment.max_rotaton", 0.1, "max_rotation"),
+        ("datasets.ph.num_case", 4, "num_cases"),  # a dataset entry, per source
+        ("datasets.pr.zenodo_recrod", 1, "zenodo_record"),
+        ("datasets.ct.spacng", [1, 1, 1], "spacing"),
+        ("datasets.own.paht", "/x", "path"),
+        ("datasets.ph.split.vaild", 1, "valid"),
+        ("datasets.ct.training.train.augment.max_translaton", [1, 1, 1], "max_translation"),
+        ("stats.alpah", 0.05, "alpha"),
+        ("compute.train.mem_gb", 4, "mem_mb"),
+        ("tables.table1.cell", {}, "cells"),
+    ],
+)
+def test_misspelled_key_anywhere_names_its_path_and_the_nearest_key(path, value, suggestion):
+    cfg = _patched(path, value)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, "my.yaml")
+    key = path.rsplit(".", 1)[-1]
+    assert str(err.value).startswith(f"my.yaml: {path}: unknown key {key!r}")
+    assert f"did you mean {suggestion!r}?" in str(err.value)
+    # A run's resolution checks the whole config the same way (the CLI's and the workflow's path).
+    with pytest.raises(ConfigError, match=f"{path}: unknown key"):
+        resolve_run_config(cfg, "ph", "3d-diff")
+
+
+def test_misspelled_override_and_a_source_s_foreign_key():
+    with pytest.raises(
+        ConfigError, match=r"override train\.stepz: unknown key 'stepz'; did you mean 'steps'\?"
+    ):
+        resolve_run_config(STRICT, "ph", "3d-diff", parse_overrides(["train.stepz=3"]))
+    with pytest.raises(ConfigError, match=r"override modle\.remat: .*did you mean 'model'\?"):
+        resolve_run_config(STRICT, "ph", "3d-diff", {"modle.remat": True})
+    # Keys of another source's entries: a phantom is generated on its grid (no crop); MR has no clip.
+    with pytest.raises(ConfigError, match=r"datasets\.ph\.crop: unknown key 'crop' for source 'phantom'"):
+        validate_config(_patched("datasets.ph.crop", "centre"))
+    with pytest.raises(ConfigError, match=r"datasets\.pr\.clip: unknown key 'clip' for source 'prostate_mr'"):
+        validate_config(_patched("datasets.pr.clip", [0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("training.train.steps", "ten", "training.train.steps must be an integer, got str 'ten'"),
+        ("training.train.steps", True, "training.train.steps must be an integer, got bool True"),
+        ("training.train.steps", 10.0, "training.train.steps must be an integer, got float 10.0"),
+        ("variants.mine.loss.dice", 1, "variants.mine.loss.dice must be true or false, got int 1"),
+        ("training.model.channels", [8, "a"], "training.model.channels must be a list of integers"),
+        ("training.model.channels", 8, "training.model.channels must be a list of integers, got int 8"),
+        ("dims.3d.model.arch", 3, "dims.3d.model.arch must be a string, got int 3"),
+        ("training.optim.decay_steps", "x", "training.optim.decay_steps must be an integer or null"),
+        (
+            "training.optim.learning_rate",
+            "1e-4",
+            "got str '1e-4' (YAML reads 1e-4 as a string: write 1.0e-4)",
+        ),
+        ("datasets.ph.training.train", None, "datasets.ph.training.train must be a mapping of train keys"),
+        ("datasets.ph.num_cases", "six", "datasets.ph.num_cases: 'six' is not of type 'integer'"),
+        ("datasets.ph.source", "nifti", "datasets.ph.source: 'nifti' is not one of"),
+    ],
+)
+def test_wrong_types_name_the_key_and_the_expected_type(path, value, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_patched(path, value))
+    assert message in str(err.value)
+    assert "np." not in str(err.value) and "array(" not in str(err.value)
+
+
+def test_values_of_the_right_type_pass():
+    for path, value in [
+        ("training.optim.decay_steps", None),  # nullable
+        ("training.optim.learning_rate", 3),  # an integer is a number
+        ("training.train.augment.max_translation", 4),  # one number for every axis
+        ("training.train.augment.max_scaling", [0.1, 0.1, 0.0]),
+        ("variants.empty", None),  # an empty variant
+        ("datasets.ph.training", None),
+    ]:
+        validate_config(_patched(path, value))
+    cfg = resolve_run_config(STRICT, "ph", "3d-diff", parse_overrides(["model={remat: true}"]))
+    assert cfg["model"]["remat"] is True and cfg["model"]["channels"] == [4, 8]  # merged, not replaced
+    with pytest.raises(ConfigError, match=r"override model\.remat must be true or false, got str 'yes'"):
+        resolve_run_config(STRICT, "ph", "3d-diff", {"model.remat": "yes"})
+
+
+def test_a_key_added_to_base_is_valid_at_once(monkeypatch):
+    cfg = _patched("training.train.micro_batch", 2)
+    with pytest.raises(ConfigError, match="unknown key 'micro_batch'"):
+        validate_config(cfg)
+    monkeypatch.setitem(BASE["train"], "micro_batch", None)  # null in BASE: the table gives its type
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match="training.train.micro_batch must be an integer or null"):
+        validate_config(_patched("training.train.micro_batch", "all"))
+    monkeypatch.setitem(BASE["evaluate"], "window_overlap", 0.5)  # a type inferred from the value
+    validate_config(_patched("training.evaluate.window_overlap", 0.25))
+    with pytest.raises(ConfigError, match="window_overlap must be a number"):
+        validate_config(_patched("training.evaluate.window_overlap", [0.5]))
+
+
+def test_shipped_and_test_configs_validate_here_and_in_snakemake():
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    # The end-to-end workflow test's config, read without importing that module (it imports jax).
+    tree = ast.parse((ROOT / "tests" / "test_workflow.py").read_text())
+    tiny = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "TINY")
+    WORKFLOW_TINY = ast.literal_eval(tiny)  # noqa: N806
+    for cfg, where in [
+        (load_yaml(ROOT / "config/config.yaml"), "config/config.yaml"),
+        (load_yaml(ROOT / "config/paper.yaml"), "config/paper.yaml"),
+        (WORKFLOW_TINY, "tests/test_workflow.py"),
+        (STRICT, "STRICT"),
+    ]:
+        validate_config(cfg, where)
+        validate(deep_merge(cfg, {}), str(SCHEMA_PATH.resolve()))
+    # Snakemake's own validation rejects unknown workflow-level and dataset keys too.
+    for path in ("datasets.ph.spacng", "datasets.ph.crop", "stats.alpah", "tabels"):
+        with pytest.raises(WorkflowError):
+            validate(_patched(path, 1), str(SCHEMA_PATH.resolve()))
+
+
+def test_schema_run_config_sections_are_base_s():
+    schema = load_yaml(SCHEMA_PATH)
+    assert schema["definitions"]["overrides"]["propertyNames"]["enum"] == list(BASE)
+
+
+def test_data_cli_names_the_file_and_the_key(tmp_path):
+    from diffseg.data.cli import _dataset_entry  # what `diffseg data` and `diffseg download` read
+
+    bad = tmp_path / "cfg.yaml"
+    bad.write_text("datasets:\n  ph: {source: phantom, num_cases: 4, spacing: [1, 1, 1], shpae: [8, 8, 8]}\n")
+    with pytest.raises(ConfigError) as err:
+        _dataset_entry(str(bad), "ph")
+    assert (
+        str(err.value)
+        == f"{bad}: datasets.ph.shpae: unknown key 'shpae' for source 'phantom'; did you mean 'shape'?"
+    )

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from diffseg.config import load_yaml
+from diffseg.config import load_yaml, validate_config
 from diffseg.data.dataset import load_dataset
 from diffseg.data.download import download_dataset
 from diffseg.data.prepare import prepare_dataset
@@ -20,8 +20,12 @@ from diffseg.report.orient import load_radiological, mark_sides
 
 
 def _dataset_entry(config_path: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The workflow config and its ``datasets.{name}`` entry (ConfigError when absent)."""
+    """The workflow config, checked (:func:`validate_config`), and its ``datasets.{name}`` entry.
+
+    ConfigError, naming the file, when the config is not valid or the entry is absent.
+    """
     cfg = load_yaml(config_path)
+    validate_config(cfg, config_path)
     datasets = cfg.get("datasets") or {}
     if name not in datasets:
         raise ConfigError(f"{config_path}: datasets.{name} not found (have: {sorted(datasets)})")
