@@ -1,6 +1,8 @@
-"""Zenodo download against a fake server: good, corrupt, partial (Range resume), offline; then prepare.
+"""Zenodo download against a fake server: good, corrupt, partial (Range resume), offline, rate-limited,
+refused; then prepare.
 
-The fake record serves ``data.zip`` and ``institution.txt`` as Zenodo 7013610 does.
+The fake record serves ``data.zip`` and ``institution.txt`` as Zenodo 7013610 does, the fake AMOS
+record ``amos22.zip`` as 7155725; retries sleep through a recorder, not for real.
 """
 
 from __future__ import annotations
@@ -10,16 +12,27 @@ import io
 import json
 import socket
 import zipfile
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import nibabel as nib
 import pytest
-from conftest import write_case
+from conftest import AMOS_CLASSES, write_case
 
-from diffseg.data import download_dataset, prepare_dataset
+from diffseg.data import download, download_dataset, prepare_dataset
+from diffseg.data.download import USER_AGENT, Retry, parse_retry_after
 from diffseg.errors import DataError
 
 # For the conftest archive (uids 001..003); the tests with it use a random split (counts).
 INSTITUTIONS = b"001 A\n002 B\n003 A\n"
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch):
+    """Every retry's wait, recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(download, "DEFAULT_RETRY", Retry(sleep=waits.append))
+    return waits
 
 
 @pytest.fixture
@@ -69,10 +82,15 @@ def test_download_good_then_prepare(record, tmp_path):
     assert all(f["verified"] for f in manifest["files"])
     assert json.loads((out / "manifest.json").read_text())["record"] == 7013610
     assert (out / "raw" / "data" / "001_img.nii").exists()
+    # Each file came from the Range-capable route, with diffseg's User-Agent.
+    assert record.file_requests("data.zip") == [("records", None)]
+    assert manifest["files"][0]["url"] == f"{record.url}/records/7013610/files/data.zip?download=1"
+    assert {h.get("User-Agent") for _, h in record.requests} == {USER_AGENT}
+    assert USER_AGENT.startswith("diffseg/0.1.0 (+http")
     # A verified file is not downloaded again.
-    n_file_requests = sum(p.startswith("/files/") for p, _ in record.requests)
+    n_file_requests = len(record.file_requests("data.zip"))
     download_dataset("prostate_mr", CFG, res)
-    assert sum(p.startswith("/files/") for p, _ in record.requests) == n_file_requests
+    assert len(record.file_requests("data.zip")) == n_file_requests
 
     info = prepare_dataset("prostate_mr", CFG, tmp_path / "data" / "prostate_mr", out)
     assert info["num_classes"] == 9 and info["classes"][0] == "background"
@@ -107,8 +125,7 @@ def test_download_resumes_partial(record, tmp_path, ignore_range):
     out.mkdir()
     (out / "data.zip.part").write_bytes(data[:1000])
     download_dataset("prostate_mr", CFG, tmp_path)
-    ranges = [h.get("Range") for p, h in zenodo.requests if p == "/files/data.zip"]
-    assert ranges == ["bytes=1000-"]  # the server saw the Range header
+    assert zenodo.file_requests("data.zip") == [("records", "bytes=1000-")]  # the server saw Range
     assert (out / "data.zip").read_bytes() == data  # 206 appended, or 200 restarted from zero
     assert (out / "manifest.json").exists()
 
@@ -121,13 +138,14 @@ def _closed_port() -> int:
     return port
 
 
-def test_download_offline(tmp_path, monkeypatch):
+def test_download_offline(tmp_path, monkeypatch, sleeps):
     url = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("DIFFSEG_ZENODO_URL", url)
     with pytest.raises(DataError) as err:
         download_dataset("prostate_mr", CFG, tmp_path)
     msg = str(err.value)
-    assert f"{url}/api/records/7013610" in msg
+    assert f"{url}/api/records/7013610: no answer (" in msg and "(after 6 attempts)" in msg
+    assert sleeps == [2.0, 4.0, 8.0, 16.0, 32.0]  # connection errors: exponential backoff
     assert str((tmp_path / "prostate_mr" / "data.zip").resolve()) in msg
     assert "https://zenodo.org/records/7013610/files/institution.txt" in msg
     assert str((tmp_path / "prostate_mr" / "institution.txt").resolve()) in msg
@@ -187,3 +205,108 @@ def test_real_layout_reference_split_end_to_end(zenodo, tmp_path):
     assert rows[7:11] == ["000007,valid", "000008,valid", "000009,train", "000010,train"]
     img = nib.load(data / "images" / "000001.nii.gz")
     assert img.shape == (16, 16, 8) and nib.aff2axcodes(img.affine) == ("L", "P", "S")  # SimpleITK's default
+
+
+def test_parse_retry_after():
+    now = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Tue, 01 Dec 2026 12:00:30 GMT", now) == 30.0  # an HTTP date
+    assert parse_retry_after("Tue, 01 Dec 2026 11:00:00 GMT", now) == 0.0  # already past
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    retry = Retry(backoff=2.0, max_wait=60.0)
+    assert [retry.wait(i) for i in range(4)] == [2.0, 4.0, 8.0, 16.0]
+    assert retry.wait(0, "7") == 7.0 and retry.wait(0, "3600") == 60.0  # honoured, capped
+
+
+def test_rate_limited_then_served_honours_retry_after(record, tmp_path, sleeps):
+    record.fail["api"] = [429, 429]  # Zenodo's rate limit, then the record
+    record.fail["data.zip"] = [503]
+    record.retry_after = "7"
+    manifest = download_dataset("prostate_mr", CFG, tmp_path)
+    assert all(f["verified"] for f in manifest["files"])
+    assert sleeps == [7.0, 7.0, 7.0]  # the server's Retry-After, not the backoff
+    assert (tmp_path / "prostate_mr" / "data.zip").read_bytes() == record.files["data.zip"]
+    # An HTTP date is honoured too, and a long one capped.
+    record.fail["api"] = [429]
+    record.retry_after = format_datetime(datetime.now(UTC) + timedelta(hours=1), usegmt=True)
+    download_dataset("prostate_mr", CFG, tmp_path)
+    assert sleeps[-1] == download.DEFAULT_RETRY.max_wait == 120.0
+
+
+def test_refused_download_names_status_url_and_manual_path_then_uses_a_placed_file(record, tmp_path, sleeps):
+    record.fail_always["data.zip"] = 403
+    out = tmp_path / "prostate_mr"
+    with pytest.raises(DataError) as err:
+        download_dataset("prostate_mr", CFG, tmp_path)
+    msg = str(err.value)
+    data = record.files["data.zip"]
+    assert f"{record.url}/records/7013610/files/data.zip?download=1: HTTP 403 Forbidden" in msg
+    assert f"put it at {(out / 'data.zip').resolve()}" in msg
+    assert "https://zenodo.org/records/7013610/files/data.zip?download=1" in msg  # for a browser
+    assert f"md5 {hashlib.md5(data).hexdigest()}, {len(data)} bytes" in msg
+    assert sleeps == []  # 403 is not retried
+    assert not (out / "manifest.json").exists()
+    # The file placed by hand where the message says is picked up, and verified.
+    (out / "data.zip").write_bytes(data)
+    n = len(record.file_requests("data.zip"))
+    manifest = download_dataset("prostate_mr", CFG, tmp_path)
+    assert len(record.file_requests("data.zip")) == n and manifest["files"][0]["verified"]
+    assert (out / "raw" / "data" / "001_img.nii").exists()
+
+
+def test_refused_record_falls_back_to_placed_files(record, tmp_path, sleeps):
+    # Today's code said "is 7013610 a Zenodo record id?" and never looked for files placed by hand.
+    record.fail_always["api"] = 403
+    out = tmp_path / "prostate_mr"
+    with pytest.raises(DataError) as err:
+        download_dataset("prostate_mr", CFG, tmp_path)
+    msg = str(err.value)
+    assert f"{record.url}/api/records/7013610: HTTP 403 Forbidden" in msg and "record id" not in msg
+    assert f"put it at {(out / 'data.zip').resolve()}" in msg
+    assert f"put it at {(out / 'institution.txt').resolve()}" in msg
+    (out / "data.zip").write_bytes(record.files["data.zip"])
+    (out / "institution.txt").write_bytes(INSTITUTIONS)
+    manifest = download_dataset("prostate_mr", CFG, tmp_path)
+    assert [f["verified"] for f in manifest["files"]] == [False, False]
+    assert (out / "manifest.json").exists()
+    # A record that does not exist (404) says so, and where to put the files.
+    del record.fail_always["api"]
+    with pytest.raises(DataError, match=r"HTTP 404 .*is 12345 a Zenodo record id\?.*put it at"):
+        download_dataset("prostate_mr", {**CFG, "zenodo_record": 12345}, tmp_path / "other")
+
+
+def test_interrupted_download_resumes_with_range_on_the_records_route(record, tmp_path, sleeps):
+    record.truncate["data.zip"] = 1000  # the connection drops after 1000 bytes
+    download_dataset("prostate_mr", CFG, tmp_path)
+    assert record.file_requests("data.zip") == [("records", None), ("records", "bytes=1000-")]
+    assert (tmp_path / "prostate_mr" / "data.zip").read_bytes() == record.files["data.zip"]
+    assert sleeps == [2.0]
+
+
+def test_the_api_content_route_ignores_range(record, tmp_path):
+    """Why the records route: ``/api/.../content`` answers 200 with the whole file to a Range request."""
+    data = record.files["data.zip"]
+    api_url = f"{record.url}/api/records/7013610/files/data.zip/content"
+    with download.open_url(api_url, {"Range": "bytes=1000-"}) as resp:
+        assert resp.status == 200 and resp.read() == data
+    part = tmp_path / "data.zip.part"
+    part.write_bytes(data[:1000])
+    download.download_file(api_url, tmp_path / "data.zip", hashlib.md5(data).hexdigest(), len(data))
+    assert (tmp_path / "data.zip").read_bytes() == data  # restarted from zero, still right
+
+
+def test_amos_archive_downloads_and_prepares(zenodo, tmp_path, amos_zip_bytes):
+    zenodo.records["7155725"] = {"amos22.zip": amos_zip_bytes}
+    res = tmp_path / "resources"
+    manifest = download_dataset("abdominal_ct", {"source": "abdominal_ct"}, res)
+    assert [(f["key"], f["verified"]) for f in manifest["files"]] == [("amos22.zip", True)]
+    raw = res / "abdominal_ct" / "raw" / "amos22"
+    assert {p.name for p in raw.iterdir()} == {
+        "dataset.json", "imagesTr", "labelsTr", "imagesVa", "labelsVa", "imagesTs"
+    }  # fmt: skip
+    cfg = {"source": "abdominal_ct", "spacing": [1.5, 1.5, 5.0], "shape": [16, 16, 8],
+           "split": {"valid": 1, "test": 1}}  # fmt: skip
+    info = prepare_dataset("abdominal_ct", cfg, tmp_path / "data", res / "abdominal_ct")
+    assert info["classes"] == AMOS_CLASSES and info["modality"] == "CT"
+    assert info["splits"] == {"train": 2, "valid": 1, "test": 1}  # the MR cases (ids > 500) left out
+    assert info["clip"] == [-991.0, 362.0]

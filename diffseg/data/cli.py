@@ -120,7 +120,11 @@ def _figure(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add the data stage's sub-commands to the ``diffseg`` parser."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = subparsers.add_parser("download", help="download and verify a Zenodo dataset into {resources}/{NAME}")
+    p = subparsers.add_parser(
+        "download",
+        help="download and verify a Zenodo dataset into {resources}/{NAME} (resumable; without Zenodo, "
+        "files put there by hand are used: a failure names the URL, the path and the md5)",
+    )
     p.add_argument("--config", required=True, help="workflow config YAML (resources, results, datasets)")
     p.add_argument("--dataset", required=True, help="dataset name under datasets:")
     p.add_argument(
