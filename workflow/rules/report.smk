@@ -34,8 +34,8 @@ rule table:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg table --which {wildcards.which} --config {input.cfg} --runs {params.runs}"
-        " --out {output.csv} --markdown {output.md} 2> {log}"
+        "diffseg table --which {wildcards.which:q} --config {input.cfg:q} --runs {params.runs:q}"
+        " --out {output.csv:q} --markdown {output.md:q} 2> {log:q}"
 
 
 rule stats:
@@ -58,8 +58,8 @@ rule stats:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg stats --config {input.cfg} --runs {params.runs} --ttests {output.ttests}"
-        " --spearman {output.spearman} 2> {log}"
+        "diffseg stats --config {input.cfg:q} --runs {params.runs:q} --ttests {output.ttests:q}"
+        " --spearman {output.spearman:q} 2> {log:q}"
 
 
 rule figure3:
@@ -79,8 +79,8 @@ rule figure3:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg figure --which figure3 --config {input.cfg} --results {params.results}"
-        " --out {output.png} {output.pdf} 2> {log}"
+        "diffseg figure --which figure3 --config {input.cfg:q} --results {params.results:q}"
+        " --out {output.png:q} {output.pdf:q} 2> {log:q}"
 
 
 rule figure2:
@@ -101,8 +101,8 @@ rule figure2:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg figure --which figure2 --config {input.cfg} --results {params.results}"
-        " --out {output.png} {output.pdf} 2> {log}"
+        "diffseg figure --which figure2 --config {input.cfg:q} --results {params.results:q}"
+        " --out {output.png:q} {output.pdf:q} 2> {log:q}"
 
 
 REPORT_OUTPUTS += [f"{RESULTS}/figures/curves.{e}" for e in ("png", "pdf")]
@@ -125,4 +125,4 @@ rule curves:
     conda:
         "../envs/diffseg.yaml"
     shell:
-        "diffseg curves --runs {params.runs} --models {params.models} --out {output.png} {output.pdf} 2> {log}"
+        "diffseg curves --runs {params.runs:q} --models {params.models:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
