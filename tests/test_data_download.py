@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import socket
+import urllib.error
+import urllib.request
 import zipfile
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -310,3 +312,18 @@ def test_amos_archive_downloads_and_prepares(zenodo, tmp_path, amos_zip_bytes):
     assert info["classes"] == AMOS_CLASSES and info["modality"] == "CT"
     assert info["splits"] == {"train": 2, "valid": 1, "test": 1}  # the MR cases (ids > 500) left out
     assert info["clip"] == [-991.0, 362.0]
+
+
+def test_no_name_lookup_is_not_retried(tmp_path, monkeypatch, sleeps, prostate_zip_bytes):
+    """Offline (no DNS) there is nothing to wait for: the placed files are used at once."""
+
+    def no_dns(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    out = tmp_path / "prostate_mr"
+    out.mkdir()
+    (out / "data.zip").write_bytes(prostate_zip_bytes)
+    (out / "institution.txt").write_bytes(INSTITUTIONS)
+    manifest = download_dataset("prostate_mr", CFG, tmp_path)
+    assert sleeps == [] and [f["verified"] for f in manifest["files"]] == [False, False]

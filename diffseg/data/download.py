@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -142,8 +143,8 @@ def open_url(
 ) -> Any:
     """GET ``url`` with diffseg's User-Agent, retrying 429/5xx and connection errors (``retry``).
 
-    Returns the open response; raises ``DownloadError`` (status and URL) on another HTTP error at
-    once, or when the retries are spent.
+    Returns the open response; raises ``DownloadError`` (status and URL) on another HTTP error or a
+    failed name lookup (offline) at once, or when the retries are spent.
     """
     retry = retry or DEFAULT_RETRY
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
@@ -157,6 +158,8 @@ def open_url(
                 raise DownloadError(url, status, reason, attempt) from None
         except CONNECTION_ERRORS as err:
             status, reason, after = None, _reason(err), None
+            if isinstance(getattr(err, "reason", None), socket.gaierror):  # no DNS: offline, for good
+                raise DownloadError(url, None, reason, attempt) from None
         if attempt == retry.attempts:
             raise DownloadError(url, status, reason, attempt)
         wait = retry.wait(attempt - 1, after)
