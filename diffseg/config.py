@@ -240,7 +240,15 @@ def check_run_section(value: Any, path: str, base: Mapping[str, Any] = BASE, rel
         if isinstance(base[key], Mapping):
             check_run_section(sub, where, base[key], here)
         else:
-            _check_value(sub, VALUE_TYPES.get(here) or _infer_kinds(base[key]), where)
+            _check_leaf(sub, here, base[key], where)
+
+
+def _check_leaf(value: Any, rel: str, base_value: Any, where: str) -> None:
+    """A run-config value: its key's type, and one of its choices where it has them (``CHOICES``)."""
+    _check_value(value, VALUE_TYPES.get(rel) or _infer_kinds(base_value), where)
+    allowed = CHOICES.get(tuple(rel.split(".")))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _check_dotted(dotted: str, value: Any, where: str) -> None:
@@ -256,7 +264,7 @@ def _check_dotted(dotted: str, value: Any, where: str) -> None:
     if isinstance(node, Mapping):
         check_run_section(value, f"{where} {dotted}", node, rel)
     else:
-        _check_value(value, VALUE_TYPES.get(rel) or _infer_kinds(node), f"{where} {dotted}")
+        _check_leaf(value, rel, node, f"{where} {dotted}")
 
 
 @functools.cache

@@ -102,7 +102,7 @@ class FakeZenodo:
         self.records: dict[str, dict[str, bytes]] = {self.record: self.files}
         self.md5_override: dict[str, str] = {}
         self.ignore_range = False
-        self.fail: dict[str, list[int]] = {}
+        self.fail: dict[str, list[int | None]] = {}  # None: serve this request
         self.fail_always: dict[str, int] = {}
         self.retry_after: str | None = None
         self.truncate: dict[str, int] = {}

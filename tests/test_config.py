@@ -217,6 +217,7 @@ def test_misspelled_override_and_a_source_s_foreign_key():
             "got str '1e-4' (YAML reads 1e-4 as a string: write 1.0e-4)",
         ),
         ("datasets.ph.training.train", None, "datasets.ph.training.train must be a mapping of train keys"),
+        ("variants.mine.model.arch", "resnet", "variants.mine.model.arch must be one of reference, legacy"),
         ("datasets.ph.num_cases", "six", "datasets.ph.num_cases: 'six' is not of type 'integer'"),
         ("datasets.ph.source", "nifti", "datasets.ph.source: 'nifti' is not one of"),
     ],

@@ -327,3 +327,18 @@ def test_no_name_lookup_is_not_retried(tmp_path, monkeypatch, sleeps, prostate_z
     (out / "institution.txt").write_bytes(INSTITUTIONS)
     manifest = download_dataset("prostate_mr", CFG, tmp_path)
     assert sleeps == [] and [f["verified"] for f in manifest["files"]] == [False, False]
+
+
+def test_a_failure_after_a_partial_download_says_it_resumes(record, tmp_path):
+    record.truncate["data.zip"] = 1000
+    record.fail["data.zip"] = [None, *[503] * 10]  # served (cut short), then server trouble
+    with pytest.raises(DataError) as err:
+        download_dataset("prostate_mr", CFG, tmp_path)
+    part = (tmp_path / "prostate_mr" / "data.zip.part").resolve()
+    size = len(record.files["data.zip"])
+    assert "HTTP 503 Service Unavailable (after 6 attempts)" in str(err.value)
+    assert f"rerun to resume the partial download ({part}: 1000 of {size} bytes)" in str(err.value)
+    # The next run resumes it with Range.
+    download_dataset("prostate_mr", CFG, tmp_path)
+    assert record.file_requests("data.zip")[-1] == ("records", "bytes=1000-")
+    assert (tmp_path / "prostate_mr" / "data.zip").read_bytes() == record.files["data.zip"]

@@ -422,15 +422,14 @@ def _put_it(manual_url: str, dest: Path, entry: Mapping[str, Any] | None = None)
 
 
 def _failed_file(err: DownloadError, entry: Mapping[str, Any], dest: Path, manual_url: str) -> str:
+    """What happened to a file's download, and the two ways on: resume, or put the file in place."""
     part = dest.with_name(dest.name + ".part")
-    resume = ""
+    by_hand = f"{_put_it(manual_url, dest, entry)}, where it is picked up (and checked against that md5)"
     if part.exists() and part.stat().st_size:
         of = f" of {entry['size']}" if entry.get("size") is not None else ""
-        resume = f"; rerun to resume the partial download ({part.resolve()}: {part.stat().st_size}{of} bytes)"
-    return (
-        f"{err}: downloading {dest.name} failed{resume}; or {_put_it(manual_url, dest, entry)}, "
-        "where it is picked up (and checked against that md5), then rerun"
-    )
+        got = f"{part.resolve()}: {part.stat().st_size}{of} bytes"
+        return f"{err}; rerun to resume the partial download ({got}), or {by_hand}"
+    return f"{err}; {by_hand}, then rerun"
 
 
 def _unverified(key: str, path: Path, url: str) -> dict[str, Any]:
