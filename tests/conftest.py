@@ -90,10 +90,10 @@ class FakeZenodo:
     * ``/records/{id}/files/{key}?download=1`` honours it (206) unless ``ignore_range``.
 
     On demand it misbehaves: ``fail[route]`` (route ``"api"`` for the record, else a file key) is a
-    list of statuses answered first, one per request (``fail_always[route]`` on every request), with
-    ``Retry-After: retry_after`` on 429/503 when set; ``truncate[key] = n`` sends the file's full
-    ``Content-Length`` but only its first n bytes, then drops the connection (once). Every request's
-    path and headers are in ``requests``.
+    list of statuses answered first, one per request (None: served as usual), ``fail_always[route]``
+    a status for every request, with ``Retry-After: retry_after`` on 429/503 when set;
+    ``truncate[key] = n`` sends the file's full ``Content-Length`` but only its first n bytes, then
+    drops the connection (once). Every request's path and headers are in ``requests``.
     """
 
     def __init__(self) -> None:
