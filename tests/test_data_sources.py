@@ -16,6 +16,10 @@ GEOM = {"spacing": [0.75, 0.75, 2.5], "shape": [16, 16, 8]}
 def _msd(root, make_case, n=4, nnunet=True, channels=None):
     meta = {"name": "Toy", "labels": {"background": 0, "a": 1, "b": 2}}
     meta["channel_names" if nnunet else "modality"] = channels or {"0": "MRI"}
+    if not nnunet:  # MSD lists its cases
+        meta["training"] = [
+            {"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"} for i in range(n)
+        ]
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset.json").write_text(json.dumps(meta))
     for i in range(n):
@@ -68,9 +72,10 @@ def test_msd_empty_folder(tmp_path):
         list_source("t", {"source": "msd", "path": str(tmp_path / "empty")}, tmp_path)
 
 
-def test_msd_multi_modality(tmp_path, make_case):
+def test_msd_multi_modality_needs_every_channel(tmp_path, make_case):
+    # Two channels named, only the _0000 files present: the first missing channel file is named.
     root = _msd(tmp_path / "T", make_case, channels={"0": "T2", "1": "ADC"})
-    with pytest.raises(DataError, match="only single-modality images are supported"):
+    with pytest.raises(DataError, match=r"case0_0001\.nii\.gz: channel 1 of case case0 not found"):
         list_source("t", {"source": "msd", "path": str(root)}, tmp_path)
 
 

@@ -197,8 +197,10 @@ def augment_batch(
 
     Args:
         key: a PRNG key; each sample gets its own split of it.
-        images: ``(B, X, Y, Z)`` (or ``(B, X, Y)``: axial slices, rotated about Z only) float.
-        labels: same shape, integer.
+        images: ``(B, X, Y, Z)`` (or ``(B, X, Y)``: axial slices, rotated about Z only) float, or
+            with a trailing channel axis ``(B, X, Y, Z, C)``: every channel of a sample moves with
+            the same transform (each padded with its own minimum).
+        labels: ``(B, X, Y, Z)`` (or ``(B, X, Y)``) integer.
         cfg: ``enabled``, ``max_rotation`` [rx, ry, rz] radians, ``max_translation`` [tx, ty, tz]
             voxels, ``max_scaling`` [sx, sy, sz] ± fraction; static Python values.
 
@@ -211,13 +213,22 @@ def augment_batch(
     checked = check_augment_config(cfg)
     if not checked["enabled"]:
         return images, labels
-    if images.shape != labels.shape or images.ndim not in (3, 4):
+    channels = images.ndim == labels.ndim + 1
+    if (
+        images.shape[: labels.ndim] != labels.shape
+        or labels.ndim not in (3, 4)
+        or images.ndim > labels.ndim + 1
+    ):
         raise ValueError(
-            f"augment_batch: expected images and labels (B, X, Y, Z) or (B, X, Y) of one shape, "
-            f"got {images.shape} and {labels.shape}"
+            f"augment_batch: expected images (B, X, Y, Z[, C]) or (B, X, Y[, C]) and labels of their "
+            f"spatial shape, got {images.shape} and {labels.shape}"
         )
 
     def one(k: jax.Array, img: jax.Array, lab: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return apply_affine(sample_affine(k, lab, checked), img, lab)
+        affine = sample_affine(k, lab, checked)
+        if not channels:
+            return apply_affine(affine, img, lab)
+        per_channel = jax.vmap(lambda ch: apply_affine(affine, ch, lab)[0], in_axes=-1, out_axes=-1)
+        return per_channel(img), apply_affine(affine, img[..., 0], lab)[1]
 
     return jax.vmap(one)(jax.random.split(key, images.shape[0]), images, labels)

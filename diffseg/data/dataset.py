@@ -40,12 +40,13 @@ def _sources(data_dir: Path, uids: list[str]) -> list[list[int]]:
     return out
 
 
-def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int]) -> None:
+def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int], channels: int = 1) -> None:
     """Write the uncompressed, memory-mappable cache of every split of ``data_dir`` (see the module).
 
     Reads ``split.csv`` and the NIfTI files volume by volume into ``.npy`` files opened with
     ``open_memmap`` (never the whole split in memory); each file is written atomically and the
-    manifest ``{split}.json`` last, so an interrupted write leaves no cache that counts.
+    manifest ``{split}.json`` last, so an interrupted write leaves no cache that counts. With several
+    image ``channels`` the images are ``(N, X, Y, Z, C)``.
     """
     data_dir = Path(data_dir)
     shape = tuple(int(s) for s in shape)
@@ -56,13 +57,14 @@ def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int]) -> Non
         if not uids:
             continue
         for sub, dtype in (("images", np.float32), ("labels", np.uint8)):
+            want = (*shape, channels) if sub == "images" and channels > 1 else shape
             with atomic_path(data_dir / CACHE / f"{name}_{sub}.npy") as tmp:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *shape))
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *want))
                 for i, uid in enumerate(uids):
                     path = data_dir / sub / f"{uid}.nii.gz"
                     data, _ = read_nifti(path)
-                    if data.shape != shape:
-                        raise DataError(f"{path}: shape {data.shape}, expected {shape}")
+                    if data.shape != want:
+                        raise DataError(f"{path}: shape {fmt_shape(data.shape)}, expected {fmt_shape(want)}")
                     out[i] = data
                 out.flush()
                 del out
@@ -104,6 +106,16 @@ class Dataset:
         return tuple(int(s) for s in self.info["shape"])  # type: ignore[return-value]
 
     @property
+    def channels(self) -> int:
+        """Image channels (``dataset.json`` ``channels``, absent = 1)."""
+        return int(self.info.get("channels", 1))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One image's shape: ``(X, Y, Z)``, or ``(X, Y, Z, C)`` with several channels."""
+        return self.shape if self.channels == 1 else (*self.shape, self.channels)
+
+    @property
     def num_classes(self) -> int:
         """Number of classes, counting background."""
         return int(self.info["num_classes"])
@@ -138,7 +150,7 @@ class Dataset:
             return None
         want = (len(uids), *self.shape)
         if (
-            images.shape != want
+            images.shape != (len(uids), *self.image_shape)
             or labels.shape != want
             or images.dtype != np.float32
             or labels.dtype != np.uint8
@@ -151,6 +163,8 @@ class Dataset:
 
         Memory-mapped (read-only ``np.memmap``) from the data stage's cache when it is up to date,
         else read from the NIfTI files into memory.
+
+        With several channels the images are ``(N, X, Y, Z, C)``, channels last.
         """
         if name in self._cache:
             return self._cache[name]
@@ -161,15 +175,16 @@ class Dataset:
         if mapped is not None:
             self._cache[name] = (uids, *mapped)
             return self._cache[name]
-        images = np.empty((len(uids), *self.shape), np.float32)
+        images = np.empty((len(uids), *self.image_shape), np.float32)
         labels = np.empty((len(uids), *self.shape), np.uint8)
         for i, uid in enumerate(uids):
             for arr, sub in ((images, "images"), (labels, "labels")):
                 path = self.dir / sub / f"{uid}.nii.gz"
                 data, _ = read_nifti(path)
-                if data.shape != self.shape:
-                    got, want = fmt_shape(data.shape), fmt_shape(self.shape)
-                    raise DataError(f"{path}: shape {got}, expected {want} from dataset.json")
+                want = self.image_shape if sub == "images" else self.shape
+                if data.shape != want:
+                    got, want_text = fmt_shape(data.shape), fmt_shape(want)
+                    raise DataError(f"{path}: shape {got}, expected {want_text} from dataset.json")
                 arr[i] = data
         self._cache[name] = (uids, images, labels)
         return self._cache[name]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from diffseg.data.dataset import write_cache
@@ -142,6 +143,7 @@ def prepare_dataset(
     clip = ds_cfg.get("clip", DEFAULT_CT_CLIP.get(str(ds_cfg.get("source"))))
     num_classes = len(source.classes)
     seed = int(ds_cfg.get("seed", 0))
+    present: dict[str, np.ndarray] = {}  # the classes in each prepared label
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
@@ -155,8 +157,18 @@ def prepare_dataset(
                 affine = None  # the LPS-ordered default of write_nifti
             else:
                 image, label, affine = preprocess_case(
-                    case.image, case.label, num_classes, spacing, shape, source.modality, clip, options
+                    case.channel_files or case.image,
+                    case.label,
+                    num_classes,
+                    spacing,
+                    shape,
+                    source.modality,
+                    clip,
+                    options,
+                    label_values=source.label_values,
+                    channels=source.channels,
                 )
+            present[case.uid] = np.bincount(label.ravel(), minlength=num_classes) > 0
             write_nifti(tmp / "images" / f"{case.uid}.nii.gz", image, spacing, affine)
             write_nifti(tmp / "labels" / f"{case.uid}.nii.gz", label, spacing, affine)
         info = {
@@ -171,11 +183,13 @@ def prepare_dataset(
             "splits": split_counts(split),
             # How a new scan must be preprocessed to match (diffseg.data.preprocess.preprocess_scan).
             **options.as_dict(),
+            **source.info(),  # channels, channel_names, label_values (own data)
         }
+        source.warn_absent_classes(name, present, split)
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
-        write_cache(tmp, shape)  # uncompressed, memory-mappable copy of each split (data/dataset.py)
+        write_cache(tmp, shape, source.channels)  # uncompressed, memory-mappable copy of each split
         atomic_write_json(tmp / "dataset.json", info)
         info["fingerprint"] = compute_fingerprint(tmp)  # what runs trained on it are tied to
         atomic_write_json(tmp / "dataset.json", info)  # last: the dataset is complete

@@ -111,11 +111,8 @@ class Preprocessed(NamedTuple):
     affine: np.ndarray
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """Read a medical image with SimpleITK.
-
-    A missing, unreadable or truncated file, or one with NaN/Inf voxels, is a ``DataError``.
-    """
+def _read_sitk(path: str | Path) -> sitk.Image:
+    """Read a file with SimpleITK, its voxels decoded and finite (any dimension, any components)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -136,15 +133,56 @@ def read_image(path: str | Path) -> sitk.Image:
         raise DataError(
             f"{path}: cannot read image (unreadable or truncated file): {detail.strip()[:200]}"
         ) from None
+    if not nifti:  # other formats: SimpleITK's own decode is all there is
+        check_finite(voxels, path)
+    return img
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read a 3D scalar medical image with SimpleITK.
+
+    A missing, unreadable or truncated file, or one with NaN/Inf voxels, is a ``DataError``.
+    """
+    img = _read_sitk(path)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"{path}: expected a scalar image, got {img.GetNumberOfComponentsPerPixel()} components"
         )
     if img.GetDimension() != 3:
         raise DataError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
-    if not nifti:  # other formats: SimpleITK's own decode is all there is
-        check_finite(voxels, path)
     return img
+
+
+def read_channels(paths: str | Path | Sequence[str | Path], channels: int = 1) -> list[sitk.Image]:
+    """The ``channels`` 3D images of one case: one file per channel, or one 4D file ``(X, Y, Z, C)``.
+
+    Separate channel files must share their geometry (the first file's). A ``DataError`` names the
+    file whose channel count or geometry is wrong.
+    """
+    paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if len(paths) == channels:
+        images = [read_image(p) for p in paths]
+        for p, img in zip(paths[1:], images[1:], strict=True):
+            check_geometry(images[0], img, paths[0], p, "channels")
+        return images
+    if len(paths) != 1:
+        raise DataError(
+            f"{paths[0]}: {len(paths)} channel files given, expected {channels} (or one 4D image)"
+        )
+    path = paths[0]
+    img = _read_sitk(path)
+    dim, comps = img.GetDimension(), img.GetNumberOfComponentsPerPixel()
+    if dim == 4 and comps == 1:
+        found = img.GetSize()[3]
+        if found == channels:
+            return [img[:, :, :, c] for c in range(channels)]
+    elif dim == 3 and comps == channels and comps > 1:
+        return [sitk.VectorIndexSelectionCast(img, c) for c in range(channels)]
+    elif dim == 3:
+        found = comps
+    else:
+        raise DataError(f"{path}: expected a 3D image or a 4D image of channels, got {dim}D")
+    raise DataError(f"{path}: {found} channel(s), expected {channels}")
 
 
 def to_array(img: sitk.Image) -> np.ndarray:
@@ -153,9 +191,14 @@ def to_array(img: sitk.Image) -> np.ndarray:
 
 
 def check_geometry(
-    image: sitk.Image, label: sitk.Image, image_path: str | Path, label_path: str | Path
+    image: sitk.Image,
+    label: sitk.Image,
+    image_path: str | Path,
+    label_path: str | Path,
+    what: str = "image and label",
 ) -> None:
-    """Image and label must share size, spacing, origin and direction (to 1e-3 relative or 1e-3 mm).
+    """Image and label (or two channels) must share size, spacing, origin and direction (to 1e-3
+    relative or 1e-3 mm).
 
     At least as tolerant as the reference's check (rtol 1e-5, atol 1e-3), so that every case the
     reference accepted is accepted here.
@@ -174,9 +217,7 @@ def check_geometry(
     if not np.allclose(image.GetDirection(), label.GetDirection(), atol=GEOMETRY_RTOL, rtol=0):
         problems.append("direction differs")
     if problems:
-        raise DataError(
-            f"{image_path} and {label_path}: image and label geometry disagree: " + "; ".join(problems)
-        )
+        raise DataError(f"{image_path} and {label_path}: {what} geometry disagree: " + "; ".join(problems))
 
 
 def check_finite(arr: np.ndarray, path: str | Path) -> None:
@@ -186,13 +227,29 @@ def check_finite(arr: np.ndarray, path: str | Path) -> None:
         raise DataError(f"{path}: {int(bad.sum())} NaN/Inf voxels")
 
 
-def check_labels(label: np.ndarray, num_classes: int, path: str | Path) -> None:
-    """Label values must be integers in ``0..num_classes-1``; the error lists the bad values."""
-    values = np.unique(label)
-    bad = [v for v in values.tolist() if v < 0 or v >= num_classes or float(v) != int(v)]
+def check_labels(label: np.ndarray, values: int | Sequence[int], path: str | Path) -> None:
+    """Label values must be integers in ``values`` (``range(values)`` for an int); the error lists the bad."""
+    found = np.unique(label)
+    if isinstance(values, int):
+        allowed, wanted = set(range(values)), f"outside 0..{values - 1}"
+    else:
+        allowed = {int(v) for v in values}
+        wanted = f"not among dataset.json's labels {sorted(allowed)}"
+    bad = [v for v in found.tolist() if float(v) != int(v) or int(v) not in allowed]
     if bad:
         shown = ", ".join(f"{v:g}" for v in bad[:20])
-        raise DataError(f"{path}: label values outside 0..{num_classes - 1}: {shown}")
+        raise DataError(f"{path}: label values {wanted}: {shown}")
+
+
+def remap_labels(label: np.ndarray, values: Sequence[int] | None) -> np.ndarray:
+    """Label values ``values[i]`` -> class ``i`` (uint8); ``values=None``: already ``0..N-1``.
+
+    The values must have been checked (:func:`check_labels`).
+    """
+    if values is None:
+        return label.astype(np.uint8)
+    table = np.asarray(values, np.int64)
+    return np.searchsorted(table, label.astype(np.int64)).astype(np.uint8)
 
 
 def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "legacy") -> sitk.Image:
@@ -365,7 +422,7 @@ def grid_affine(grid: sitk.Image, start: Sequence[float] = (0, 0, 0)) -> np.ndar
 
 
 def preprocess_case(
-    image_path: str | Path,
+    image_path: str | Path | Sequence[str | Path],
     label_path: str | Path | None,
     num_classes: int,
     spacing: Sequence[float],
@@ -373,83 +430,115 @@ def preprocess_case(
     modality: str,
     clip: Sequence[float] | None = None,
     options: PreprocessOptions | None = None,
+    label_values: Sequence[int] | None = None,
+    channels: int = 1,
 ) -> Preprocessed:
     """Read, validate and preprocess one case onto the training grid.
 
     Reference order (``options.normalize="reference"``): (reorient,) resample, pad with 0 and crop
     to ``shape`` (window from the label's bounding box when ``options.crop="label_bbox"``), then clip
     (CT) and normalise the window (padding included). Legacy order: (reorient,) resample, normalise
-    the whole volume, then crop/pad with the normalised minimum.
+    the whole volume, then crop/pad with the normalised minimum. Each channel is normalised on
+    its own; all share the label's crop window.
 
     Args:
-        image_path, label_path: the scan and its label; ``label_path=None`` preprocesses the scan
-            alone with a window centred on the volume.
-        num_classes: label values must be ``0..num_classes-1``.
+        image_path: the scan: one file (3D, or 4D ``(X, Y, Z, C)`` when ``channels > 1``) or one
+            file per channel in channel order. label_path: its label; ``None`` preprocesses the
+            scan alone with a window centred on the volume.
+        num_classes: label values must be ``0..num_classes-1``, unless ``label_values`` lists them
+            (``label_values[i]`` becomes class ``i``).
         spacing: target spacing (mm), shape: target shape ``(X, Y, Z)``.
         modality: ``CT`` or ``MR``; clip: the CT intensity range [lo, hi] (HU) or None.
         options: the pipeline (default: the reference's).
+        channels: the number of image channels.
 
     Returns:
-        ``Preprocessed(image float32 shape, label uint8 shape or None, affine (4, 4))``.
+        ``Preprocessed(image float32 shape (+ (C,) when channels > 1), label uint8 shape or None,
+        affine (4, 4))``.
     """
     options = options or PreprocessOptions()
-    img = read_image(image_path)
+    first = Path(image_path) if isinstance(image_path, str | Path) else Path(image_path[0])
+    imgs = read_channels(image_path, channels)
     lab = None
     if label_path is not None:
         lab = read_image(label_path)
-        check_geometry(img, lab, image_path, label_path)
-        check_labels(sitk.GetArrayViewFromImage(lab), num_classes, label_path)
-        lab = to_grid(sitk.Cast(lab, sitk.sitkUInt8), spacing, options, is_label=True)
-    img = to_grid(img, spacing, options, is_label=False)
-    image = to_array(img)
+        check_geometry(imgs[0], lab, first, label_path)
+        values = sitk.GetArrayFromImage(lab)
+        check_labels(values, num_classes if label_values is None else label_values, label_path)
+        classes = sitk.GetImageFromArray(remap_labels(values, label_values))
+        classes.CopyInformation(lab)
+        lab = to_grid(classes, spacing, options, is_label=True)
+    grids = [to_grid(img, spacing, options, is_label=False) for img in imgs]
+    arrays = [to_array(g) for g in grids]
     label = to_array(lab).astype(np.uint8) if lab is not None else None
-    if label is not None and label.shape != image.shape:
-        raise DataError(f"{image_path} and {label_path}: sizes differ after resampling")
-    if options.normalize == "legacy":
-        image = normalize_intensity(image, modality, clip, "legacy")
-        pad_value = float(image.min())
-    else:  # the reference pads the raw intensities with 0 and normalises after the crop
-        image = image.astype(np.float64)
-        pad_value = 0.0
-    start = crop_start(image.shape, shape, label if options.crop == "label_bbox" else None)
-    image = apply_window(image, start, shape, pad_value)
+    if label is not None and label.shape != arrays[0].shape:
+        raise DataError(f"{first} and {label_path}: sizes differ after resampling")
+    start = crop_start(arrays[0].shape, shape, label if options.crop == "label_bbox" else None)
+    out = []
+    for image in arrays:
+        if options.normalize == "legacy":
+            image = normalize_intensity(image, modality, clip, "legacy")
+            pad_value = float(image.min())
+        else:  # the reference pads the raw intensities with 0 and normalises after the crop
+            image = image.astype(np.float64)
+            pad_value = 0.0
+        image = apply_window(image, start, shape, pad_value)
+        if options.normalize == "reference":
+            image = normalize_intensity(image, modality, clip, "reference")
+        out.append(image.astype(np.float32))
     if label is not None:
         kept = apply_window(label, start, shape, 0)
         lost = int(np.count_nonzero(label)) - int(np.count_nonzero(kept))
         if lost:
             log.warning("%s: %d labelled voxels fall outside the %s crop", label_path, lost, fmt_shape(shape))
         label = kept
-    if options.normalize == "reference":
-        image = normalize_intensity(image, modality, clip, "reference")
-    return Preprocessed(image.astype(np.float32), label, grid_affine(img, start))
+    image = out[0] if channels == 1 else np.stack(out, axis=-1)
+    return Preprocessed(image, label, grid_affine(grids[0], start))
 
 
-def preprocess_scan(image: sitk.Image | str | Path, info: Mapping[str, Any]) -> tuple[np.ndarray, sitk.Image]:
+def preprocess_scan(
+    image: sitk.Image | str | Path | Sequence[sitk.Image | str | Path], info: Mapping[str, Any]
+) -> tuple[np.ndarray, sitk.Image]:
     """A new scan (no label) as a trained run's data were prepared, without cropping: for ``predict``.
 
     Follows the options recorded in the run's ``dataset.json`` (``reorient``, ``resample``,
     ``normalize``; absent = legacy, as data prepared before they were recorded), its ``spacing``,
-    ``modality`` and ``clip``. The whole resampled scan is normalised (training data were normalised
-    over their crop, so the [0, 1] range can differ slightly where the crop cut off extremes).
+    ``modality``, ``clip`` and ``channels`` (absent = 1). The whole resampled scan is normalised,
+    each channel on its own (training data were normalised over their crop, so the [0, 1] range can
+    differ slightly where the crop cut off extremes).
+
+    Args:
+        image: the scan: an image or file, a 4D file ``(X, Y, Z, C)``, or one image/file per channel.
 
     Returns:
-        ``(volume float32 (X, Y, Z), grid)``: ``grid`` is the SimpleITK image the volume's voxels lie
-        on (orientation, origin, spacing), to map a prediction back with ``sitk.Resample``.
+        ``(volume float32 (X, Y, Z), or (X, Y, Z, C) with several channels, grid)``: ``grid`` is the
+        SimpleITK image the volume's voxels lie on (orientation, origin, spacing), to map a
+        prediction back with ``sitk.Resample``.
     """
-    if not isinstance(image, sitk.Image):
-        image = read_image(image)
+    channels = int(info.get("channels", 1))
+    if isinstance(image, sitk.Image):
+        images = [image]
+    elif isinstance(image, str | Path):
+        images = read_channels(image, channels)
+    elif all(isinstance(i, sitk.Image) for i in image):
+        images = list(image)
+    else:
+        images = read_channels(image, channels)
+    if len(images) != channels:
+        raise DataError(f"dataset.json: the run takes {channels} channel(s), got {len(images)} image(s)")
     options = PreprocessOptions.from_info(info)
-    grid = to_grid(image, info["spacing"], options, is_label=False)
-    volume = normalize_intensity(
-        to_array(grid), str(info.get("modality", "MR")), info.get("clip"), options.normalize
-    )
-    return volume, grid
+    grids = [to_grid(img, info["spacing"], options, is_label=False) for img in images]
+    volumes = [
+        normalize_intensity(to_array(g), str(info.get("modality", "MR")), info.get("clip"), options.normalize)
+        for g in grids
+    ]
+    return (volumes[0] if channels == 1 else np.stack(volumes, axis=-1)), grids[0]
 
 
 def write_nifti(
     path: str | Path, array: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
 ) -> None:
-    """Write ``array`` ``(X, Y, Z)`` atomically as NIfTI with voxel size ``spacing`` (mm).
+    """Write ``array`` ``(X, Y, Z)`` or ``(X, Y, Z, C)`` atomically as NIfTI, voxel size ``spacing`` (mm).
 
     ``affine`` is the grid's NIfTI (RAS) affine (``Preprocessed.affine``, :func:`grid_affine`,
     :func:`read_affine`). Without it the array is taken as LPS-ordered at the origin (phantoms, and
@@ -464,7 +553,8 @@ def write_nifti(
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    img.header.set_zooms((sx, sy, sz))  # after set_qform, which sets them from the affine's columns
+    # After set_qform, which sets them from the affine's columns; a channel axis has no size.
+    img.header.set_zooms((sx, sy, sz, *([1.0] * (array.ndim - 3))))
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
 
@@ -481,7 +571,7 @@ def read_affine(path: str | Path) -> np.ndarray:
 
 
 def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI written by :func:`write_nifti`: array ``(X, Y, Z)`` and spacing (mm)."""
+    """Read a NIfTI written by :func:`write_nifti`: ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing (mm)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")

@@ -48,7 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     test.set_defaults(func=_test)
 
     predict = subparsers.add_parser("predict", help="segment a new NIfTI scan with a trained run")
-    predict.add_argument("image", help="input scan (.nii or .nii.gz, one modality)")
+    predict.add_argument(
+        "image",
+        nargs="+",
+        help="input scan (.nii or .nii.gz); for a run on several channels one 4D NIfTI or one file "
+        "per channel, in the training data's channel order",
+    )
     predict.add_argument("--run", required=True, help="trained run folder (results/runs/D/R)")
     predict.add_argument("-o", "--output", required=True, help="output mask (.nii.gz), on the input's grid")
     predict.add_argument(

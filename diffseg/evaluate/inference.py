@@ -155,22 +155,25 @@ class Segmenter:
 
     def _probabilities(self, windows: list[np.ndarray], keys: list[jax.Array]) -> np.ndarray:
         """Class probabilities ``(n, *S, C)`` float32 of up to ``batch_size`` windows ``(*S,)``."""
-        batch = np.zeros((self.batch_size, *windows[0].shape, 1), np.float32)
+        shape = windows[0].shape if windows[0].ndim == 4 else (*windows[0].shape, 1)  # (*S, channels)
+        batch = np.zeros((self.batch_size, *shape), np.float32)
         for i, window in enumerate(windows):
-            batch[i, ..., 0] = window  # fixed batch shape: one compilation per window shape
+            batch[i] = window.reshape(shape)  # fixed batch shape: one compilation per window shape
         keys = keys + keys[:1] * (self.batch_size - len(keys))  # unused slots: results dropped
         logits = self._logits(self.params, jax.device_put(batch, self._batch_sharding), jnp.stack(keys))
         return np.asarray(jax.nn.softmax(logits[: len(windows)], axis=-1))
 
     def probabilities(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
-        """Class probabilities ``(X, Y, Z, C)`` float32 of one normalised volume ``(X, Y, Z)``."""
-        window = volume.shape if self.window is None else self.window
-        if len(window) != volume.ndim:
+        """Class probabilities ``(X, Y, Z, classes)`` float32 of one normalised volume ``(X, Y, Z)``
+        or, with several image channels, ``(X, Y, Z, C)`` (the windows cut the first three axes)."""
+        spatial = volume.shape[:3]
+        window = spatial if self.window is None else self.window
+        if len(window) != len(spatial):
             raise ValueError(f"window {window} and volume {volume.shape} differ in dimensions")
-        size = tuple(max(n, w) for n, w in zip(volume.shape, window, strict=True))
-        crop = tuple(slice(0, n) for n in volume.shape)
-        if size != volume.shape:  # smaller than a window along some axis: pad, crop back at the end
-            pads = [(0, s - n) for s, n in zip(size, volume.shape, strict=True)]
+        size = tuple(max(n, w) for n, w in zip(spatial, window, strict=True))
+        crop = tuple(slice(0, n) for n in spatial)
+        if size != spatial:  # smaller than a window along some axis: pad, crop back at the end
+            pads = [(0, s - n) for s, n in zip(size, spatial, strict=True)] + [(0, 0)] * (volume.ndim - 3)
             volume = np.pad(volume, pads, constant_values=float(volume.min()))
         starts = list(
             itertools.product(*(window_starts(s, w, self.overlap) for s, w in zip(size, window, strict=True)))
@@ -194,14 +197,14 @@ class Segmenter:
         return total[crop]
 
     def segment(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
-        """Label map ``(X, Y, Z)`` uint8 of one normalised volume ``(X, Y, Z)``."""
+        """Label map ``(X, Y, Z)`` uint8 of one normalised volume ``(X, Y, Z)`` or ``(X, Y, Z, C)``."""
         return np.argmax(self.probabilities(volume, key), axis=-1).astype(np.uint8)
 
 
 def segment(
     model: Any, params: Any, images: np.ndarray, run_cfg: dict[str, Any], key: jax.Array
 ) -> np.ndarray:
-    """Label maps ``(N, X, Y, Z)`` uint8 of normalised volumes ``(N, X, Y, Z)``."""
+    """Label maps ``(N, X, Y, Z)`` uint8 of normalised volumes ``(N, X, Y, Z)`` or ``(N, X, Y, Z, C)``."""
     segmenter = Segmenter(model, params, run_cfg)
     keys = jax.random.split(key, len(images))
     return np.stack([segmenter.segment(volume, k) for volume, k in zip(images, keys, strict=True)])

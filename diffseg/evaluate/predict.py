@@ -3,13 +3,17 @@
 The scan is preprocessed as the run's training data were (orientation, spacing, clip,
 normalisation), padded to what the U-Net can take, segmented in sliding windows of the
 training shape (``diffseg.evaluate.inference.Segmenter``), and the mask is resampled
-back onto the input's own voxel grid (nearest neighbour), so it overlays the input.
+back onto the input's own voxel grid (nearest neighbour), so it overlays the input, with the
+label values of the training data's files (``dataset.json`` ``label_values``). A run trained on
+several channels takes them as the training data came: one 4D NIfTI ``(X, Y, Z, C)``, or one file
+per channel in channel order.
 With several samples (diffusion runs draw a different noise each time) the mask is their
 majority vote and a voxel-wise entropy map shows where the samples disagree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from diffseg.data.preprocess import preprocess_scan, read_image, to_array
+from diffseg.data.preprocess import preprocess_scan, read_channels, to_array
 from diffseg.errors import DataError
 from diffseg.evaluate.inference import Segmenter, vote_and_entropy
 from diffseg.io import atomic_path
@@ -26,8 +30,14 @@ from diffseg.progress import Progress
 from diffseg.runs import input_multiple
 
 
-def check_scan(path: Path) -> None:
-    """A readable single-modality 3D NIfTI, else a ``DataError`` naming the file and the problem."""
+def _channels_text(info: dict[str, Any]) -> str:
+    channels = int(info.get("channels", 1))
+    names = info.get("channel_names")
+    return f"{channels} channel(s)" + (f" ({', '.join(str(n) for n in names)})" if names else "")
+
+
+def check_scan(path: Path, channels: int = 1) -> None:
+    """A readable 3D NIfTI, or 4D with ``channels`` volumes, else a ``DataError`` naming the file."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if not path.name.endswith((".nii", ".nii.gz")):
@@ -36,8 +46,13 @@ def check_scan(path: Path) -> None:
         shape = nib.load(str(path)).shape
     except Exception as err:  # nibabel raises several types for non-NIfTI content
         raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
-    if len(shape) == 4 and shape[3] > 1:
-        raise DataError(f"{path}: {shape[3]} volumes/modalities in a 4D image; the run takes one modality")
+    found = shape[3] if len(shape) == 4 else 1
+    if len(shape) in (3, 4) and found != channels:
+        raise DataError(
+            f"{path}: {found} {'volume' if found == 1 else 'volumes/modalities'}, but the run takes "
+            f"{channels} channel(s): give one "
+            f"4D NIfTI with {channels} volumes or {channels} 3D files in channel order"
+        )
     if len(shape) not in (3, 4):
         raise DataError(f"{path}: expected a 3D image, got shape {shape}")
 
@@ -59,7 +74,7 @@ def predict_scan(
     params: Any,
     run_cfg: dict[str, Any],
     info: dict[str, Any],
-    image_path: str | Path,
+    image_path: str | Path | Sequence[str | Path],
     out_path: str | Path,
     samples: int = 1,
     uncertainty_path: str | Path | None = None,
@@ -67,26 +82,41 @@ def predict_scan(
 ) -> np.ndarray:
     """Segment ``image_path`` and write the mask (and optionally the entropy map) on its grid.
 
+    Args:
+        image_path: the scan; for a run on C channels one 4D NIfTI or C files in channel order.
+
     Returns:
-        The mask ``(X, Y, Z)`` uint8 on the input's grid.
+        The mask ``(X, Y, Z)`` on the input's (first file's) grid, in the training files' label
+        values (uint8, or uint16 for values above 255).
     """
-    image_path, out_path = Path(image_path), Path(out_path)
+    paths = [Path(image_path)] if isinstance(image_path, str | Path) else [Path(p) for p in image_path]
+    out_path = Path(out_path)
     if samples < 1:
         raise DataError(f"--samples must be >= 1, got {samples}")
-    check_scan(image_path)
-    original = read_image(image_path)
-    volume, oriented = preprocess_scan(original, info)
+    channels = int(info.get("channels", 1))
+    if len(paths) not in (1, channels):
+        raise DataError(
+            f"{paths[0]}: {len(paths)} files given, but the run takes {_channels_text(info)}: give one "
+            f"4D NIfTI or {channels} files in channel order"
+        )
+    for path in paths:
+        check_scan(path, channels if len(paths) == 1 else 1)
+    scans = read_channels(paths, channels)
+    original = scans[0]
+    volume, oriented = preprocess_scan(scans, info)
 
     # The U-Net halves each axis once per level: pad up to a multiple of that (2D: X and Y only).
     factor = input_multiple(run_cfg)
     axes = 3 if int(run_cfg["model"]["spatial_dims"]) == 3 else 2
-    pads = [(0, (-n) % factor if a < axes else 0) for a, n in enumerate(volume.shape)]
-    padded = np.pad(volume, pads, constant_values=float(volume.min()))
+    pads = [(0, (-n) % factor if a < axes else 0) for a, n in enumerate(volume.shape[:3])]
+    channel_volumes = [volume] if volume.ndim == 3 else [volume[..., c] for c in range(volume.shape[3])]
+    padded = [np.pad(v, pads, constant_values=float(v.min())) for v in channel_volumes]
+    padded = padded[0] if volume.ndim == 3 else np.stack(padded, axis=-1)
 
     segmenter = Segmenter(model, params, run_cfg, window=info["shape"])  # windows of the training shape
     key = jax.random.key(seed)
-    crop = tuple(slice(0, n) for n in volume.shape)
-    progress = Progress(samples, f"predict {image_path.name}", unit="sample")
+    crop = tuple(slice(0, n) for n in volume.shape[:3])
+    progress = Progress(samples, f"predict {paths[0].name}", unit="sample")
     draws = []
     for s in range(samples):
         draws.append(segmenter.segment(padded, jax.random.fold_in(key, s))[crop])
@@ -95,10 +125,15 @@ def predict_scan(
     progress.close()
     draws = np.stack(draws)
     mask, entropy = vote_and_entropy(draws, int(info["num_classes"]))
+    values = info.get("label_values")  # class i is label value values[i] in the training files
+    if values is not None:
+        table = np.asarray(values, np.uint8 if max(values) <= 255 else np.uint16)
+        mask = table[mask]
+    pixel = sitk.sitkUInt8 if mask.dtype == np.uint8 else sitk.sitkUInt16
 
     # Back onto the input's grid through physical space (handles orientation and spacing).
     back = sitk.Resample(
-        _to_sitk(mask, oriented), original, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        _to_sitk(mask, oriented), original, sitk.Transform(), sitk.sitkNearestNeighbor, 0, pixel
     )
     _write(back, out_path)
     if uncertainty_path is not None:

@@ -23,6 +23,7 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[st
     run_cfg = load_yaml(run_dir / "config.yaml")
     info = json.loads((run_dir / "dataset.json").read_text())
     model = build_model(run_cfg, int(info["num_classes"]))
-    shapes = jax.eval_shape(lambda: init_params(model, tuple(info["shape"]), jax.random.key(0)))
+    channels = int(info.get("channels", 1))
+    shapes = jax.eval_shape(lambda: init_params(model, tuple(info["shape"]), jax.random.key(0), channels))
     params, _ = restore_best(run_dir, shapes)
     return model, params, run_cfg, info

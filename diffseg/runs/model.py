@@ -56,15 +56,16 @@ def input_multiple(run_cfg: dict[str, Any]) -> int:
     return 2 ** (levels if run_cfg["model"].get("arch", "reference") == "reference" else levels - 1)
 
 
-def init_params(model: Any, volume_shape: tuple[int, ...], key: jax.Array) -> Any:
-    """Fresh parameters for volumes of ``volume_shape`` ``(X, Y, Z)`` (one sample).
+def init_params(model: Any, volume_shape: tuple[int, ...], key: jax.Array, channels: int = 1) -> Any:
+    """Fresh parameters for volumes of ``volume_shape`` ``(X, Y, Z)`` (one sample) with ``channels``
+    image channels.
 
     Compiled as one program, with threefry in its non-partitionable form: on this project's
     2-core CPU that compiles the ~70 random draws in 7 s instead of 30 s (eager or partitionable),
     and the numbers stay those of one algorithm on every backend. Nothing here is sharded, so
     partitionability buys nothing; training's own draws keep JAX's default.
     """
-    image = jax.ShapeDtypeStruct((1, *volume_shape, 1), jnp.float32)
+    image = jax.ShapeDtypeStruct((1, *volume_shape, channels), jnp.float32)
     mask = jax.ShapeDtypeStruct((1, *volume_shape, model.num_classes), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
 

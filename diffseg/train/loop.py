@@ -143,7 +143,7 @@ def _write_outputs(run_dir: Path, logs: dict[str, Any]) -> None:
 def validate(
     segmenter: Segmenter, images: np.ndarray, labels: np.ndarray, num_classes: int, key: jax.Array
 ) -> float:
-    """Mean over validation cases ``(N, X, Y, Z)`` of the mean foreground Dice (K-step sampling)."""
+    """Mean over validation cases ``(N, X, Y, Z[, C])`` of the mean foreground Dice (K-step sampling)."""
     scores = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         pred = segmenter.segment(image, jax.random.fold_in(key, i))
@@ -211,7 +211,7 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     copies = replicated(mesh)
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
-    state = jax.device_put(init_state(model, tx, dataset.shape, key_init), copies)
+    state = jax.device_put(init_state(model, tx, dataset.shape, key_init, dataset.channels), copies)
 
     logs: dict[str, Any] = {
         "config_hash": chash,

@@ -66,10 +66,14 @@ def build_optimizer(run_cfg: dict[str, Any]) -> tuple[optax.GradientTransformati
 
 
 def init_state(
-    model: Any, tx: optax.GradientTransformation, volume_shape: tuple[int, ...], key: jax.Array
+    model: Any,
+    tx: optax.GradientTransformation,
+    volume_shape: tuple[int, ...],
+    key: jax.Array,
+    channels: int = 1,
 ) -> State:
-    """Fresh parameters and optimizer state for volumes of ``volume_shape`` ``(X, Y, Z)``."""
-    params = init_params(model, volume_shape, key)
+    """Fresh parameters and optimizer state for volumes of ``volume_shape`` ``(X, Y, Z)``, ``channels``."""
+    params = init_params(model, volume_shape, key, channels)
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers (both donated)
     return {"params": params, "opt_state": tx.init(params), "step": step, "skipped": skipped}
 
@@ -238,7 +242,9 @@ def make_train_step(
         keys = sample_keys(step_key, index)
         key_pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): augmentation, loss
         image, label = augment_samples(key_pairs[:, 0], image, label.astype(jnp.int32), augment_cfg)
-        image = image[..., None].astype(jnp.float32)
+        if image.ndim == label.ndim:  # one channel: add the network's channel axis
+            image = image[..., None]
+        image = image.astype(jnp.float32)
         return grad_fn(params, image, label, key_pairs[:, 1])
 
     def step(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
