@@ -26,8 +26,8 @@ SPLIT = {"train": 4, "valid": 1, "test": 1}
 AFFINE = np.diag([-1.0, -1.0, 2.0, 1.0])
 
 
-def _case(seed: int, shape=(18, 18, 8)) -> tuple[np.ndarray, np.ndarray]:
-    """Two channels ``(X, Y, Z, 2)`` and a label with values 0, 1, 2, 5.
+def _case(seed: int, shape=(18, 18, 8), lesion: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Two channels ``(X, Y, Z, 2)`` and a label with values 0, 1, 2 and ``lesion``.
 
     Channel 1 is channel 0 on another scale (x 1000 + 50), so each channel, normalised on its own,
     comes out the same; normalised together they would not.
@@ -37,9 +37,9 @@ def _case(seed: int, shape=(18, 18, 8)) -> tuple[np.ndarray, np.ndarray]:
     x, y = rng.integers(2, 6, 2)
     label[x : x + 6, y : y + 6, 2:6] = 1
     label[x + 7 : x + 11, y + 1 : y + 5, 2:6] = 2
-    label[x + 1 : x + 3, y + 1 : y + 3, 3:5] = 5
-    lut = np.zeros(6, np.float32)
-    lut[[1, 2, 5]] = [1.5, -1.5, 3.0]
+    label[x + 1 : x + 3, y + 1 : y + 3, 3:5] = lesion
+    lut = np.zeros(lesion + 1, np.float32)
+    lut[[1, 2, lesion]] = [1.5, -1.5, 3.0]
     ch0 = (rng.normal(0, 0.3, shape) + lut[label]).astype(np.float32)
     return np.stack([ch0, ch0 * 1000.0 + 50.0], axis=-1), label
 
@@ -49,24 +49,26 @@ def _save(path, array) -> None:
     nib.save(nib.Nifti1Image(array, AFFINE), str(path))
 
 
-def write_msd(root, labels=None):
+def write_msd(root, labels=None, channels=2, lesion=5, uids=UIDS, stray=True):
     """An MSD task folder: 4D ``imagesTr/{uid}.nii.gz``, ``modality`` and the ``training`` list.
 
-    A stray image that the ``training`` list does not name lies in ``imagesTr/`` too.
+    A stray image that the ``training`` list does not name lies in ``imagesTr/`` too. With
+    ``channels=1`` the images are 3D (channel 0).
     """
     meta = {
         "name": "Toy",
-        "modality": {"0": "T2", "1": "ADC"},
-        "labels": labels or {str(v): n for v, n in zip(VALUES, NAMES, strict=True)},
-        "numTraining": len(UIDS),
-        "training": [{"image": f"./imagesTr/{u}.nii.gz", "label": f"./labelsTr/{u}.nii.gz"} for u in UIDS],
+        "modality": {"0": "T2", "1": "ADC"} if channels == 2 else {"0": "MRI"},
+        "labels": labels or {str(v): n for v, n in zip([0, 1, 2, lesion], NAMES, strict=True)},
+        "numTraining": len(uids),
+        "training": [{"image": f"./imagesTr/{u}.nii.gz", "label": f"./labelsTr/{u}.nii.gz"} for u in uids],
         "test": [],
     }
-    for i, uid in enumerate(UIDS):
-        image, label = _case(i)
-        _save(root / "imagesTr" / f"{uid}.nii.gz", image)
+    for i, uid in enumerate(uids):
+        image, label = _case(i, lesion=lesion)
+        _save(root / "imagesTr" / f"{uid}.nii.gz", image if channels == 2 else image[..., 0].copy())
         _save(root / "labelsTr" / f"{uid}.nii.gz", label)
-    _save(root / "imagesTr" / "stray_0001.nii.gz", np.zeros((4, 4, 4), np.float32))
+    if stray:
+        _save(root / "imagesTr" / "stray_0001.nii.gz", np.zeros((4, 4, 4), np.float32))
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
@@ -134,9 +136,10 @@ def test_nnunet_layout_prepares_as_msd(tmp_path, msd_data):
 
 
 def test_layout_comes_from_dataset_json(tmp_path):
-    # MSD names with a _0001 ending are uids; nnU-Net names without a channel suffix are errors.
-    msd = write_msd(tmp_path / "msd")
+    # MSD names with a _0001 ending are uids (one channel, so nothing else could refuse them).
+    msd = write_msd(tmp_path / "msd", channels=1, lesion=3)
     assert [c.uid for c in list_source("t", _cfg(msd), tmp_path).cases] == UIDS
+    # nnU-Net's files are channels: a missing one is named.
     nn = write_nnunet(tmp_path / "nn")
     (nn / "imagesTr" / "case_0003_0001.nii.gz").unlink()
     with pytest.raises(DataError) as err:
@@ -149,14 +152,77 @@ def test_layout_comes_from_dataset_json(tmp_path):
         list_source("t", _cfg(nn), tmp_path)
 
 
+def test_nnunet_file_list_and_case_count(tmp_path):
+    root = write_nnunet(tmp_path / "nn")
+    meta = json.loads((root / "dataset.json").read_text())
+    for c in range(2):  # a whole case gone: only numTraining tells
+        (root / "imagesTr" / f"case_0006_{c:04d}.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"numTraining is 6, but .*imagesTr holds 5 cases"):
+        list_source("t", _cfg(root), tmp_path)
+    # A "dataset" key lists each case's files (here under other names) instead of imagesTr/.
+    meta["dataset"] = {
+        u: {
+            "images": [f"imagesTr/{u}_0001.nii.gz", f"imagesTr/{u}_0000.nii.gz"],
+            "label": f"labelsTr/{u}.nii.gz",
+        }
+        for u in UIDS[:5]
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    src = list_source("t", _cfg(root), tmp_path)
+    assert [c.uid for c in src.cases] == UIDS[:5]
+    assert src.cases[0].image_files[0].name == "case_0001_0001.nii.gz"
+    meta["dataset"]["case_0006"] = {"images": ["a.nii.gz", "b.nii.gz"], "label": "c.nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"dataset\.case_0006 lists .*a\.nii\.gz, which does not exist"):
+        list_source("t", _cfg(root), tmp_path)
+
+
+def test_nnunet_v1_listed_names_with_channel_files(tmp_path, msd_data):
+    # nnU-Net v1: an MSD-style training list whose images lie as {uid}_0000/_0001 files.
+    root = write_nnunet(tmp_path / "Task005_Toy")
+    meta = json.loads(write_msd(tmp_path / "msd").joinpath("dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps(meta))
+    src = list_source("t", _cfg(root), tmp_path)
+    assert [c.uid for c in src.cases] == UIDS and all(len(c.image_files) == 2 for c in src.cases)
+
+
+def test_data_figure_shows_the_first_channel(msd_data, tmp_path):
+    from diffseg.data.cli import data_figure
+
+    assert data_figure(msd_data, tmp_path / "fig.png", cases=2) == UIDS[:2]
+    assert (tmp_path / "fig.png").stat().st_size > 0
+
+
+def test_augment_moves_every_channel_alike():
+    import jax
+    import jax.numpy as jnp
+
+    from diffseg.data import augment_batch
+
+    image, label = _case(3, shape=(16, 16, 8))
+    images = jnp.asarray(np.stack([image, image])[..., 0] + 2.0)  # positive: the minimum scales
+    two = jnp.stack([images, 2.0 * images], axis=-1)  # (B, X, Y, Z, 2)
+    labels = jnp.asarray(np.stack([label, label]).astype(np.int32))
+    cfg = {"max_rotation": 0.3, "max_translation": 3.0, "max_scaling": 0.1}
+    key = jax.random.key(7)
+    out_two, lab_two = augment_batch(key, two, labels, cfg)
+    out_one, lab_one = augment_batch(key, images, labels, cfg)
+    assert out_two.shape == two.shape and lab_two.shape == labels.shape
+    np.testing.assert_array_equal(np.asarray(lab_two), np.asarray(lab_one))
+    np.testing.assert_allclose(np.asarray(out_two[..., 0]), np.asarray(out_one), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_two[..., 1]), 2.0 * np.asarray(out_one), rtol=1e-5)
+    assert not np.array_equal(np.asarray(lab_two), np.asarray(labels))  # something moved
+
+
 def test_msd_listed_file_missing_is_named(tmp_path):
-    root = write_msd(tmp_path / "T")
-    (root / "imagesTr" / "case_0004.nii.gz").unlink()
+    # One channel, plain uids: only reading the training list can tell.
+    root = write_msd(tmp_path / "T", channels=1, lesion=3, uids=[f"pt{i}" for i in range(1, 7)], stray=False)
+    (root / "imagesTr" / "pt4.nii.gz").unlink()
     out = tmp_path / "out"
     with pytest.raises(DataError) as err:
         prepare_dataset("t", _cfg(root), out, tmp_path)
     message = str(err.value)
-    assert "training[3]" in message and str(root / "imagesTr" / "case_0004.nii.gz") in message
+    assert "training[3]" in message and str(root / "imagesTr" / "pt4.nii.gz") in message
     assert "does not exist" in message and not out.exists()
 
 
@@ -168,13 +234,16 @@ def test_msd_image_with_the_wrong_channel_count(tmp_path):
 
 
 def test_absent_class_warns_by_name(tmp_path, caplog):
-    labels = {**{str(v): n for v, n in zip(VALUES, NAMES, strict=True)}, "7": "ghost"}
-    root = write_msd(tmp_path / "T", labels=labels)
+    # One channel, values 0..3 in the files and a class 4 that no case holds.
+    labels = {**{str(v): n for v, n in enumerate(NAMES)}, "4": "ghost"}
+    root = write_msd(
+        tmp_path / "T", labels=labels, channels=1, lesion=3, uids=[f"pt{i}" for i in range(6)], stray=False
+    )
     with caplog.at_level(logging.WARNING):
         info = prepare_dataset("t", _cfg(root), tmp_path / "out", tmp_path)
-    assert info["label_values"] == [0, 1, 2, 5, 7]
+    assert info["classes"] == [*NAMES, "ghost"] and "label_values" not in info and "channels" not in info
     warned = [r.getMessage() for r in caplog.records if "absent from every training case" in r.getMessage()]
-    assert len(warned) == 1 and "'ghost'" in warned[0] and "label value 7" in warned[0]
+    assert len(warned) == 1 and "'ghost'" in warned[0] and "label value 4" in warned[0]
 
 
 TINY = {

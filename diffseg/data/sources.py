@@ -303,8 +303,12 @@ def _relative(root: Path, meta: Path, where: str, value: Any) -> Path:
     return root / value
 
 
-def _msd_cases(root: Path, meta: Path, info: Mapping[str, Any]) -> list[Case]:
-    """MSD: the ``training`` list of ``{"image", "label"}``; each listed file must exist."""
+def _msd_cases(root: Path, meta: Path, info: Mapping[str, Any], channels: int) -> list[Case]:
+    """MSD: the ``training`` list of ``{"image", "label"}``; each listed file must exist.
+
+    nnU-Net v1 folders list their cases so too, each channel in its own file beside the listed
+    name (``{uid}_0000.nii.gz``, ...): those are read when the listed file is absent.
+    """
     entries = info.get("training")
     if not isinstance(entries, list) or not entries:
         raise DataError(
@@ -322,10 +326,13 @@ def _msd_cases(root: Path, meta: Path, info: Mapping[str, Any]) -> list[Case]:
         if uid in seen:
             raise DataError(f"{meta}: training[{i}] and training[{seen[uid]}] both list case {uid}")
         seen[uid] = i
-        for kind, path in (("image", img), ("label", label)):
+        ext = img.name[len(uid) :]
+        v1 = tuple(img.with_name(f"{uid}_{c:04d}{ext}") for c in range(channels))
+        files = v1 if not img.is_file() and all(p.is_file() for p in v1) else ()  # nnU-Net v1
+        for kind, path in (("image", files[0] if files else img), ("label", label)):
             if not path.is_file():
                 raise DataError(f"{meta}: training[{i}] lists {kind} {path}, which does not exist")
-        cases.append(Case(uid, img, label))
+        cases.append(Case(uid, files[0] if files else img, label, channel_files=files))
     return cases
 
 
@@ -416,7 +423,7 @@ def msd_source(name: str, ds_cfg: Mapping[str, Any]) -> Source:
         cases = _nnunet_cases(root, meta, info, len(channels))
     elif "modality" in info:
         channels = _channel_names(meta, info["modality"], "modality")
-        cases = _msd_cases(root, meta, info)
+        cases = _msd_cases(root, meta, info, len(channels))
     else:
         raise DataError(
             f"{meta}: neither 'channel_names' (nnU-Net v2) nor 'modality' (Medical Segmentation "

@@ -102,7 +102,7 @@ def load_radiological(path: str | Path) -> DisplayVolume:
         volume = np.asarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise DataError(f"{path}: cannot read image: {type(err).__name__}: {err}") from None
-    if volume.ndim == 4 and volume.shape[3] == 1:
+    if volume.ndim == 4:  # a channel axis (several image channels: the first is shown)
         volume = volume[..., 0]
     if volume.ndim != 3:
         raise DataError(f"{path}: expected a 3-D image, got shape {'×'.join(str(n) for n in volume.shape)}")
