@@ -120,7 +120,7 @@ RUN_NAME = re.compile(
 # are inferred from BASE's values, except where a value's type does not say everything:
 VALUE_TYPES: dict[str, tuple[str, ...]] = {
     "optim.decay_steps": ("integer", "null"),  # null: decay over all train.steps
-    "train.micro_batch": ("integer", "null"),  # null: the whole batch at once
+    "train.micro_batch": ("integer", "null", "auto"),  # null: the whole batch at once; auto: fit the device
     "train.augment.max_rotation": ("number", "number list"),  # one number: every axis
     "train.augment.max_translation": ("number", "number list"),
     "train.augment.max_scaling": ("number", "number list"),
@@ -131,6 +131,7 @@ _DESCRIBE = {
     "number": "a number",
     "string": "a string",
     "null": "null",
+    "auto": "auto",
     "integer list": "a list of integers",
     "number list": "a list of numbers",
     "string list": "a list of strings",
@@ -145,6 +146,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return True
     if kind == "null":
         return value is None
+    if kind == "auto":
+        return value == "auto"
     if kind == "bool":
         return isinstance(value, bool | np.bool_)
     if isinstance(value, bool | np.bool_):

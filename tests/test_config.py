@@ -246,12 +246,16 @@ def test_values_of_the_right_type_pass():
 
 
 def test_a_key_added_to_base_is_valid_at_once(monkeypatch):
-    cfg = _patched("training.train.micro_batch", 2)
-    with pytest.raises(ConfigError, match="unknown key 'micro_batch'"):
+    cfg = _patched("training.train.prefetch", 2)
+    with pytest.raises(ConfigError, match="unknown key 'prefetch'"):
         validate_config(cfg)
-    monkeypatch.setitem(BASE["train"], "micro_batch", None)  # null in BASE: the table gives its type
+    monkeypatch.setitem(BASE["train"], "prefetch", 1)  # a type inferred from BASE's value
     validate_config(cfg)
-    with pytest.raises(ConfigError, match="training.train.micro_batch must be an integer or null"):
+    with pytest.raises(ConfigError, match="training.train.prefetch must be an integer"):
+        validate_config(_patched("training.train.prefetch", "all"))
+    # null in BASE: the table gives the type (micro_batch: an integer, null or auto)
+    validate_config(_patched("training.train.micro_batch", "auto"))
+    with pytest.raises(ConfigError, match="training.train.micro_batch must be an integer or null or auto"):
         validate_config(_patched("training.train.micro_batch", "all"))
     monkeypatch.setitem(BASE["evaluate"], "window_overlap", 0.5)  # a type inferred from the value
     validate_config(_patched("training.evaluate.window_overlap", 0.25))
