@@ -3,6 +3,8 @@
 #   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml
 from snakemake.utils import min_version, validate
 
+from diffseg.config import validate_config
+
 min_version("8.10")
 
 
@@ -15,6 +17,8 @@ if not workflow.overwrite_configfiles:
 
 # Errors name the bad key (jsonschema's path); fills the schema's defaults (results, compute...).
 validate(config, "workflow/schemas/config.schema.yaml", set_default=True)
+# Every nested key too (variants, dims, training, datasets), with "did you mean" for typos.
+validate_config(config)
 
 
 report: "workflow/report/workflow.rst"
