@@ -30,6 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slurm.cluster import Cluster, ClusterError, missing_binaries  # noqa: E402
+from test_workflow import TINY as WORKFLOW_TINY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("DIFFSEG_SLURM_REQUIRED") == "1"
@@ -37,29 +38,11 @@ REQUIRED = os.environ.get("DIFFSEG_SLURM_REQUIRED") == "1"
 # The end-to-end test's tiny config (tests/test_workflow.py), cut to 3 runs (3d seg, diff and
 # diff-k3) that still fill both tables; compute: asks each stage for distinct resources.
 TINY = {
-    "resources": "resources",
-    "results": "results",
-    "datasets": {
-        "tiny": {
-            "source": "phantom", "anatomy": "pelvis", "num_cases": 6, "seed": 0,
-            "spacing": [0.75, 0.75, 2.5], "shape": [32, 32, 8],
-            "split": {"train": 3, "valid": 1, "test": 2},
-        }
-    },
-    "training": {
-        "model": {"channels": [4, 8], "time_embed_dim": 8},
-        "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-                  "augment": {"enabled": False}},
-        "optim": {"warmup_steps": 1},
-    },
-    "variants": {"diff-k3": {"diffusion": {"train_steps": 3, "sample_steps": 3}}},
+    **WORKFLOW_TINY,
     "tables": {
         "table1": {"datasets": ["tiny"], "dims": ["3d"], "cells": {"N": "seg", "Y": "diff"}},
-        "table2": {"dataset": "tiny", "dims": ["3d"],
-                   "ablations": {"steps": {"3": "diff-k3", "5": "diff"}}},
+        "table2": WORKFLOW_TINY["tables"]["table2"],
     },
-    "stats": {"alpha": 0.01},
-    "figures": {"figure2": {"dim": "3d", "cases": 1}},
     "compute": {
         "data": {"threads": 1, "mem_mb": 700, "runtime": 10},
         "train": {"threads": 2, "mem_mb": 1500, "runtime": 15, "gpu": 1},
