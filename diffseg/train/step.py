@@ -120,7 +120,9 @@ def noisy_input(
     training sees the model's own errors as sampling will. At the last step the "further" step
     is the last step itself (its input is near pure noise, so recycling changes almost nothing).
     """
-    keys = key if key.ndim else jax.random.split(key, x0.shape[0])
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single = key.ndim == (0 if typed else 1)  # a raw uint32 key is (2,), one per sample (B, 2)
+    keys = jax.random.split(key, x0.shape[0]) if single else key
     pairs = jax.vmap(jax.random.split)(keys)  # (B, 2)
     shape = x0.shape[1:]
     start = x0
