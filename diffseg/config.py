@@ -74,6 +74,9 @@ BASE: dict[str, Any] = {
         # Volumes per device per pass, gradients accumulated to batch_size: null = all at once;
         # auto = the largest that fits the device (XLA's compiled memory analysis, 10 % headroom).
         "micro_batch": None,
+        # Which volumes a step takes: epoch = each once per epoch in a fresh order (the
+        # reference's tf.data repeat/shuffle/batch); uniform = with replacement per step.
+        "sampling": "epoch",
         "checkpoint_every": 500,
         "log_every": 10,
         "bf16": False,
@@ -512,6 +515,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "time_conditioning"): ("reference", "after_norm"),
     ("diffusion", "prediction"): ("x0", "epsilon"),
     ("diffusion", "variance"): ("fixed_large", "beta_tilde"),
+    ("train", "sampling"): ("epoch", "uniform"),
 }
 
 

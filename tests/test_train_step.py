@@ -122,6 +122,25 @@ def test_feeder_draws_from_seed_and_step_and_resumes():
     resumed.close()
 
 
+def test_epoch_sampling_takes_each_volume_once_per_epoch():
+    """The default ("epoch", as the reference's repeat/shuffle/batch): 10 steps of 3 over 6
+    volumes are 5 epochs, each a permutation of the 6, in a different order per epoch; steps
+    straddle epoch boundaries. "uniform" draws with replacement."""
+    drawn = np.concatenate([batch_indices(2, s, 3, 6) for s in range(10)])
+    epochs = drawn.reshape(5, 6)
+    for e in epochs:
+        np.testing.assert_array_equal(np.sort(e), np.arange(6))
+    assert len({tuple(e) for e in epochs}) > 1
+    # batches of 4 over 6 volumes: step 1 takes the last 2 of epoch 0 and the first 2 of epoch 1
+    fours = np.concatenate([batch_indices(2, s, 4, 6) for s in range(3)])
+    for e in fours.reshape(2, 6):
+        np.testing.assert_array_equal(np.sort(e), np.arange(6))
+    uniform = np.concatenate([batch_indices(2, s, 3, 6, "uniform") for s in range(10)])
+    assert any(len(set(u)) < 6 for u in uniform.reshape(5, 6))  # repeats within 6 draws
+    with pytest.raises(ValueError, match="train.sampling"):
+        batch_indices(2, 0, 3, 6, "shuffle")
+
+
 def test_feeder_raises_the_threads_error_in_the_caller():
     class Broken(np.ndarray):
         def __getitem__(self, item):

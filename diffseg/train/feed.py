@@ -24,11 +24,33 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+SAMPLING = ("epoch", "uniform")
 
-def batch_indices(seed: int, step: int, batch_size: int, num_volumes: int) -> np.ndarray:
-    """Volume indices ``(batch_size,)`` int64 of 0-based step ``step``: uniform, with replacement."""
-    rng = np.random.Generator(np.random.PCG64([int(seed), int(step)]))
-    return rng.integers(0, num_volumes, batch_size)
+
+def batch_indices(
+    seed: int, step: int, batch_size: int, num_volumes: int, sampling: str = "epoch"
+) -> np.ndarray:
+    """Volume indices ``(batch_size,)`` int64 of 0-based step ``step``, from ``(seed, step)`` alone.
+
+    ``"epoch"``: sample ``j = step·B + i`` of the run is ``perm_e[j mod N]``, ``perm_e`` a fresh
+    permutation of the N volumes per epoch ``e = j // N`` (seeded by ``(seed, e)``): each volume
+    once per epoch, as the reference's ``repeat → shuffle → batch`` pipeline (``train.sampling``).
+    ``"uniform"``: B volumes uniform with replacement per step (seeded by ``(seed, step)``).
+    Both are resume-safe: no state but the step.
+    """
+    if sampling == "uniform":
+        rng = np.random.Generator(np.random.PCG64([int(seed), int(step)]))
+        return rng.integers(0, num_volumes, batch_size)
+    if sampling != "epoch":
+        raise ValueError(f"train.sampling must be one of {', '.join(SAMPLING)}, got {sampling!r}")
+    j = int(step) * int(batch_size) + np.arange(int(batch_size), dtype=np.int64)
+    epochs, pos = np.divmod(j, int(num_volumes))
+    out = np.empty(int(batch_size), np.int64)
+    for e in np.unique(epochs):  # at most 1 + B // N epochs touch one step
+        # A third seed word keeps these streams apart from "uniform"'s (seed, step) ones.
+        perm = np.random.Generator(np.random.PCG64([int(seed), int(e), 1])).permutation(int(num_volumes))
+        out[epochs == e] = perm[pos[epochs == e]]
+    return out
 
 
 def gather(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,12 +76,14 @@ class BatchFeeder:
         first: int,
         last: int,
         prefetch: int = 1,
+        sampling: str = "epoch",
     ):
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"BatchFeeder: {len(images)} images and {len(labels)} labels")
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.sharding = int(batch_size), int(seed), sharding
         self.first, self.last = int(first), int(last)
+        self.sampling = sampling
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(prefetch)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="diffseg-feeder", daemon=True)
@@ -67,7 +91,7 @@ class BatchFeeder:
 
     def batch(self, step: int) -> tuple[Any, Any]:
         """Step ``step``'s batch on the devices (synchronously; the thread uses this too)."""
-        index = batch_indices(self.seed, step, self.batch_size, len(self.images))
+        index = batch_indices(self.seed, step, self.batch_size, len(self.images), self.sampling)
         image, label = gather(self.images, self.labels, index)
         if self.sharding is None:
             return jax.device_put(image), jax.device_put(label)

@@ -249,7 +249,14 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     step_fn = make_train_step(choice.model, tx, run_cfg, num_classes, mesh, choice.micro_batch)
     batch_size, seed = int(train_cfg["batch_size"]), int(train_cfg["seed"])
     feeder = BatchFeeder(
-        train_images, train_labels, batch_size, seed, batch_sharding(mesh), int(state["step"]), total
+        train_images,
+        train_labels,
+        batch_size,
+        seed,
+        batch_sharding(mesh),
+        int(state["step"]),
+        total,
+        sampling=str(train_cfg["sampling"]),
     )
     batches = iter(feeder)
     segmenter = Segmenter(model, state["params"], run_cfg)  # compiled once, reused at each validation
