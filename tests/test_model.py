@@ -196,12 +196,69 @@ def test_onednn_conv_with_bias_and_unequal_odd_kernel_sizes(kshape, layout):
 
 
 @needs_onednn
-def test_onednn_is_float32_only_and_3d_only():
-    assert resolve_impl("onednn", 3, jnp.bfloat16) == "tiled"
-    assert resolve_impl("onednn", 2) == "xla"
-    x = jnp.ones((1, 4, 4, 4, 2), jnp.bfloat16)
-    k = jnp.ones((3, 3, 3, 2, 2), jnp.bfloat16)
-    assert conv_nd(x, k, impl="onednn").dtype == jnp.bfloat16
+def test_onednn_takes_16_bit_compute_and_leaves_float64_to_xla():
+    assert resolve_impl("onednn", 3, jnp.bfloat16) == "onednn"
+    assert resolve_impl("onednn", 2, jnp.bfloat16) == "onednn"
+    assert resolve_impl("onednn", 3, jnp.float64) == "tiled"
+    assert resolve_impl("onednn", 2, jnp.float64) == "xla"
+
+
+def _f32_ref_conv(x, k, b):
+    """XLA's convolution in float32 plus bias, rounded to x's dtype (for bf16: what cuDNN computes)."""
+    d = x.ndim - 2
+    spec = ("N" + "XYZ"[:d] + "C", "XYZ"[:d] + "IO", "N" + "XYZ"[:d] + "C")
+    x32, k32, b32 = (a.astype(jnp.float32) for a in (x, k, b))
+    dn = lax.conv_dimension_numbers(x.shape, k.shape, spec)
+    y = lax.conv_general_dilated(x32, k32, (1,) * d, "SAME", dimension_numbers=dn) + b32
+    return y.astype(x.dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((2, 64, 64, 3), jnp.float32),  # 2D at the smallest plane oneDNN takes in float32
+        ((2, 6, 5, 3), jnp.bfloat16),  # 2D bf16: oneDNN at any plane
+        ((2, 6, 5, 4, 3), jnp.bfloat16),  # 3D bf16
+    ],
+)
+def test_onednn_2d_and_bfloat16_match_xla_with_gradients(shape, dtype):
+    """2D goes through oneDNN as a one-slice 3D convolution; bf16 is computed in float32 and
+    rounded back, equal to XLA's float32-accumulated bf16 convolution up to summation order."""
+    d = len(shape) - 2
+    kx, kk, kc, kb = jax.random.split(jax.random.PRNGKey(4), 4)
+    x = jax.random.normal(kx, shape).astype(dtype)
+    k = jax.random.normal(kk, (3,) * d + (3, 2)).astype(dtype)
+    b = jax.random.normal(kb, (2,)).astype(dtype)
+    cot = jax.random.normal(kc, (*shape[:-1], 2)).astype(dtype)
+    ours = lambda x, k, b: conv_nd(x, k, b, impl="onednn")  # noqa: E731
+    ref = _f32_ref_conv
+    out = jax.jit(ours)(x, k, b)
+    assert out.dtype == dtype
+    # One bf16 rounding step (2^-8 relative) of the outputs, at most, between the two orders.
+    tol = dict(rtol=1e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref(x, k, b), np.float32), **tol)
+    if dtype == jnp.float32:  # the XLA fallback would give the same: prove oneDNN ran
+        hlo = jax.jit(ours).lower(x, k, b).as_text()
+        assert "custom_call" in hlo
+    g = jax.jit(jax.grad(lambda *a: jnp.sum((ours(*a) * cot).astype(jnp.float32)), argnums=(0, 1, 2)))(
+        x, k, b
+    )
+    g_ref = jax.grad(lambda *a: jnp.sum((ref(*a) * cot).astype(jnp.float32)), argnums=(0, 1, 2))(x, k, b)
+    for a, r in zip(g, g_ref, strict=True):
+        assert a.dtype == dtype
+        scale = float(jnp.abs(r.astype(jnp.float32)).max())
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(r, np.float32), rtol=2e-2, atol=2e-2 * scale
+        )
+
+
+def test_small_float32_2d_planes_stay_with_xla():
+    """Under ONEDNN_2D_MIN_PLANE pixels XLA's float32 2D convolution is faster: no custom call."""
+    x, k = jnp.ones((1, 16, 16, 2)), jnp.ones((3, 3, 2, 2))
+    hlo = jax.jit(lambda x, k: conv_nd(x, k, impl="auto")).lower(x, k).as_text()
+    assert "custom_call" not in hlo
+    assert conv_module.ONEDNN_2D_MIN_PLANE > 16 * 16
 
 
 def test_onednn_build_failure_names_the_problem_and_falls_back(monkeypatch, tmp_path):
@@ -272,7 +329,9 @@ def test_resolve_impl():
     cpu = jax.default_backend() == "cpu"
     expected = ("onednn" if onednn.available() else "tiled") if cpu else "xla"
     assert resolve_impl("auto", 3) == expected
-    assert resolve_impl("auto", 2) == "xla"
+    expected_2d = ("onednn" if onednn.available() else "xla") if cpu else "xla"
+    assert resolve_impl("auto", 2) == expected_2d
+    assert resolve_impl("auto", 2, jnp.float64) == "xla"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_impl("cudnn", 3)
 

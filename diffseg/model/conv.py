@@ -4,7 +4,8 @@ XLA's native 3D convolution (``lax.conv_general_dilated`` with three spatial dim
 CPU, especially its backward pass. On CPU, a 3D convolution therefore goes elsewhere:
 
 - ``"onednn"``: oneDNN's forward, backward-data and backward-weights primitives, called through
-  XLA's FFI (``diffseg.model.onednn``, compiled on first use). float32 only. The fastest.
+  XLA's FFI (``diffseg.model.onednn``, compiled on first use). The fastest, 2D (as 3D over one
+  slice) and 3D; computes in float32 (bfloat16/float16 inputs are upcast, exactly).
 - ``"tiled"``: pure XLA. Depth is folded into channels (the ``k`` depth-shifted copies of the
   input concatenated on channels, so the kernel ``(k, k, k, Cin, Cout)`` is just reshaped to
   ``(k, k, k·Cin, Cout)``), then cache-sized GEMMs run over chunks of zero-padded (X, Y) planes,
@@ -12,8 +13,9 @@ CPU, especially its backward pass. On CPU, a 3D convolution therefore goes elsew
   voxels) it uses ``"fold"``.
 - ``"fold"``: the same depth folding, then one 2D XLA convolution with depth folded into batch.
 
-"auto" is ``"onednn"`` for 3D float32 on the CPU backend, ``"tiled"`` where oneDNN cannot be
-loaded or for bfloat16; on GPU/TPU the plain XLA convolution is used.
+"auto" is ``"onednn"`` on the CPU backend (2D and 3D, float32 and bfloat16), ``"tiled"`` (3D) or
+``"xla"`` (2D) where oneDNN cannot be loaded or for float64; on GPU/TPU the plain XLA convolution
+is used.
 
 Every implementation reads the same parameters (``kernel`` ``(*[k]*d, Cin, Cout)`` and
 ``bias`` ``(Cout,)``, exactly as ``flax.linen.Conv``), so checkpoints are portable.
@@ -38,27 +40,30 @@ from jax import lax
 from diffseg.model import onednn
 
 IMPLS = ("auto", "xla", "fold", "tiled", "onednn")
+# Compute dtypes oneDNN serves: float32, and the 16-bit ones through float32 (exact upcast).
+ONEDNN_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def resolve_impl(impl: str, spatial_dims: int, dtype: Any = jnp.float32) -> str:
     """Map ``impl`` ("auto" | "xla" | "fold" | "tiled" | "onednn") to a concrete implementation.
 
-    "auto" picks "onednn" for 3D float32 on the CPU backend ("tiled" where oneDNN cannot be
-    loaded, or for other dtypes) and "xla" otherwise (2D convolutions and accelerators are
-    already fast in XLA). "onednn" is 3D float32 only: it becomes "xla" in 2D and "tiled" for
-    other dtypes.
+    "auto" picks "onednn" on the CPU backend, 2D and 3D, for float32 and the 16-bit compute
+    dtypes (computed in float32, see ``conv_nd``; float32 2D planes under
+    ``ONEDNN_2D_MIN_PLANE`` pixels still go to XLA there, which is faster on them); elsewhere
+    (float64, oneDNN not loadable) it picks "tiled" in 3D and "xla" in 2D, and on accelerators
+    always "xla" (cuDNN is fast). An explicit "onednn" becomes "tiled"/"xla" for float64 only,
+    which float32 cannot hold.
     """
     if impl not in IMPLS:
         raise ValueError(f"conv_impl must be one of {IMPLS}, got {impl!r}")
+    fallback = "tiled" if spatial_dims == 3 else "xla"
     if impl == "auto":
-        if spatial_dims != 3 or jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu":
             return "xla"
-        impl = "onednn" if onednn.available() else "tiled"
+        impl = "onednn" if onednn.available() else fallback
     if impl == "onednn":
-        if spatial_dims != 3:
-            return "xla"
-        if jnp.dtype(dtype) != jnp.float32:
-            return "tiled"
+        if jnp.dtype(dtype) not in ONEDNN_DTYPES:
+            return fallback
         if not onednn.available():
             raise onednn.OneDNNUnavailable("conv_impl='onednn', but oneDNN cannot load (see the warning)")
     return impl
@@ -273,6 +278,18 @@ def _kernel_in_data_order(kernel: jax.Array, layout: str) -> jax.Array:
     return kernel if layout == "xyz" else jnp.transpose(kernel, (2, 0, 1, 3, 4))
 
 
+# Below this many pixels per plane, XLA's own float32 2D convolution beats oneDNN's (its
+# one-slice 3D primitive): the demo's 2D U-Net step (channels 8-64, 32 slices) took 0.145 s with
+# XLA and 0.192 s with oneDNN at 48×48, 0.82 and 0.56 s at 96×96, 0.97 and 0.85 s at 128×128; the
+# rehearsal's (channels 4-8, 384 slices of 256×256, bf16) 323 s with XLA and 39 s with oneDNN (2-core
+# AVX-512 VM, 2026-12-02). Deeper levels of a U-Net, with smaller planes, go to XLA by this rule.
+ONEDNN_2D_MIN_PLANE = 4096
+
+
+def _xla_faster_2d(x: jax.Array, d: int) -> bool:
+    return d == 2 and x.dtype == jnp.float32 and x.shape[1] * x.shape[2] < ONEDNN_2D_MIN_PLANE
+
+
 def conv_nd(
     x: jax.Array,
     kernel: jax.Array,
@@ -290,8 +307,8 @@ def conv_nd(
       kernel: ``(*K, Cin, Cout)`` in (X, Y[, Z]) order, as ``flax.linen.Conv`` stores it.
       bias: ``(Cout,)`` or None.
       strides: the same stride on every spatial axis.
-      impl: "auto" | "xla" | "fold" | "tiled" | "onednn" (see ``resolve_impl``); "onednn" falls
-        back to "tiled" for dtypes other than float32.
+      impl: "auto" | "xla" | "fold" | "tiled" | "onednn" (see ``resolve_impl``); "onednn" computes
+        in float32 and returns ``x.dtype``.
     Returns:
       ``(B, *S', Cout)`` in the same layout, ``S' = ceil(S / strides)``.
     """
@@ -307,10 +324,17 @@ def conv_nd(
     # not duplicate the fused concatenate that feeds both a decoder block's conv and its skip.
     if d == 3 and odd_stride1 and ksize == (1, 1, 1) and impl in ("fold", "tiled"):
         out = jnp.dot(x, kernel.reshape(kernel.shape[-2:]))
-    elif impl == "onednn" and odd_stride1:
+    elif impl == "onednn" and odd_stride1 and not _xla_faster_2d(x, d):
         # oneDNN adds the bias inside its kernel (and returns its gradient with the kernel's).
-        b = jnp.zeros(kernel.shape[-1], x.dtype) if bias is None else bias
-        return conv3d_onednn(x, _kernel_in_data_order(kernel, layout), b)
+        b = jnp.zeros(kernel.shape[-1], jnp.float32) if bias is None else bias
+        k = _kernel_in_data_order(kernel, layout)
+        if d == 2:  # a 2D convolution is a 3D one over a single slice with a 1-deep kernel;
+            x, k = x[:, None], k[None]  # the slice axis first: oneDNN blocks its kernels along Y
+        # bf16/f16 are exact in float32: this is their convolution with float32 accumulation
+        # (as cuDNN's), rounded back; XLA's CPU bf16 convolutions are several times slower.
+        f32 = jnp.float32
+        out = conv3d_onednn(x.astype(f32), k.astype(f32), b.astype(f32))
+        return (out[:, 0] if d == 2 else out).astype(x.dtype)
     elif d == 3 and impl in ("fold", "tiled") and odd_stride1:
         xz = x if layout == "zxy" else jnp.moveaxis(x, 3, 1)
         if impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
