@@ -570,17 +570,22 @@ def read_affine(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the NIfTI header: {type(err).__name__}: {err}") from None
 
 
-def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI written by :func:`write_nifti`: ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing (mm)."""
+def load_nifti(path: str | Path) -> tuple[Any, np.ndarray]:
+    """``(nibabel image, its voxels)`` of a NIfTI file; a ``DataError`` naming it if missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         img = nib.load(str(path))
-        arr = np.asarray(img.dataobj)
+        return img, np.asarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for corrupt files
         raise DataError(
             f"{path}: cannot read image (unreadable or truncated file): {type(err).__name__}: {err}"
         ) from None
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI written by :func:`write_nifti`: ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing (mm)."""
+    img, arr = load_nifti(path)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return arr, zooms  # type: ignore[return-value]

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from diffseg.data.preprocess import load_nifti
 from diffseg.errors import DataError
 
 # Array axes of the displayed volume: rows (A -> P), columns (R -> L), slices (I -> S).
@@ -95,13 +96,7 @@ def radiological(volume: np.ndarray, affine: np.ndarray) -> DisplayVolume:
 def load_radiological(path: str | Path) -> DisplayVolume:
     """Read a NIfTI file and reorient it with its own affine (:func:`radiological`)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-        volume = np.asarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt files
-        raise DataError(f"{path}: cannot read image: {type(err).__name__}: {err}") from None
+    img, volume = load_nifti(path)
     if volume.ndim == 4:  # a channel axis (several image channels: the first is shown)
         volume = volume[..., 0]
     if volume.ndim != 3:
