@@ -67,10 +67,30 @@ def compilation_cache(min_seconds: float | None = None) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
 
 
+def claim_devices(args: argparse.Namespace) -> None:
+    """Before JAX starts: this job's own GPUs (``--gpus N``, set by the workflow), and the memory
+    share JAX's allocator takes of them (``diffseg.gpu.memory``)."""
+    import os
+
+    from diffseg.gpu.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
+    from diffseg.gpu.slots import claim_gpus
+
+    if getattr(args, "gpus", None) is not None:
+        ids = claim_gpus(int(args.gpus))
+        if ids:
+            print(f"diffseg {args.command}: GPU(s) {', '.join(ids)} claimed for this job", file=sys.stderr)
+    os.environ.setdefault(MEM_FRACTION_VAR, str(DEFAULT_MEM_FRACTION))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; sub-commands set ``func`` and return an exit code."""
     args = build_parser().parse_args(argv)
     reuse_freed_memory()  # before any computation starts JAX's threads
+    try:
+        claim_devices(args)
+    except InputError as err:
+        print(f"diffseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
     _quiet_libraries()
     compilation_cache()
     try:

@@ -80,6 +80,9 @@ BASE: dict[str, Any] = {
         "checkpoint_every": 500,
         "log_every": 10,
         "bf16": False,
+        # Where it may train: any (what JAX finds), gpu, tpu or cpu; a run asking for gpu stops on
+        # a CPU-only machine rather than train there for days (DIFFSEG_ALLOW_CPU=1 lets it).
+        "platform": "any",
         "seed": 0,
         # The reference's prostate ranges; datasets.abdominal_ct.training sets AMOS's.
         "augment": {
@@ -516,6 +519,7 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("diffusion", "prediction"): ("x0", "epsilon"),
     ("diffusion", "variance"): ("fixed_large", "beta_tilde"),
     ("train", "sampling"): ("epoch", "uniform"),
+    ("train", "platform"): ("any", "gpu", "tpu", "cpu"),
 }
 
 

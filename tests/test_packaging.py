@@ -38,3 +38,18 @@ def test_ci_runs_the_readme_test_command():
     command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
     assert command.strip() in readme
     assert "snakemake --cores all results/table2.csv" in readme
+
+
+def test_the_cuda_extra_is_jaxs_own_and_the_cuda_rule_env_differs_only_by_it():
+    """``pip install -e ".[cuda12]"`` takes jax's ``cuda12`` extra, which pins the CUDA plugin to the
+    installed jax's version; the rules' CUDA environment is the CPU one plus that extra."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["cuda12"] == ["jax[cuda12]>=0.4.30"]
+    envs = ROOT / "workflow" / "envs"
+    cpu = yaml.safe_load((envs / "diffseg.yaml").read_text())
+    cuda = yaml.safe_load((envs / "diffseg-cuda.yaml").read_text())
+    pip = lambda env: next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))  # noqa: E731
+    assert [d for d in cpu["dependencies"] if isinstance(d, str)] == [
+        d for d in cuda["dependencies"] if isinstance(d, str)
+    ]
+    assert pip(cuda) == [line.replace("-e ../..", "-e ../..[cuda12]") for line in pip(cpu)]

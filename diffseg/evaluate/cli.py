@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from diffseg.gpu.slots import add_gpus_argument
+
+
+def _say(text: str) -> None:
+    print(f"diffseg: {text}", file=sys.stderr, flush=True)
 
 
 def _test(args: argparse.Namespace) -> int:
     from diffseg.evaluate.test_split import evaluate_run
+    from diffseg.gpu.backend import report
+
+    report(None, _say)
 
     metrics = evaluate_run(args.run_dir, args.data, seed=args.seed)
     per_case = metrics.groupby("uid")["dice"].mean()
@@ -45,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     test.add_argument("--run-dir", required=True, help="trained run folder (results/runs/D/R)")
     test.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     test.add_argument("--seed", type=int, default=0, help="sampling seed for diffusion runs")
+    add_gpus_argument(test)
     test.set_defaults(func=_test)
 
     predict = subparsers.add_parser("predict", help="segment a new NIfTI scan with a trained run")
@@ -64,4 +75,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--uncertainty", help="entropy map path (default: OUTPUT with _entropy)")
     predict.add_argument("--seed", type=int, default=0)
+    add_gpus_argument(predict)
     predict.set_defaults(func=_predict)

@@ -6,12 +6,22 @@ import argparse
 import sys
 
 from diffseg.config import apply_overrides, load_yaml, parse_overrides
+from diffseg.gpu.slots import add_gpus_argument
+
+
+def _say(text: str) -> None:
+    print(f"diffseg: {text}", file=sys.stderr, flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:
+    import jax
+
+    from diffseg.gpu.backend import check_platform, report
     from diffseg.train.loop import TrainingInterrupted, train_run
 
     run_cfg = apply_overrides(load_yaml(args.run_config), parse_overrides(args.set))
+    report(run_cfg, _say)
+    check_platform(run_cfg, jax.default_backend())  # before any data is read or step compiled
     try:
         best = train_run(run_cfg, args.data, args.out)
     except TrainingInterrupted as stop:  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
@@ -22,8 +32,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from diffseg.gpu.backend import report
     from diffseg.train.plan import parse_bytes, plan
 
+    report(None, _say)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     facts, text = plan(
         load_yaml(args.configfile), args.dataset, args.run, parse_overrides(args.set),
@@ -46,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     parser.add_argument("--out", required=True, help="run folder for logs and checkpoints")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=10")
+    add_gpus_argument(parser)
     parser.set_defaults(func=_train)
 
     parser = subparsers.add_parser(

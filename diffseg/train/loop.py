@@ -53,7 +53,7 @@ def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) 
 
 # Settings that change what is logged, validated or how long it trains, not the parameters of a
 # given step: changing them continues the run instead of starting it over.
-NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every")}
+NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform")}
 
 
 def config_hash(run_cfg: dict[str, Any]) -> str:

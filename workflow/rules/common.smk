@@ -60,6 +60,11 @@ def compute(stage, key):
     return ((config.get("compute") or {}).get(stage) or {}).get(key, COMPUTE_DEFAULTS[key])
 
 
+def conda_env(stage):
+    """The rule's environment under --sdm conda: CUDA JAX where the stage asks for GPUs."""
+    return "../envs/diffseg-cuda.yaml" if int(compute(stage, "gpu")) > 0 else "../envs/diffseg.yaml"
+
+
 def download_input(wildcards):
     source = config["datasets"][wildcards.dataset]["source"]
     return [f"{RESOURCES}/{wildcards.dataset}/manifest.json"] if source in DOWNLOADED else []

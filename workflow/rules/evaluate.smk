@@ -23,6 +23,6 @@ rule test:
         gpu_model=compute("test", "gpu_model"),
         slurm_extra=compute("test", "slurm_extra"),
     conda:
-        "../envs/diffseg.yaml"
+        conda_env("test")
     shell:
-        "diffseg test --run-dir {params.run_dir:q} --data {params.data:q} 2> {log:q}"
+        "diffseg test --run-dir {params.run_dir:q} --data {params.data:q} --gpus {resources.gpu} 2> {log:q}"

@@ -42,6 +42,7 @@ rule train:
         gpu_model=compute("train", "gpu_model"),
         slurm_extra=compute("train", "slurm_extra"),
     conda:
-        "../envs/diffseg.yaml"
+        conda_env("train")
     shell:
-        "diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q} 2> {log:q}"
+        "diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q}"
+        " --gpus {resources.gpu} 2> {log:q}"
