@@ -164,3 +164,28 @@ def test_without_pytorch_the_error_says_what_to_do(monkeypatch, capsys):
         train_step.main([*TINY, "--repeats", "1", "--warmup", "0"])
     assert stop.value.code == 2
     assert "--skip-torch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every stage at tiny sizes on this CPU, unattended, exit 0."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHON": sys.executable}  # fmt: skip
+    res = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1500, env=env, cwd=root)  # fmt: skip
+    summary = (tmp_path / "summary.txt").read_text()
+    assert res.returncode == 0, summary + res.stderr[-3000:]
+    assert "0 stage(s) failed" in summary
+    for stage in ("devices", "plan_3d-diff", "step_3d-diff", "plan_2d-diff", "step_2d-diff",
+                  "pytorch_3d", "pytorch_2d", "workflow"):  # fmt: skip
+        assert f"   {stage}: exit 0" in summary, summary
+    step = json.loads((tmp_path / "step_3d-diff.json").read_text())
+    assert step["seconds_per_step"] > 0 and step["plan_total_bytes"] > 0
+    metrics = tmp_path / "workflow/results/runs/phantom_pelvis/3d-diff/test/metrics.csv"
+    assert metrics.is_file() and (tmp_path / "workflow_train_log.csv").is_file()
+    log = (tmp_path / "workflow/results/logs/train/phantom_pelvis/3d-diff.log").read_text()
+    assert "backend cpu" in log  # each job says which backend and devices it got

@@ -39,8 +39,10 @@ def entropy_path(mask_path: Path) -> Path:
 
 def _predict(args: argparse.Namespace) -> int:
     from diffseg.evaluate.predict import predict_scan
+    from diffseg.gpu.backend import report
     from diffseg.runs import load_trained
 
+    report(None, _say)
     model, params, run_cfg, info = load_trained(args.run)
     out = Path(args.output)
     uncertainty = args.uncertainty or (entropy_path(out) if args.samples > 1 else None)
