@@ -130,8 +130,8 @@ training:
 compute: {train: {gpu: 1, threads: 4}, test: {gpu: 1, threads: 4}}
 EOF
 fi
-stage workflow snakemake --snakefile "$PWD/Snakefile" --directory "$WORK" --workflow-profile gpu --cores all \
-  --configfile "$PWD/$BASE_CONFIG" "$WORK/overlay.yaml" "$WORK/results/runs/$PHANTOM/3d-diff/test/metrics.csv"
+stage workflow snakemake "$WORK/results/runs/$PHANTOM/3d-diff/test/metrics.csv" --snakefile "$PWD/Snakefile" \
+  --directory "$WORK" --workflow-profile gpu --cores all --configfile "$PWD/$BASE_CONFIG" "$WORK/overlay.yaml"
 cp "$WORK/results/runs/$PHANTOM/3d-diff/train_log.csv" "$OUT/workflow_train_log.csv" 2> /dev/null || true
 
 echo "gpu_check: $FAILED stage(s) failed; summary in $SUMMARY" | tee -a "$SUMMARY"

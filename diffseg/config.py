@@ -510,6 +510,7 @@ def resolve_run_config(
         cfg["train"]["seed"] = seed
     cfg.update(dataset=dataset, run=run, dim=dim, variant=variant, seed=cfg["train"]["seed"])
     _check(cfg, run)
+    check_constraints(cfg, datasets[dataset] or {})
     return cfg
 
 
@@ -535,6 +536,65 @@ def _check(cfg: Mapping[str, Any], run: str) -> None:
             raise ConfigError(f"run {run!r}: diffusion.{key}={diff[key]} must lie in [1, num_timesteps]")
     if not (cfg["loss"]["cross_entropy"] or cfg["loss"]["dice"] or diff["prediction"] == "epsilon"):
         raise ConfigError(f"run {run!r}: the loss is empty (no cross_entropy, dice or epsilon L2)")
+
+
+def network_multiple(run_cfg: Mapping[str, Any]) -> int:
+    """Each spatial axis the network halves must be a multiple of this: ``2**len(channels)`` for
+    the reference network (a strided convolution before every level), ``2**(len(channels) - 1)``
+    for the legacy one. In 2D only X and Y are halved."""
+    levels = len(run_cfg["model"]["channels"])
+    return 2 ** (levels if run_cfg["model"].get("arch", "reference") == "reference" else levels - 1)
+
+
+def _nearest_multiple(n: int, factor: int) -> int:
+    return max(factor, factor * int(n / factor + 0.5))  # ties go up: a larger crop keeps more
+
+
+def _nearest_divisors(n: int, value: int) -> str:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    best = min(abs(d - value) for d in divisors)
+    return " or ".join(str(d) for d in divisors if abs(d - value) == best)
+
+
+def check_constraints(cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any]) -> None:
+    """What a run's train and test jobs would assert, checked on the resolved config before any job.
+
+    Each ``ConfigError`` names the key path, the value, the rule and the nearest valid value:
+    the dataset's ``shape`` against the network's halvings, ``train.batch_size`` against
+    ``train.micro_batch``, the step counts, and ``evaluate.window_overlap``.
+    """
+    run, dataset, train = cfg.get("run"), cfg.get("dataset"), cfg["train"]
+    where = f"(run {run!r} of dataset {dataset!r})"
+    for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if int(train[key]) < 1:
+            raise ConfigError(f"train.{key} {train[key]} {where}: must be 1 or more; nearest: 1")
+    shape = ds_cfg.get("shape")
+    if shape:
+        factor = network_multiple(cfg)
+        levels = len(cfg["model"]["channels"])
+        halvings = levels if cfg["model"].get("arch", "reference") == "reference" else levels - 1
+        halved = 2 if int(cfg["model"]["spatial_dims"]) == 2 else 3  # 2D: depth is never halved
+        if any(int(n) % factor for n in list(shape)[:halved]):
+            nearest = [_nearest_multiple(int(n), factor) for n in list(shape)[:halved]] + list(shape)[halved:]
+            axes = "X and Y" if halved == 2 else "every axis"
+            raise ConfigError(
+                f"datasets.{dataset}.shape {list(shape)}: {axes} must be divisible by {factor} for the"
+                f" {halvings} halvings of the {halved}D network of run {run!r} (model.channels has {levels}"
+                f" levels); nearest: {nearest}"
+            )
+    batch, micro = int(train["batch_size"]), train.get("micro_batch")
+    if isinstance(micro, int) and not isinstance(micro, bool) and (micro < 1 or batch % micro):
+        raise ConfigError(
+            f"train.micro_batch {micro} {where}: must be a positive divisor of train.batch_size {batch}"
+            f" (volumes per pass, gradients accumulated over the passes);"
+            f" nearest: {_nearest_divisors(batch, micro)}"
+        )
+    overlap = float(cfg["evaluate"]["window_overlap"])
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(
+            f"evaluate.window_overlap {overlap} {where}: must lie in [0, 1) (the share neighbouring"
+            f" windows overlap); nearest: {min(max(overlap, 0.0), 0.9)}"
+        )
 
 
 def save_run_config(cfg: Mapping[str, Any], path: str | Path) -> None:

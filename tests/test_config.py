@@ -301,3 +301,43 @@ def test_data_cli_names_the_file_and_the_key(tmp_path):
         str(err.value)
         == f"{bad}: datasets.ph.shpae: unknown key 'shpae' for source 'phantom'; did you mean 'shape'?"
     )
+
+
+SHAPED = {
+    "datasets": {"mine": {"source": "phantom", "shape": [32, 32, 8]}},
+    "training": {"model": {"channels": [4, 8, 8, 8]}, "train": {"batch_size": 8}},
+}
+
+
+@pytest.mark.parametrize(
+    ("run", "patch", "message"),
+    [
+        ("3d-diff", {}, "datasets.mine.shape [32, 32, 8]: every axis must be divisible by 16 for the 4"
+         " halvings of the 3D network of run '3d-diff' (model.channels has 4 levels); nearest: [32, 32, 16]"),
+        ("2d-diff", {"datasets.mine.shape": [40, 24, 5]}, "X and Y must be divisible by 16 for the 4 halvings"
+         " of the 2D network of run '2d-diff' (model.channels has 4 levels); nearest: [48, 32, 5]"),
+        ("3d-diff", {"model.arch": "legacy", "datasets.mine.shape": [20, 16, 8]},
+         "divisible by 8 for the 3 halvings"),
+        ("3d-seg", {"train.micro_batch": 3, "datasets.mine.shape": [32, 32, 16]},
+         "train.micro_batch 3 (run '3d-seg' of dataset 'mine'): must be a positive divisor of"
+         " train.batch_size 8 (volumes per pass, gradients accumulated over the passes); nearest: 2 or 4"),
+        ("3d-seg", {"train.steps": 0, "datasets.mine.shape": [32, 32, 16]}, "train.steps 0 (run '3d-seg'"),
+        ("3d-seg", {"evaluate.window_overlap": 1.0, "datasets.mine.shape": [32, 32, 16]},
+         "evaluate.window_overlap 1.0 (run '3d-seg' of dataset 'mine'): must lie in [0, 1)"),
+    ],
+)  # fmt: skip
+def test_what_jobs_would_assert_is_checked_when_the_run_is_resolved(run, patch, message):
+    config = deep_merge(SHAPED, {})
+    overrides = {k: v for k, v in patch.items() if not k.startswith("datasets.")}
+    if "datasets.mine.shape" in patch:
+        config["datasets"]["mine"]["shape"] = patch["datasets.mine.shape"]
+    with pytest.raises(ConfigError) as err:
+        resolve_run_config(config, "mine", run, overrides)
+    assert message in str(err.value)
+
+
+def test_valid_shapes_pass_and_2d_never_halves_depth():
+    config = deep_merge(SHAPED, {"datasets": {"mine": {"shape": [32, 48, 5]}}})
+    resolve_run_config(config, "mine", "2d-diff")
+    config["datasets"]["mine"]["shape"] = [32, 48, 16]
+    resolve_run_config(config, "mine", "3d-diff", {"train.micro_batch": 4})

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from diffseg.config import network_multiple
 from diffseg.model import ReferenceUNet, UNet
 
 
@@ -49,11 +50,8 @@ def build_model(run_cfg: dict[str, Any], num_classes: int, conv_impl: str = "aut
 
 
 def input_multiple(run_cfg: dict[str, Any]) -> int:
-    """Each spatial axis the network halves must be a multiple of this: ``2**len(channels)`` for
-    the reference network (a strided convolution before every level), ``2**(len(channels) - 1)``
-    for the legacy one. In 2D only X and Y are halved."""
-    levels = len(run_cfg["model"]["channels"])
-    return 2 ** (levels if run_cfg["model"].get("arch", "reference") == "reference" else levels - 1)
+    """Each axis the network halves must be a multiple of this (``diffseg.config.network_multiple``)."""
+    return network_multiple(run_cfg)
 
 
 def init_params(model: Any, volume_shape: tuple[int, ...], key: jax.Array, channels: int = 1) -> Any:

@@ -18,6 +18,9 @@ RUNS = runs_needed(config)  # [(dataset, run)]: every table cell and experiment
 for _d, _r in RUNS:
     if _d not in config["datasets"]:
         raise ConfigError(f"config: run {_r!r} needs dataset {_d!r}, which is not under datasets:")
+    # What the train and test jobs would assert (shape against the network, micro-batch, ...),
+    # checked now, before any job runs: a config mistake is one message, not a failed job.
+    resolve_run_config(config, _d, _r)
 WORKFLOW_CONFIG = f"{RESULTS}/workflow_config.yaml"
 
 
