@@ -1,4 +1,4 @@
-# diffseg: the paper's experiments as a graph of jobs (DESIGN.md). Thin: logic lives in diffseg.
+# diffseg: the paper's experiments as a graph of jobs (docs/DEFINITIONS.md). Thin: logic lives in diffseg.
 #   snakemake --cores all                       # the phantom demo (config/config.yaml)
 #   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml
 from snakemake.utils import min_version, validate

@@ -117,7 +117,7 @@ def test_dice_and_distances_match_medpy_on_random_blobs(seed):
     # Directed distances are medpy's exactly (same erosion, same EDT, same voxel order).
     np.testing.assert_allclose(d_pg, medpy_surface_distances(p, g, SPACING), rtol=0, atol=1e-9)
     np.testing.assert_allclose(d_gp, medpy_surface_distances(g, p, SPACING), rtol=0, atol=1e-9)
-    # medpy 0.5.2's hd95 pools both directions; ours (DESIGN.md) is the max of the directed ones.
+    # medpy 0.5.2's hd95 pools both directions; ours (docs/DEFINITIONS.md) is the max of the directed ones.
     pooled = np.percentile(np.hstack([d_pg, d_gp]), 95)
     assert pooled == pytest.approx(medpy_binary.hd95(p, g, voxelspacing=SPACING), abs=1e-6)
     ours = hd95(p, g, SPACING)
@@ -135,7 +135,7 @@ def test_hd95_equals_medpy_for_symmetric_errors():
 def test_hd95_is_max_of_directed_not_medpys_pooled_percentile():
     """A spurious 3³ island a few mm away: only d(P→G) has a tail, d(G→P) is all zeros.
 
-    DESIGN.md's HD95 is P95(d(P→G)) here; medpy 0.5.2 pools both sets (330 values, 26 non-zero)
+    docs/DEFINITIONS.md's HD95 is P95(d(P→G)) here; medpy 0.5.2 pools both sets (330 values, 26 non-zero)
     and so reports a smaller number. The difference is the definition, not the distances.
     """
     p, g = box_pair((0, 0, 0))

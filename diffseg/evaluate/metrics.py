@@ -1,8 +1,8 @@
 """Segmentation metrics: Dice, NSD, HD95 and centroid distance, per foreground class.
 
 Small pure numpy/scipy functions in the style of DeepMind's ``surface-distance``, with the voxel
-spacing given explicitly in mm, in array axis order. Definitions follow DESIGN.md, section
-"Metrics: the exact definitions":
+spacing given explicitly in mm, in array axis order. Definitions: docs/DEFINITIONS.md,
+"Metrics":
 
 - Dice = 2|P∩G| / (|P|+|G|); NaN only when both masks are empty.
 - Surface voxels = mask XOR binary_erosion(mask) with scipy's default face-connected structuring
