@@ -55,8 +55,16 @@ BASE: dict[str, Any] = {
         # Sampling variance: fixed_large (sigma^2 = beta_k, the reference code) or beta_tilde
         # (the posterior variance, the paper's text).
         "variance": "fixed_large",
+        # epsilon prediction: x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) clipped to
+        # [-x0_limit, x0_limit]; 0 = unclipped, the reference's x_limit: 0 (1: diffseg <= 0.1's clip).
+        "x0_limit": 0.0,
+        # floor of the probabilities (x0_hat + 1) / 2 before their log, when x0_hat is not the
+        # network's own softmax (epsilon prediction): the reference's EPS.
+        "log_eps": 1.0e-5,
     },
-    "loss": {"cross_entropy": True, "dice": True, "eps_l2_weight": 0.1},
+    # dice_mean: per_sample (each sample's present classes, then the samples: the reference with
+    # one sample per core) or pooled (all (sample, class) pairs of the batch at once).
+    "loss": {"cross_entropy": True, "dice": True, "eps_l2_weight": 0.1, "dice_mean": "per_sample"},
     "optim": {
         "init_learning_rate": 1e-5,
         "learning_rate": 1e-4,
@@ -80,6 +88,10 @@ BASE: dict[str, Any] = {
         "checkpoint_every": 500,
         "log_every": 10,
         "bf16": False,
+        # bf16 runs: reference = the image cast to bfloat16 before augmentation, the one-hot mask
+        # and the noise built in bfloat16 (as the reference); float32 = all float32 until the
+        # network's input casts it.
+        "bf16_inputs": "reference",
         # Where it may train: any (what JAX finds), gpu, tpu or cpu; a run asking for gpu stops on
         # a CPU-only machine rather than train there for days (DIFFSEG_ALLOW_CPU=1 lets it).
         "platform": "any",
@@ -94,6 +106,9 @@ BASE: dict[str, Any] = {
     },
     "evaluate": {
         "tolerance_mm": 1.0,
+        # NSD of a class empty in exactly one mask (a miss or a false positive): nan, so left out
+        # of the means as the reference averages it, or zero. Misses are counted either way.
+        "nsd_empty": "nan",
         "batch_size": 1,
         "window_overlap": 0.5,  # sliding windows of the training shape: the share neighbours overlap
     },
@@ -521,6 +536,9 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("diffusion", "variance"): ("fixed_large", "beta_tilde"),
     ("train", "sampling"): ("epoch", "uniform"),
     ("train", "platform"): ("any", "gpu", "tpu", "cpu"),
+    ("evaluate", "nsd_empty"): ("nan", "zero"),
+    ("train", "bf16_inputs"): ("reference", "float32"),
+    ("loss", "dice_mean"): ("per_sample", "pooled"),
 }
 
 

@@ -149,3 +149,26 @@ def test_sampling_variance_switch():
     assert GaussianDiffusion.from_config(cfg).variance == "fixed_large"
     with pytest.raises(ValueError, match="variance"):
         GaussianDiffusion.linear(variance="learned")
+
+
+def test_epsilon_x0_is_unclipped_by_default_and_clipped_on_request():
+    """The reference's ``x_limit: 0``: the x0 read from a noise prediction keeps its value."""
+    d = GaussianDiffusion.linear(num_steps=5)
+    x_t = jnp.full((1, 2, 3), 0.5)
+    eps = jnp.full((1, 2, 3), -1.0)
+    k = jnp.array([4])  # abar = 4.04e-5: x0 = (0.5 + 1.0 * sqrt(1 - abar)) / sqrt(abar) ~ 236
+    expected = (0.5 + np.sqrt(1 - d.alphas_cumprod[4])) / np.sqrt(d.alphas_cumprod[4])
+    np.testing.assert_allclose(d.predict_x0(eps, x_t, k, "epsilon"), expected, rtol=1e-5)
+    clipped = GaussianDiffusion.from_config(
+        {"num_timesteps": 1000, "train_steps": 5, "beta_start": 1e-4, "beta_end": 0.02, "x0_limit": 1.0}
+    )
+    np.testing.assert_array_equal(clipped.predict_x0(eps, x_t, k, "epsilon"), 1.0)
+
+
+def test_logits_of_a_derived_x0_floor_at_the_reference_eps():
+    d = GaussianDiffusion.linear()
+    x0 = jnp.array([[-1.0, 1.0, -3.0]])  # probabilities 0, 1 and (unclipped epsilon x0) -1
+    logits = d.to_logits(jnp.zeros_like(x0), x0, "epsilon")
+    np.testing.assert_allclose(logits, [[np.log(1e-5), 0.0, np.log(1e-5)]], rtol=1e-6)
+    assert d.to_logits(x0, x0, "x0") is x0  # the network's own logits pass through
+    np.testing.assert_allclose(x0_to_logits(jnp.array([-1.0])), [np.log(1e-5)], rtol=1e-6)

@@ -211,10 +211,18 @@ def test_miss_false_positive_and_both_empty():
     pred[10:14, 10:14, 2:4] = 2  # class 2: predicted only -> false positive
     # class 3: empty in both
     df = segmentation_metrics(pred, label, 4, SPACING).set_index("class")
-    assert df.loc[1, "dice"] == 0 and df.loc[1, "nsd"] == 0 and bool(df.loc[1, "missed"])
+    # NSD of a class empty in exactly one mask: NaN by default (the reference leaves it out of its
+    # means), 0 on request; the miss is counted either way.
+    assert df.loc[1, "dice"] == 0 and np.isnan(df.loc[1, "nsd"]) and bool(df.loc[1, "missed"])
+    assert np.isnan(df.loc[2, "nsd"])
+    zero = segmentation_metrics(pred, label, 4, SPACING, nsd_empty="zero").set_index("class")
+    assert zero.loc[1, "nsd"] == 0 and zero.loc[2, "nsd"] == 0 and np.isnan(zero.loc[3, "nsd"])
+    assert zero.drop(columns="nsd").equals(df.drop(columns="nsd"))
+    with pytest.raises(ValueError, match="nsd_empty must be one of nan, zero"):
+        segmentation_metrics(pred, label, 4, SPACING, nsd_empty="skip")
     assert np.isnan(df.loc[1, "hd95"]) and np.isnan(df.loc[1, "cd"])
     assert df.loc[1, "label_voxels"] == 32 and df.loc[1, "pred_voxels"] == 0
-    assert df.loc[2, "dice"] == 0 and df.loc[2, "nsd"] == 0 and not bool(df.loc[2, "missed"])
+    assert df.loc[2, "dice"] == 0 and not bool(df.loc[2, "missed"])
     assert np.isnan(df.loc[2, "hd95"]) and np.isnan(df.loc[2, "cd"])
     assert df.loc[3, ["dice", "nsd", "hd95", "cd"]].isna().all() and not bool(df.loc[3, "missed"])
     assert df["missed"].dtype == bool

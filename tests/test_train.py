@@ -114,6 +114,22 @@ def test_dice_loss_ignores_classes_absent_from_the_label():
     assert_allclose(float(dice_loss(logits, onehot)), float(expected), atol=1e-6)
 
 
+def test_dice_loss_per_sample_or_pooled_over_the_batch():
+    """Two samples: one with classes 1 and 2 present (losses a, b), one with class 1 only (c).
+    per_sample = ((a + b) / 2 + c) / 2 (the reference, one sample per core); pooled = (a + b + c) / 3."""
+    probs = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    first = jnp.log(jnp.asarray(probs) + 1e-30)
+    onehot1 = jnp.asarray([[0, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], jnp.float32)
+    onehot2 = jnp.asarray([[0, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], jnp.float32)
+    logits, onehot = jnp.stack([first, first]), jnp.stack([onehot1, onehot2])
+    a, b = 1.0 - 6 / 7, 0.0
+    c = 1.0 - 2 * 0.5 / (1.5 + 1)  # sample 2, class 1: p = (0.5, 1, 0, 0), g = (1, 0, 0, 0)
+    assert_allclose(float(dice_loss(logits, onehot)), ((a + b) / 2 + c) / 2, rtol=1e-5)
+    assert_allclose(float(dice_loss(logits, onehot, mean="pooled")), (a + b + c) / 3, rtol=1e-5)
+    cfg = {"cross_entropy": False, "dice": True, "dice_mean": "pooled"}
+    assert_allclose(float(segmentation_loss(logits, onehot, cfg)), (a + b + c) / 3, rtol=1e-5)
+
+
 def test_cross_entropy_and_combination():
     logits = jnp.asarray([[[2.0, 0.0], [0.0, 1.0]]])
     onehot = jnp.asarray([[[1.0, 0.0], [1.0, 0.0]]])

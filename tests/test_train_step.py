@@ -217,3 +217,34 @@ def test_the_loop_logs_skipped_updates(tmp_path):
     drew = [0 in batch_indices(0, s, 2, 4) for s in range(4)]
     assert list(log["skipped"]) == list(np.cumsum(drew)) and any(drew)
     assert np.isfinite(log["loss"][~np.array(drew)]).all()
+
+
+def test_bf16_runs_build_image_mask_and_noise_in_bf16_as_the_reference(monkeypatch):
+    """``train.bf16_inputs: reference``: the image is bf16 from before augmentation on, and the mask
+    and noise the network sees are built in bf16; ``float32`` keeps all three float32."""
+    import diffseg.train.step as step_module
+    from diffseg.train.step import training_input_dtype
+
+    seen = {}
+    real = step_module.noisy_input
+
+    def spy(apply_fn, params, diffusion, image, x0, *rest):
+        x_t, noise = real(apply_fn, params, diffusion, image, x0, *rest)
+        seen.update(image=image.dtype, x0=x0.dtype, noise=noise.dtype)
+        return x_t, noise
+
+    monkeypatch.setattr(step_module, "noisy_input", spy)
+    images, labels = _volumes()
+    for mode, dtype in (("reference", jnp.bfloat16), ("float32", jnp.float32)):
+        over = {"train.bf16": True, "train.bf16_inputs": mode, "train.batch_size": 2}
+        cfg = resolve_run_config(TINY, "toy", "3d-diff-norecycle", over)
+        assert training_input_dtype(cfg) == dtype
+        model = build_model(cfg, 3)
+        tx = build_optimizer(cfg)[0]
+        step = make_train_step(model, tx, cfg, 3, data_mesh())
+        state, loss = step(init_state(model, tx, SHAPE, jax.random.key(0)), images[:2], labels[:2],
+                           jax.random.key(1))  # fmt: skip
+        assert np.isfinite(float(loss))
+        assert seen == {"image": dtype, "x0": dtype, "noise": dtype}, (mode, seen)
+    cfg = resolve_run_config(TINY, "toy", "3d-diff", {"train.bf16_inputs": "reference"})
+    assert training_input_dtype(cfg) == jnp.float32  # a float32 run is untouched

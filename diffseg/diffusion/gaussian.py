@@ -19,6 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 VARIANCES = ("fixed_large", "beta_tilde")
+PREDICTIONS = ("x0", "epsilon")
+# The floor of the probabilities (x0 + 1) / 2 before their log (``x0_to_logits``): the reference's
+# ``EPS`` (1e-5). It bounds the epsilon run's per-voxel cross-entropy at -log(1e-5) = 11.5.
+LOG_EPS = 1e-5
 
 
 def mask_to_x0(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -31,7 +35,7 @@ def logits_to_x0(logits: jax.Array) -> jax.Array:
     return 2.0 * jax.nn.softmax(logits.astype(jnp.float32), axis=-1) - 1.0
 
 
-def x0_to_logits(x0: jax.Array, eps: float = 1e-6) -> jax.Array:
+def x0_to_logits(x0: jax.Array, eps: float = LOG_EPS) -> jax.Array:
     """Inverse of :func:`logits_to_x0` up to a constant: ``log((x0 + 1) / 2)``, clipped.
 
     Used when the network predicts noise: the x0 derived from it is a point in [-1, 1]^C,
@@ -58,6 +62,9 @@ class GaussianDiffusion:
             reference code's ``model_var_type``) or ``"beta_tilde"`` (the paper's text).
         sampling_variance: ``sigma^2_k`` of each reverse step; 0 at ``k = 0`` (the last step
             adds no noise) whichever the variance.
+        x0_limit: the x0 derived from a noise prediction is clipped to ``[-x0_limit, x0_limit]``;
+            0 (the default, the reference's ``x_limit: 0``) leaves it unclipped.
+        log_eps: the probability floor of :meth:`to_logits` (the reference's ``EPS``).
     """
 
     num_timesteps: int
@@ -70,6 +77,8 @@ class GaussianDiffusion:
     posterior_mean_coef2: np.ndarray
     variance: str
     sampling_variance: np.ndarray
+    x0_limit: float = 0.0
+    log_eps: float = LOG_EPS
 
     @classmethod
     def linear(
@@ -79,6 +88,8 @@ class GaussianDiffusion:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         variance: str = "fixed_large",
+        x0_limit: float = 0.0,
+        log_eps: float = LOG_EPS,
     ) -> GaussianDiffusion:
         """Linear beta schedule over T steps, resampled to K steps ``t_k = round(linspace(1, T, K))``."""
         if variance not in VARIANCES:
@@ -108,6 +119,8 @@ class GaussianDiffusion:
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             variance=variance,
             sampling_variance=sampling_variance,
+            x0_limit=float(x0_limit),
+            log_eps=float(log_eps),
         )
 
     @classmethod
@@ -119,6 +132,8 @@ class GaussianDiffusion:
             beta_start=float(diffusion_cfg["beta_start"]),
             beta_end=float(diffusion_cfg["beta_end"]),
             variance=str(diffusion_cfg.get("variance", "fixed_large")),
+            x0_limit=float(diffusion_cfg.get("x0_limit", 0.0)),
+            log_eps=float(diffusion_cfg.get("log_eps", LOG_EPS)),
         )
 
     @property
@@ -181,12 +196,18 @@ class GaussianDiffusion:
         return mean + std * noise
 
     def predict_x0(self, output: jax.Array, x_t: jax.Array, k: jax.Array, prediction: str) -> jax.Array:
-        """The network's output read as ``x0_hat`` in [-1, 1]: logits (``x0``) or noise (``epsilon``)."""
+        """The network's output read as ``x0_hat``: from logits (``x0``: 2·softmax − 1, in [-1, 1]) or
+        from noise (``epsilon``: unbounded unless ``x0_limit`` clips it)."""
         if prediction == "x0":
             return logits_to_x0(output)
         if prediction == "epsilon":
-            return jnp.clip(self.x0_from_eps(x_t, k, output.astype(x_t.dtype)), -1.0, 1.0)
-        raise ValueError(f"prediction must be 'x0' or 'epsilon', got {prediction!r}")
+            x0 = self.x0_from_eps(x_t, k, output.astype(x_t.dtype))
+            return jnp.clip(x0, -self.x0_limit, self.x0_limit) if self.x0_limit > 0 else x0
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+    def to_logits(self, output: jax.Array, x0_hat: jax.Array, prediction: str) -> jax.Array:
+        """Logits of a step's prediction: the network's own (``x0``), else ``x0_to_logits(x0_hat)``."""
+        return output if prediction == "x0" else x0_to_logits(x0_hat, self.log_eps)
 
     def sample(
         self,
@@ -218,8 +239,7 @@ class GaussianDiffusion:
             x0_hat = self.predict_x0(output, x_t, k, prediction)
             key, sub = jax.random.split(key)
             x_prev = self.p_sample_step(x0_hat, x_t, k, jax.random.normal(sub, shape, jnp.float32))
-            logits = output if prediction == "x0" else x0_to_logits(x0_hat)
-            return x_prev, logits, key
+            return x_prev, self.to_logits(output, x0_hat, prediction), key
 
         init = (x_t, jnp.zeros(shape, jnp.float32), key)
         _, logits, _ = jax.lax.fori_loop(0, self.num_steps, body, init)

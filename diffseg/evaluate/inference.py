@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffseg.diffusion import GaussianDiffusion
-from diffseg.diffusion.gaussian import x0_to_logits
 from diffseg.parallel import batch_sharding, data_mesh, replicated
 
 
@@ -74,7 +73,7 @@ def make_window_logits_fn(
             x0_hat = diffusion.predict_x0(output, x_t, k, prediction)
             pair = split(keys)
             x_prev = diffusion.p_sample_step(x0_hat, x_t, k, normal(pair[:, 1]))
-            out = output if prediction == "x0" else x0_to_logits(x0_hat)
+            out = diffusion.to_logits(output, x0_hat, prediction)
             return x_prev, out, pair[:, 0]
 
         init = (x_t, jnp.zeros(shape, jnp.float32), keys)

@@ -15,6 +15,8 @@ spacing given explicitly in mm, in array axis order. Definitions: docs/DEFINITIO
   ``percentile(hstack(d(P→G), d(G→P)), 95)``; that value is never larger than ours and equals it
   when both directions agree (e.g. symmetric errors). Both are built from the same distances.
 - NSD(τ) = (#{s ∈ S_P : d(s, S_G) <= τ} + #{s ∈ S_G : d(s, S_P) <= τ}) / (|S_P| + |S_G|).
+  A class empty in exactly one mask has no surface pairs: its NSD is NaN (``nsd_empty="nan"``,
+  the reference's, so means leave it out) or 0 (``"zero"``); Dice is 0 there either way.
 - CD = Euclidean distance (mm) between the centroids (mean voxel index × spacing).
 
 Speed: every distance is computed on the bounding box of the union of the two masks, padded by
@@ -43,6 +45,8 @@ __all__ = [
     "surface_mask",
 ]
 
+#: NSD of a class empty in exactly one mask: NaN (the reference's) or 0.
+NSD_EMPTY = ("nan", "zero")
 #: Column order of the DataFrame returned by :func:`segmentation_metrics`.
 METRIC_COLUMNS = ("class", "dice", "nsd", "hd95", "cd", "missed", "label_voxels", "pred_voxels")
 
@@ -246,6 +250,7 @@ def segmentation_metrics(
     num_classes: int,
     spacing: Sequence[float] | np.ndarray,
     tolerance_mm: float = 1.0,
+    nsd_empty: str = "nan",
 ) -> pd.DataFrame:
     """Dice, NSD, HD95 and centroid distance for every foreground class of two label maps.
 
@@ -255,12 +260,15 @@ def segmentation_metrics(
         num_classes: number of classes including background 0.
         spacing: voxel size in mm per array axis, length ``ndim``.
         tolerance_mm: NSD tolerance τ in mm (a surface voxel counts if its distance is <= τ).
+        nsd_empty: NSD of a class empty in exactly one mask: ``"nan"`` (left out of means, as the
+            reference averages it) or ``"zero"``.
     Returns:
         DataFrame with one row per class ``1..num_classes-1`` and columns ``class`` (int),
         ``dice``, ``nsd`` (in [0, 1]), ``hd95``, ``cd`` (mm), ``missed`` (bool: in the label, not
         predicted), ``label_voxels``, ``pred_voxels`` (int). Conventions for empty masks:
-        label only (miss) → dice 0, nsd 0, hd95/cd NaN, missed True; prediction only (false
-        positive) → dice 0, nsd 0, hd95/cd NaN, missed False; both empty → all NaN, missed False.
+        label only (miss) → dice 0, nsd NaN (0 with ``nsd_empty="zero"``), hd95/cd NaN, missed
+        True; prediction only (false positive) → the same with missed False; both empty → all
+        NaN, missed False.
     Raises:
         ValueError: mismatched shapes, spacing length != ndim, non-integer labels, values out of
         range, bad ``num_classes`` or ``tolerance_mm``.
@@ -268,6 +276,8 @@ def segmentation_metrics(
     pred, label, sp = _check_labels(pred, label, num_classes, spacing)
     if not np.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ValueError(f"tolerance_mm must be finite and >= 0, got {fmt_num(tolerance_mm)}")
+    if nsd_empty not in NSD_EMPTY:
+        raise ValueError(f"nsd_empty must be one of {', '.join(NSD_EMPTY)}, got {nsd_empty!r}")
     # One pass per map gives every class's bounding box, instead of num_classes full-volume scans.
     boxes_g = ndimage.find_objects(label, max_label=num_classes - 1)
     boxes_p = ndimage.find_objects(pred, max_label=num_classes - 1)
@@ -296,7 +306,7 @@ def segmentation_metrics(
         row.update(label_voxels=n_g, pred_voxels=n_p)
         if bp is None or bg is None:
             # Miss (label only) or false positive (prediction only): no surface pairs exist.
-            row.update(dice=0.0, nsd=0.0, missed=bp is None)
+            row.update(dice=0.0, nsd=nan if nsd_empty == "nan" else 0.0, missed=bp is None)
         else:
             d_pg, d_gp = _directed_distances(p, g, sp)
             row.update(

@@ -45,10 +45,12 @@ IDENTITY = ("step", "config_hash", "data_fingerprint", "run_id")
 
 
 def case_metrics(
-    pred: np.ndarray, label: np.ndarray, info: dict[str, Any], tolerance_mm: float
+    pred: np.ndarray, label: np.ndarray, info: dict[str, Any], tolerance_mm: float, nsd_empty: str = "nan"
 ) -> pd.DataFrame:
     """Metrics of one case ``(X, Y, Z)`` with class names and each class's share of the volume."""
-    df = segmentation_metrics(pred, label, int(info["num_classes"]), info["spacing"], tolerance_mm)
+    df = segmentation_metrics(
+        pred, label, int(info["num_classes"]), info["spacing"], tolerance_mm, nsd_empty=nsd_empty
+    )
     df["class_name"] = [info["classes"][c] for c in df["class"]]
     df["volume_share"] = df["label_voxels"] / label.size
     return df
@@ -87,7 +89,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
             pred = segmenter.segment(image, jax.random.fold_in(key, i))
             # On the prepared label's own grid, so it overlays the case in a viewer.
             write_nifti(path, pred, info["spacing"], read_affine(data_dir / "labels" / f"{uid}.nii.gz"))
-        df = case_metrics(pred, label, info, tolerance)
+        df = case_metrics(pred, label, info, tolerance, str(run_cfg["evaluate"].get("nsd_empty", "nan")))
         df.insert(0, "uid", uid)
         frames.append(df)
         progress.update(1)

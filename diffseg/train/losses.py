@@ -17,8 +17,16 @@ def cross_entropy(logits: jax.Array, onehot: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
 
 
-def dice_loss(logits: jax.Array, onehot: jax.Array, eps: float = 1e-6) -> jax.Array:
+def dice_loss(
+    logits: jax.Array, onehot: jax.Array, eps: float = 1e-6, mean: str = "per_sample"
+) -> jax.Array:
     """``1 - soft Dice`` averaged over the foreground classes present in each sample's label.
+
+    ``mean``: ``per_sample`` (the default) averages each sample's present classes, then the
+    samples: what the reference computed with one sample per accelerator core (its nanmean over
+    one sample's classes, then the cores' gradients averaged). ``pooled`` is the reference's
+    nanmean over all (sample, class) pairs of a batch, which differs when a core holds several
+    samples with different numbers of classes present.
 
     Soft Dice per sample and class is ``2 sum(p g) / (sum(p) + sum(g))`` with ``p`` the softmax.
     Classes absent from a sample's label are left out of its mean (their false positives are
@@ -33,6 +41,10 @@ def dice_loss(logits: jax.Array, onehot: jax.Array, eps: float = 1e-6) -> jax.Ar
     denominator = jnp.sum(probs, axis=axes) + jnp.sum(target, axis=axes)
     dice = 2.0 * intersection / (denominator + eps)
     present = (jnp.sum(target, axis=axes) > 0).astype(jnp.float32)
+    if mean == "pooled":
+        return jnp.sum((1.0 - dice) * present) / jnp.maximum(jnp.sum(present), 1.0)
+    if mean != "per_sample":
+        raise ValueError(f"dice mean must be per_sample or pooled, got {mean!r}")
     per_sample = jnp.sum((1.0 - dice) * present, axis=-1) / jnp.maximum(jnp.sum(present, axis=-1), 1.0)
     return jnp.mean(per_sample)
 
@@ -43,5 +55,5 @@ def segmentation_loss(logits: jax.Array, onehot: jax.Array, loss_cfg: dict[str, 
     if loss_cfg["cross_entropy"]:
         loss = loss + cross_entropy(logits, onehot)
     if loss_cfg["dice"]:
-        loss = loss + dice_loss(logits, onehot)
+        loss = loss + dice_loss(logits, onehot, mean=str(loss_cfg.get("dice_mean", "per_sample")))
     return loss

@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffseg.data import augment_batch
-from diffseg.diffusion import GaussianDiffusion, mask_to_x0, x0_to_logits
+from diffseg.diffusion import GaussianDiffusion, mask_to_x0
 from diffseg.errors import ConfigError
 from diffseg.parallel import batch_sharding
 from diffseg.runs import init_params
@@ -119,6 +119,7 @@ def noisy_input(
     ``x0`` from it without gradient, and noise that prediction to ``k`` with fresh noise, so
     training sees the model's own errors as sampling will. At the last step the "further" step
     is the last step itself (its input is near pure noise, so recycling changes almost nothing).
+    The noise is drawn in ``x0``'s dtype (bfloat16 in a bf16 run, as the reference draws it).
     """
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     single = key.ndim == (0 if typed else 1)  # a raw uint32 key is (2,), one per sample (B, 2)
@@ -128,11 +129,11 @@ def noisy_input(
     start = x0
     if recycle:
         k_next = jnp.minimum(k + 1, diffusion.num_steps - 1)
-        first = _per_sample(pairs[:, 0], lambda kk: jax.random.normal(kk, shape))
+        first = _per_sample(pairs[:, 0], lambda kk: jax.random.normal(kk, shape, x0.dtype))
         x_next = diffusion.q_sample(x0, k_next, first)
         output = apply_fn(params, image, x_next, diffusion.t(k_next)).astype(jnp.float32)
         start = jax.lax.stop_gradient(diffusion.predict_x0(output, x_next, k_next, prediction))
-    noise = _per_sample(pairs[:, 1], lambda kk: jax.random.normal(kk, shape))
+    noise = _per_sample(pairs[:, 1], lambda kk: jax.random.normal(kk, shape, x0.dtype))
     return diffusion.q_sample(start, k, noise), noise
 
 
@@ -158,7 +159,8 @@ def make_loss_fn(
 
     def diffusion_loss(params, image, label, keys):
         pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): position k, noise
-        x0 = mask_to_x0(label, num_classes)  # (n, *S, C) in {-1, 1}
+        # (n, *S, C) in {-1, 1}, in the image's dtype: bf16 when cast early (train.bf16_inputs)
+        x0 = mask_to_x0(label, num_classes).astype(image.dtype)
         onehot = (x0 + 1.0) / 2.0
         k = _per_sample(pairs[:, 0], lambda kk: jax.random.randint(kk, (), 0, diffusion.num_steps))
         x_t, noise = noisy_input(
@@ -172,7 +174,7 @@ def make_loss_fn(
         # which blows up as 1 / sqrt(1 - abar) = 100 at t = 1: an ill-posed target.) The ground
         # truth reaches the network through the segmentation loss on x0_hat.
         x0_hat = diffusion.predict_x0(output, x_t, k, prediction)
-        seg = segmentation_loss(x0_to_logits(x0_hat), onehot, loss_cfg)
+        seg = segmentation_loss(diffusion.to_logits(output, x0_hat, "epsilon"), onehot, loss_cfg)
         return seg + float(loss_cfg["eps_l2_weight"]) * jnp.mean((output - noise) ** 2)
 
     return diffusion_loss
@@ -198,6 +200,15 @@ def check_micro_batch(run_cfg: dict[str, Any], devices: int, micro_batch: Any = 
             f"train.batch_size / devices = {per_device}"
         )
     return int(value)
+
+
+def training_input_dtype(run_cfg: dict[str, Any]) -> Any:
+    """The dtype of a training sample's image, mask and noise: bfloat16 in a bf16 run with
+    ``train.bf16_inputs: reference`` (the reference casts the image before augmentation and builds
+    the one-hot mask and the noise in its dtype), else float32 (cast at the network's input)."""
+    train = run_cfg["train"]
+    early = bool(train.get("bf16")) and train.get("bf16_inputs", "reference") == "reference"
+    return jnp.bfloat16 if early else jnp.float32
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -227,6 +238,7 @@ def make_train_step(
     batch_size = int(run_cfg["train"]["batch_size"])
     passes = batch_size // (devices * m)
     augment_cfg = dict(run_cfg["train"]["augment"])
+    input_dtype = training_input_dtype(run_cfg)
     loss_fn = make_loss_fn(model, run_cfg, num_classes)
     grad_fn = jax.value_and_grad(loss_fn)
     split = batch_sharding(mesh)
@@ -243,10 +255,11 @@ def make_train_step(
         """Mean loss and gradients of ``n`` samples ``(n, X, Y, Z)`` with global indices ``index``."""
         keys = sample_keys(step_key, index)
         key_pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): augmentation, loss
+        image = image.astype(input_dtype)  # bf16 before augmentation, as the reference casts it
         image, label = augment_samples(key_pairs[:, 0], image, label.astype(jnp.int32), augment_cfg)
         if image.ndim == label.ndim:  # one channel: add the network's channel axis
             image = image[..., None]
-        image = image.astype(jnp.float32)
+        image = image.astype(input_dtype)
         return grad_fn(params, image, label, key_pairs[:, 1])
 
     def step(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
