@@ -69,6 +69,14 @@ def _curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readme_table(args: argparse.Namespace) -> int:
+    from diffseg.report.readme import readme_table
+
+    text = readme_table(args.table, args.readme)
+    print(f"wrote the table into {args.readme}" if args.readme else text, end="" if not args.readme else "\n")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``table``, ``stats``, ``figure`` and ``curves`` to the ``diffseg`` command line."""
     p = sub.add_parser("table", help="build a table (table1, table2, table5, ...) from test metrics")
@@ -98,3 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, help="runs as dataset/run")
     p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
     p.set_defaults(func=_curves)
+
+    p = sub.add_parser("readme-table", help="the README's demo table from a table CSV (results/table2.csv)")
+    p.add_argument("--table", default="results/table2.csv", help="a table CSV written by diffseg table")
+    p.add_argument("--readme", help="write it between this file's demo-table markers instead of printing it")
+    p.set_defaults(func=_readme_table)
