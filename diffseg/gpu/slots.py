@@ -37,10 +37,19 @@ _HELD: list[int] = []  # file descriptors of this process's claims: closed only 
 
 
 def lock_dir(env: MutableMapping[str, str] | None = None) -> Path:
-    """Where the per-card lock files live: one folder per user on this machine (``/tmp`` is per node)."""
+    """Where the per-card lock files live: one folder on this machine (``/tmp`` is per node), shared
+    by every user, so that two users' jobs do not take the same card either."""
     env = os.environ if env is None else env
-    default = Path(tempfile.gettempdir()) / f"diffseg-gpu-locks-{os.getuid()}"
-    return Path(env.get(LOCKS_VAR) or default)
+    return Path(env.get(LOCKS_VAR) or Path(tempfile.gettempdir()) / "diffseg-gpu-locks")
+
+
+def _make_lock_dir(folder: Path) -> None:
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:  # world-writable and sticky, as /tmp: every user's jobs create their cards' locks here
+            folder.chmod(0o1777)
+        except OSError:
+            pass
 
 
 def _parse_ids(text: str, where: str) -> list[str]:
@@ -76,14 +85,21 @@ def gpu_pool(
 
 
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o666)  # another user's jobs must be able to open it too
+        writable = True
+    except PermissionError:  # another user's lock file: flock needs no write access
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())  # for the "waiting" message of other jobs
+    if writable:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the "waiting" message of other jobs
     return fd
 
 
@@ -130,7 +146,7 @@ def claim_gpus(
             f" {len(pool)} (compute.train.gpu / compute.test.gpu in the config)"
         )
     folder = lock_dir(env)
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_lock_dir(folder)
     start, said = time.monotonic(), False
     while True:
         got: list[tuple[str, int]] = []
