@@ -46,3 +46,33 @@ def test_smooth_and_errors(tmp_path):
     (d / "train_log.csv").write_text("step,lr\n1,0.1\n")
     with pytest.raises(DataError, match="columns"):
         curves.read_curves(tmp_path, [("a", "2d-seg")])
+
+
+def test_eighteen_runs_are_told_apart(tmp_path):
+    """The demo's pelvis panel: 9 variants in 2D and 3D, each (colour, line style) its own; the
+    colour follows the variant and the style the dimension; one legend outside the panels."""
+    variants = ["seg", "diff", "diff-noise", "diff-nodice", "diff-norecycle", "diff-t1000", "diff-time",
+                "diff-betatilde", "diff-k3"]  # fmt: skip
+    runs = [f"{d}-{v}" for v in variants for d in ("2d", "3d")]
+    styles = curves.run_styles(runs)
+    assert len({(tuple(s["color"]), s["ls"]) for s in styles.values()}) == 18
+    assert styles["2d-diff"]["color"] == styles["3d-diff"]["color"] and styles["2d-diff"]["ls"] == "--"
+    assert len({tuple(styles[f"3d-{v}"]["color"]) for v in variants}) == 9
+    root = tmp_path / "runs"
+    for run in runs:
+        _run(root, "pelvis", run)
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real = plt.Figure.legend
+
+    def spy(self, *args, **kwargs):
+        seen["labels"] = list(args[1]) if len(args) > 1 else None
+        seen["anchor"] = kwargs.get("bbox_to_anchor")
+        return real(self, *args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(plt.Figure, "legend", spy):
+        curves.curves(root, [("pelvis", r) for r in runs], [tmp_path / "c.png"])
+    assert sorted(seen["labels"]) == sorted(runs) and seen["anchor"] == (1.0, 0.5)

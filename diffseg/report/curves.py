@@ -61,9 +61,29 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(values) + 1) - n]) / n
 
 
+DIM_STYLES = {"2d": "--", "3d": "-"}
+
+
+def run_styles(runs: Sequence[str]) -> dict[str, dict[str, object]]:
+    """A distinct ``(colour, line style)`` per run: the colour says the variant (``diff``,
+    ``diff-noise``, ...: the same in 2D and 3D), the line style the dimension (2D dashed)."""
+    variants = sorted({run.split("-", 1)[1] if "-" in run else run for run in runs})
+    cmap = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
+    colour = {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+    styles = {}
+    for run in runs:
+        dim, _, variant = run.partition("-")
+        styles[run] = {"color": colour[variant or dim], "ls": DIM_STYLES.get(dim, ":")}
+    return styles
+
+
 def plot_curves(train: pd.DataFrame, valid: pd.DataFrame, outputs: Sequence[str | Path]) -> None:
-    """Draw ``read_curves``'s frames into each of ``outputs`` (.png, .pdf; written atomically)."""
+    """Draw ``read_curves``'s frames into each of ``outputs`` (.png, .pdf; written atomically).
+
+    One legend for the whole figure, beside the panels, so no line is hidden under it.
+    """
     datasets = sorted(set(train["dataset"]) | set(valid["dataset"])) or ["(no runs)"]
+    styles = run_styles(sorted(set(train["run"]) | set(valid["run"])))
     fig, axes = plt.subplots(
         2, len(datasets), figsize=(5.0 * len(datasets), 6.5), squeeze=False, sharex="col"
     )
@@ -73,10 +93,10 @@ def plot_curves(train: pd.DataFrame, valid: pd.DataFrame, outputs: Sequence[str 
             df = df.sort_values("step")
             loss = df["loss"].to_numpy(dtype=float)
             window = max(1, len(loss) // 50)  # ~50 points of smoothing on long runs, none on short
-            ax_l.plot(df["step"], smooth(loss, window), label=run, lw=1.2)
+            ax_l.plot(df["step"], smooth(loss, window), label=run, lw=1.2, **styles[run])
         for run, df in valid[valid["dataset"] == ds].groupby("run", sort=True):
             df = df.sort_values("step")
-            ax_d.plot(df["step"], df["mean_dice"], marker="o", ms=3, label=run, lw=1.2)
+            ax_d.plot(df["step"], df["mean_dice"], marker="o", ms=3, label=run, lw=1.2, **styles[run])
         if (train["dataset"] == ds).any() and (train.loc[train["dataset"] == ds, "loss"] > 0).all():
             ax_l.set_yscale("log")
         ax_l.set_title(ds)
@@ -86,12 +106,18 @@ def plot_curves(train: pd.DataFrame, valid: pd.DataFrame, outputs: Sequence[str 
         ax_d.set_ylim(0, 1)
         for ax in (ax_l, ax_d):
             ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
     fig.tight_layout()
+    if handles:
+        labels = sorted(handles, key=lambda r: (r.partition("-")[2], r))  # a variant's 2D and 3D together
+        fig.legend([handles[k] for k in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8, frameon=False)  # fmt: skip
     for out in outputs:
         with atomic_path(out) as tmp:
-            fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
+            fig.savefig(tmp, format=Path(out).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
