@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from diffseg.errors import InputError
+from diffseg.errors import InputError, disk_full_cause
 from diffseg.host_memory import reuse_freed_memory
 
 STAGES = ("diffseg.data.cli", "diffseg.train.cli", "diffseg.evaluate.cli", "diffseg.report.cli")
@@ -98,6 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as err:
         # Bad input: one clear line naming the file and the problem, no traceback.
         print(f"diffseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        cause = disk_full_cause(err)  # a full disk met outside diffseg's own writers (a library's)
+        if cause is None:
+            raise
+        where = f" writing {cause.filename}" if cause.filename else ""
+        print(
+            f"diffseg {args.command}: error: no space left on the device{where}; completed outputs and"
+            " checkpoints are kept: free some space there and run the same command again",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -13,6 +13,41 @@ class DataError(InputError):
     """A data file that cannot be used: the message names the file and the problem."""
 
 
+class DiskFullError(InputError):
+    """A folder's device ran out of space: the message names the folder, what was being written,
+    the space needed (when known) and what is kept. Nothing half-written is left behind."""
+
+
+NO_SPACE = (28, 122)  # ENOSPC, EDQUOT (Linux): the device or the user's quota is full
+
+
+def disk_full_cause(err: BaseException) -> OSError | None:
+    """The "no space left" ``OSError`` in ``err``'s chain (``__cause__``/``__context__``), if any.
+
+    Libraries that write from threads (orbax) re-raise it wrapped, or as a consequence of it.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            return err
+        text = str(err)
+        if "No space left on device" in text or "os_error_code='28'" in text:
+            # TensorStore (orbax's writer) reports it as a ValueError("RESOURCE_EXHAUSTED: ...")
+            return OSError(28, "No space left on device")
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return None
+
+
+def fmt_bytes(n: float) -> str:
+    """A size as plain text in the largest unit that keeps it >= 1 (``1.5 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 # Numbers in messages are plain text ("2.0 × 2.0 × 2.0 mm"), never numpy reprs such as
 # "(np.float64(2.0), ...)" or "array([...])": format them with these.
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diffseg.errors import DiskFullError, disk_full_cause, fmt_bytes
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only portable way to read it is to set it
@@ -42,8 +44,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # mkstemp creates 0600; give the result the mode any new file would get (0666 & ~umask).
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+    except Exception as err:
+        if disk_full_cause(err) is not None:
+            raise disk_full(path.parent, f"writing {path.name}") from err
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free space for an unprivileged writer on ``folder``'s device (its nearest existing parent's)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_full(folder: str | Path, what: str, needed: int | None = None, kept: str = "") -> DiskFullError:
+    """The one-line error for a full device: the folder, what was being written, the space."""
+    need = f"; it needs about {fmt_bytes(needed)}" if needed else ""
+    keep = f"; {kept}" if kept else ""
+    return DiskFullError(
+        f"{folder}: no space left on the device {what} ({fmt_bytes(free_bytes(folder))} free{need});"
+        f" nothing half-written was kept{keep}; free some space there and run the same command again"
+    )
+
+
+def check_free_space(folder: str | Path, needed: int, what: str, kept: str = "", margin: float = 1.1) -> None:
+    """``DiskFullError`` before writing ``needed`` bytes into ``folder`` when its device lacks them."""
+    if free_bytes(folder) < needed * margin:
+        raise disk_full(folder, what, needed, kept)
 
 
 @contextlib.contextmanager
@@ -64,6 +94,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as err:
+        if disk_full_cause(err) is not None:
+            raise disk_full(path.parent, f"writing {path.name}/") from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

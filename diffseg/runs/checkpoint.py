@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from diffseg.errors import DataError
-from diffseg.io import remove_temporaries
+from diffseg.errors import DataError, disk_full_cause
+from diffseg.io import check_free_space, disk_full, remove_temporaries
 
 
 def _manager(directory: Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -47,12 +47,36 @@ class RunCheckpoints:
         """Step of the latest saved state, None when the run has not saved one yet."""
         return self.latest.latest_step()
 
+    def _guarded(self, which: str, step: int, tree: Any, write: Any) -> None:
+        """Run ``write()`` (an orbax save of ``tree``) unless the device lacks the space for it.
+
+        A full device is a ``DiskFullError`` naming the folder and the space, raised before orbax
+        starts (its writer threads would end in a cascade of tracebacks), or from orbax's own
+        failure; either way its temporary folder is removed and the previous checkpoint kept.
+        """
+        folder = self.dirs[which]
+        kept = self.latest.latest_step() if which == "latest" else self.best.latest_step()
+        keep = f"the checkpoint of step {kept} is kept" if kept is not None else ""
+        # The arrays, and orbax's metadata, index and lock files beside them (~1 MiB at most).
+        needed = int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree))) + 2**20
+        check_free_space(folder, needed, f"saving the {which} checkpoint of step {step}", keep)
+        try:
+            write()
+        except Exception as err:
+            if disk_full_cause(err) is None:
+                raise
+            remove_temporaries(folder)
+            raise disk_full(folder, f"saving the {which} checkpoint of step {step}", needed, keep) from err
+
     def save(self, step: int, state: Any, logs: dict[str, Any]) -> None:
         """Save the training state and the logs up to ``step``; blocks until written."""
-        self.latest.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), logs=ocp.args.JsonSave(logs))
-        )
-        self.latest.wait_until_finished()
+
+        def write() -> None:
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state), logs=ocp.args.JsonSave(logs))
+            self.latest.save(step, args=args)
+            self.latest.wait_until_finished()
+
+        self._guarded("latest", step, state, write)
 
     def restore_logs(self) -> dict[str, Any] | None:
         """The logs of the latest readable checkpoint (cheap: no arrays), None without one."""
@@ -118,8 +142,12 @@ class RunCheckpoints:
             shutil.rmtree(self.dirs["best"] / str(step))
             self.best.close()
             self.best = _manager(self.dirs["best"])
-        self.best.save(step, args=ocp.args.StandardSave(params))
-        self.best.wait_until_finished()
+
+        def write() -> None:
+            self.best.save(step, args=ocp.args.StandardSave(params))
+            self.best.wait_until_finished()
+
+        self._guarded("best", step, params, write)
 
     def close(self) -> None:
         """Finish pending writes and release the managers."""
