@@ -82,6 +82,9 @@ BASE: dict[str, Any] = {
         # Volumes per device per pass, gradients accumulated to batch_size: null = all at once;
         # auto = the largest that fits the device (XLA's compiled memory analysis, 10 % headroom).
         "micro_batch": None,
+        # Devices to train on: auto = the most local devices that split batch_size (and whole
+        # micro-batches) evenly, e.g. 2 of 3 GPUs for a batch of 8; or an integer, exactly that many.
+        "devices": "auto",
         # Which volumes a step takes: epoch = each once per epoch in a fresh order (the
         # reference's tf.data repeat/shuffle/batch); uniform = with replacement per step.
         "sampling": "epoch",
@@ -142,6 +145,7 @@ RUN_NAME = re.compile(
 VALUE_TYPES: dict[str, tuple[str, ...]] = {
     "optim.decay_steps": ("integer", "null"),  # null: decay over all train.steps
     "train.micro_batch": ("integer", "null", "auto"),  # null: the whole batch at once; auto: fit the device
+    "train.devices": ("integer", "auto"),  # auto: as many as split the batch evenly
     "train.augment.max_rotation": ("number", "number list"),  # one number: every axis
     "train.augment.max_translation": ("number", "number list"),
     "train.augment.max_scaling": ("number", "number list"),

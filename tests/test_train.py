@@ -69,7 +69,11 @@ def toy_volumes(n: int = 4, shape=(16, 16, 8), seed: int = 0) -> tuple[np.ndarra
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     """A preprocessed dataset folder per the data stage's output contract (6 cases)."""
-    root = tmp_path_factory.mktemp("toy")
+    return write_toy_data(tmp_path_factory.mktemp("toy"))
+
+
+def write_toy_data(root: Path) -> Path:
+    """Write 6 toy cases (4 train, 1 valid, 1 test) into ``root`` as the data stage would; returns it."""
     images, labels = toy_volumes(6)
     rows = []
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):

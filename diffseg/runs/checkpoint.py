@@ -6,6 +6,11 @@ resumed run continues its ``train_log.csv``/``valid.csv`` exactly where the stat
 writes each step into a temporary directory and renames it when complete, so a job killed
 mid-save leaves the previous checkpoint intact; its temporary folder is removed on the next
 start. Two of each are kept, so that a corrupt latest state falls back to the one before.
+
+Checkpoints load onto whatever devices the loading process has: every restored array is given
+a sharding on the current devices (replicated over all local ones unless the caller says
+otherwise), so orbax never tries the sharding it was saved with (a run trained on 8 GPUs loads
+on a laptop's CPU, and a run resumes on a different number of devices).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Sharding
 
 from diffseg.errors import DataError, disk_full_cause
 from diffseg.io import check_free_space, disk_full, remove_temporaries
+from diffseg.parallel import data_mesh, replicated
 
 
 def _manager(directory: Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -87,11 +94,14 @@ class RunCheckpoints:
                 continue
         return None
 
-    def restore(self, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """The latest readable ``(state, logs)``; ``abstract_state`` gives structure, shapes, shardings.
+    def restore(self, abstract_state: Any, sharding: Sharding | None = None) -> tuple[Any, dict[str, Any]]:
+        """The latest readable ``(state, logs)``; ``abstract_state`` gives structure and shapes.
 
-        A checkpoint that cannot be read is deleted with a :class:`CorruptCheckpointWarning` and
-        the one before it is used; with none readable, a ``DataError`` names the folder.
+        Arrays are placed with ``sharding`` when given, else as ``abstract_state``'s leaves are
+        (when they carry a sharding), else replicated on the local devices (:func:`on_devices`):
+        the devices the state was saved from do not matter. A checkpoint that cannot be read is
+        deleted with a :class:`CorruptCheckpointWarning` and the one before it is used; with none
+        readable, a ``DataError`` names the folder.
         """
         failures = []
         for step in sorted(self.latest.all_steps(), reverse=True):
@@ -99,7 +109,8 @@ class RunCheckpoints:
                 restored = self.latest.restore(
                     step,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), logs=ocp.args.JsonRestore()
+                        state=ocp.args.StandardRestore(on_devices(abstract_state, sharding)),
+                        logs=ocp.args.JsonRestore(),
                     ),
                 )
             except Exception as err:  # noqa: BLE001 (orbax: ValueError, FileNotFoundError, OSError, ...)
@@ -155,8 +166,15 @@ class RunCheckpoints:
         self.best.close()
 
 
-def restore_best(run_dir: str | Path, abstract_params: Any) -> tuple[Any, int]:
-    """The best parameters of a trained run and their step (``best.json``'s, when it names one kept)."""
+def restore_best(
+    run_dir: str | Path, abstract_params: Any, sharding: Sharding | None = None
+) -> tuple[Any, int]:
+    """The best parameters of a trained run and their step (``best.json``'s, when it names one kept).
+
+    ``abstract_params`` (e.g. from ``jax.eval_shape``) gives structure, shapes and dtypes; the
+    parameters come back with ``sharding`` (default: replicated on every local device), whatever
+    devices the run was trained on.
+    """
     manager = _manager(Path(run_dir) / "best", read_only=True)
     step = manager.latest_step()
     best_json = Path(run_dir) / "best.json"
@@ -166,7 +184,7 @@ def restore_best(run_dir: str | Path, abstract_params: Any) -> tuple[Any, int]:
             step = named
     if step is None:
         raise DataError(f"{Path(run_dir) / 'best'}: no checkpoint; train the run first")
-    params = manager.restore(step, args=ocp.args.StandardRestore(abstract_params))
+    params = manager.restore(step, args=ocp.args.StandardRestore(on_devices(abstract_params, sharding)))
     manager.close()
     return params, step
 
@@ -174,3 +192,25 @@ def restore_best(run_dir: str | Path, abstract_params: Any) -> tuple[Any, int]:
 def abstract(tree: Any) -> Any:
     """Shape/dtype/sharding stand-ins for ``tree``, for restoring without a real copy."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def on_devices(tree: Any, sharding: Sharding | None = None) -> Any:
+    """Restore targets for ``tree`` (arrays, numpy arrays or ``jax.ShapeDtypeStruct``): each leaf's
+    shape and dtype, placed on this process's devices.
+
+    ``sharding``, when given, places every leaf; else a leaf that carries a sharding (a
+    ``jax.Array``, or a stand-in made from one) keeps it and the others are replicated on every
+    local device. Without a target
+    sharding orbax would use the one saved in the checkpoint, which names the saving process's
+    devices ("Topology mismatch detected" on a machine with fewer).
+    """
+    default = sharding if sharding is not None else replicated(data_mesh())
+
+    def target(leaf: Any) -> Any:
+        if leaf is None:
+            return None
+        own = getattr(leaf, "sharding", None)
+        place = own if isinstance(own, Sharding) and sharding is None else default
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=place)
+
+    return jax.tree.map(target, tree)

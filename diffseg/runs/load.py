@@ -15,7 +15,11 @@ from diffseg.runs.model import build_model, init_params
 
 
 def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """A trained run's ``(model, best params, run config, dataset info)``."""
+    """A trained run's ``(model, best params, run config, dataset info)``.
+
+    The parameters are replicated on this process's local devices, whatever devices the run
+    was trained on (``restore_best``).
+    """
     run_dir = Path(run_dir)
     for name in ("config.yaml", "dataset.json"):
         if not (run_dir / name).is_file():

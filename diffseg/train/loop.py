@@ -32,7 +32,7 @@ from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
-from diffseg.parallel import batch_sharding, data_mesh, replicated
+from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
 from diffseg.progress import Progress
 from diffseg.runs import RunCheckpoints, abstract, build_model
 from diffseg.train.feed import BatchFeeder
@@ -52,8 +52,9 @@ def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) 
 
 
 # Settings that change what is logged, validated or how long it trains, not the parameters of a
-# given step: changing them continues the run instead of starting it over.
-NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform")}
+# given step: changing them continues the run instead of starting it over. ``devices`` only splits
+# a step's arithmetic (the same update up to float rounding): a run continues on another count.
+NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform", "devices")}
 
 
 def config_hash(run_cfg: dict[str, Any]) -> str:
@@ -156,7 +157,9 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
 
     Checkpoints are resumed when the run's :func:`config_hash` and data fingerprint match, and
     belong to the same ``(dataset, run)``; another run's folder is refused (``ConfigError``), a
-    changed config or dataset starts the run over. ``train.steps`` raised continues; lowered
+    changed config or dataset starts the run over. ``train.steps`` raised continues, as does a
+    changed ``train.devices`` (the devices come from :func:`diffseg.parallel.training_devices`,
+    one line on stderr says which); lowered
     below the latest checkpoint is a ``ConfigError``. SIGTERM/SIGINT save the state after the
     current step and raise :class:`TrainingInterrupted`.
     """
@@ -166,6 +169,7 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     total, every = int(train_cfg["steps"]), int(train_cfg["checkpoint_every"])
     if total < 1 or every < 1:
         raise ConfigError(f"run {run_cfg.get('run')!r}: train.steps and train.checkpoint_every must be >= 1")
+    devices, device_note = training_devices(run_cfg)  # before any work: a bad train.devices fails fast
 
     dataset = load_dataset(data_dir)
     fingerprint = data_fingerprint(data_dir)
@@ -207,7 +211,8 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
 
     model = build_model(run_cfg, num_classes)
     tx, schedule = build_optimizer(run_cfg)
-    mesh = data_mesh()
+    print(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
+    mesh = data_mesh(devices)
     copies = replicated(mesh)
     key = jax.random.key(int(train_cfg["seed"]))
     key_init, key_steps, key_valid = jax.random.split(key, 3)
@@ -233,7 +238,8 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
             shutil.rmtree(run_dir / sub, ignore_errors=True)
         checkpoints = RunCheckpoints(run_dir)
     elif saved is not None:
-        restored, saved_logs = checkpoints.restore(abstract(state))
+        # Onto this job's devices, whichever the state was saved from (train.devices may differ).
+        restored, saved_logs = checkpoints.restore(abstract(state), copies)
         state = restored
         logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
         print(

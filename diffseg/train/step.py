@@ -187,7 +187,10 @@ def check_micro_batch(run_cfg: dict[str, Any], devices: int, micro_batch: Any = 
     train_cfg = run_cfg["train"]
     batch_size = int(train_cfg["batch_size"])
     if batch_size % devices:
-        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {devices} devices")
+        raise ConfigError(
+            f"train.batch_size={batch_size} is not divisible by the {devices} devices;"
+            " train.devices: auto trains on as many as divide it"
+        )
     per_device = batch_size // devices
     value = train_cfg.get("micro_batch") if micro_batch is None else micro_batch
     if value is None:
