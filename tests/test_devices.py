@@ -123,9 +123,9 @@ def test_train_refuses_a_count_this_machine_lacks_in_one_line(tmp_path, capsys):
     save_run_config(cfg, tmp_path / "config.yaml")
     args = ["train", "--run-config", str(tmp_path / "config.yaml"), "--data", str(tmp_path / "no-data")]
     assert main([*args, "--out", str(tmp_path / "run")]) == 2  # before the data are read
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert err.startswith("diffseg train: error: train.devices=64: asks for more devices than the")
+    lines = capsys.readouterr().err.strip().splitlines()  # the backend line, then the error alone
+    assert len(lines) == 2 and lines[0].startswith("diffseg: backend cpu") and "Traceback" not in lines[1]
+    assert lines[1].startswith("diffseg train: error: train.devices=64: asks for more devices than the")
 
 
 # -- fake devices, in subprocesses ------------------------------------------------------------
