@@ -409,6 +409,21 @@ def plan(
         facts["forward_passes"] = 2 if diff_cfg["recycle"] else 1
     precision = "bfloat16 compute, float32 parameters" if train_cfg["bf16"] else "float32"
     lines.append(f"precision: {precision}; steps: {train_cfg['steps']}")
+    if target is not None:
+        cc = ".".join(map(str, target.compute_capability))
+        facts["target"] = {
+            "name": target.name, "description": target.description, "memory_bytes": target.memory_bytes,
+            "compute_capability": list(target.compute_capability), "has_bf16": target.has_bf16,
+            "peak_bf16_tflops": target.peak_bf16_tflops, "peak_fp16_tflops": target.peak_fp16_tflops,
+            "spec_file": str(target.source) if target.source else None,
+        }  # fmt: skip
+        facts["versions"] = {"jax": jax.__version__, "cuda_plugin": _plugin_version()}
+        if train_cfg["bf16"] and not target.has_bf16:
+            facts["bf16_warning"] = True
+            lines.append(
+                f"warning: {target.name} (compute capability {cc}) has no bf16 tensor cores:"
+                " bf16 convolutions run as float32 on this card; set train.bf16: false"
+            )
     if compile_step:
         n_train = train_cases(dataset, ds_cfg, results)
         host = n_train * int(np.prod(shape)) * 5  # float32 images + uint8 labels
@@ -430,18 +445,10 @@ def plan(
         )
         remat_how = "model.remat: auto" if run_cfg["model"].get("remat") == "auto" else "model.remat"
         if target is not None:
-            cc = ".".join(map(str, target.compute_capability))
             compiled_for = (
                 f"{target.name} ({target.description}, compute capability {cc}, {_gib(target.memory_bytes)})"
                 f" by XLA's GPU compiler on this machine"
             )
-            facts["target"] = {
-                "name": target.name, "description": target.description, "memory_bytes": target.memory_bytes,
-                "compute_capability": list(target.compute_capability), "has_bf16": target.has_bf16,
-                "peak_bf16_tflops": target.peak_bf16_tflops, "peak_fp16_tflops": target.peak_fp16_tflops,
-                "spec_file": str(target.source) if target.source else None,
-            }  # fmt: skip
-            facts["versions"] = {"jax": jax.__version__, "cuda_plugin": _plugin_version()}
         else:
             compiled_for = xla["backend"]
         lines += [
@@ -481,12 +488,6 @@ def plan(
             lines.append(
                 f"fits {_gib(facts['budget_bytes'])}: "
                 + ("yes" if facts["fits"] else "no (set train.micro_batch: auto or lower, model.remat: auto)")
-            )
-        if target is not None and train_cfg["bf16"] and not target.has_bf16:
-            facts["bf16_warning"] = True
-            lines.append(
-                f"warning: {target.name} (compute capability {cc}) has no bf16 tensor cores:"
-                " bf16 convolutions run as float32 on this card; set train.bf16: false"
             )
     return facts, "\n".join(lines) + "\n"
 
