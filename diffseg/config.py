@@ -143,6 +143,7 @@ RUN_NAME = re.compile(
 # The run-config keys are BASE's (a key added to BASE is valid everywhere at once) and their types
 # are inferred from BASE's values, except where a value's type does not say everything:
 VALUE_TYPES: dict[str, tuple[str, ...]] = {
+    "model.remat": ("bool", "auto"),  # auto: off where the step fits without it (diffseg.train.plan)
     "optim.decay_steps": ("integer", "null"),  # null: decay over all train.steps
     "train.micro_batch": ("integer", "null", "auto"),  # null: the whole batch at once; auto: fit the device
     "train.devices": ("integer", "auto"),  # auto: as many as split the batch evenly

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from diffseg.config import apply_overrides, load_yaml, parse_overrides
@@ -37,9 +38,17 @@ def _plan(args: argparse.Namespace) -> int:
 
     report(None, _say)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
+    target = None
+    if args.target:
+        # The CUDA plugin's version check needs a GPU; a plan only compiles for one (and JAX's
+        # default backend stays the CPU when no GPU is there).
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        from diffseg.gpu.targets import get_target
+
+        target = get_target(args.target)
     facts, text = plan(
         load_yaml(args.configfile), args.dataset, args.run, parse_overrides(args.set),
-        compile_step=not args.no_compile, device_memory=memory,
+        compile_step=not args.no_compile, device_memory=memory, target=target,
     )  # fmt: skip
     print(text, end="")
     if args.json:
@@ -69,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", required=True, help="run name, e.g. 3d-diff")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. train.batch_size=4")
     parser.add_argument("--device-memory", help="say whether the step fits this much, e.g. 24GB or 80GiB")
+    parser.add_argument(
+        "--target",
+        help="compile for this GPU with XLA's GPU compiler here (no GPU needed; the gpu-plan extra):"
+        " h100-80gb, h200, a100-40gb, a100-80gb, a6000, v100-16gb, or a GpuTargetConfigProto .txtpb file",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
     parser.add_argument("--json", help="also write the numbers as JSON here")
     parser.set_defaults(func=_plan)

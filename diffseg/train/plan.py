@@ -30,11 +30,12 @@ from diffseg.config import resolve_run_config
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.errors import ConfigError
-from diffseg.parallel import batch_sharding, data_mesh
+from diffseg.gpu.memory import HEADROOM, MEM_FRACTION_VAR, allocator_bytes, memory_fraction, step_budget
+from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
 from diffseg.runs import build_model, count_parameters, init_params
 from diffseg.train.step import build_optimizer, check_micro_batch, init_state, make_train_step
 
-# Training cases of the downloaded datasets (DESIGN.md, Datasets), for the plan's data bytes.
+# Training cases of the downloaded datasets (docs/DEFINITIONS.md, Datasets), for the plan's data bytes.
 KNOWN_TRAIN_CASES = {"prostate_mr": 411, "abdominal_ct": 200}
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -85,14 +86,11 @@ def train_cases(name: str, ds_cfg: Mapping[str, Any], results: str | Path) -> in
     raise ConfigError(f"datasets.{name}.split.train: needed to plan (or prepare the dataset first)")
 
 
-HEADROOM = 0.10  # share of a device's memory left free by micro_batch auto (fragmentation, workspaces)
-
-
 def device_memory_bytes(device: Any = None) -> int | None:
-    """The memory of ``device`` (default: the first local one) that XLA may allocate.
+    """What XLA's allocator holds on ``device`` (default: the first local one).
 
-    An accelerator's ``memory_stats()["bytes_limit"]``; on the CPU the machine's physical memory.
-    ``None`` when neither is known.
+    An accelerator's ``memory_stats()["bytes_limit"]`` (already the allocator's share of the card,
+    ``diffseg.gpu.memory``); on the CPU the machine's physical memory. ``None`` when neither is known.
     """
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -104,6 +102,32 @@ def device_memory_bytes(device: Any = None) -> int | None:
         return None
 
 
+def card_budget(card_bytes: int) -> int:
+    """Bytes a step may plan on a card of ``card_bytes`` (``--device-memory``, ``--target``): the
+    allocator's share of the card, less headroom. Training on that card reads the allocator's
+    share back (``device_memory_bytes``) and reaches the same number (``device_budget``)."""
+    return step_budget(allocator_bytes(card_bytes))
+
+
+def device_budget(device: Any = None) -> int | None:
+    """Bytes a step may plan on the local ``device`` (training's ``micro_batch: auto``)."""
+    limit = device_memory_bytes(device)
+    return None if limit is None else step_budget(limit)
+
+
+def _hlo_cost(lowered: Any) -> dict[str, float]:
+    """XLA's cost analysis of the step's HLO before optimisation (the math as written, remat's
+    recomputation included), by the CPU client: a compile-only GPU device has none."""
+    from jax._src.lib import _jax
+
+    module = lowered.compiler_ir("hlo").as_hlo_module()
+    return dict(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module))
+
+
+def _abstract(tree: Any, sharding: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def step_memory(
     model: Any,
     tx: Any,
@@ -112,30 +136,40 @@ def step_memory(
     mesh: Any,
     volume_shape: tuple[int, ...],
     micro_batch: int,
+    compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compile (never run) the train step with ``micro_batch`` volumes per device per pass, on
-    abstract arrays; XLA's FLOPs and bytes per device (``argument``: the state and the step's
-    ``B`` volumes; ``temp``: what one micro-batch pass needs; ``total`` counts the donated,
-    aliased state once)."""
+    abstract arrays placed on ``mesh`` (this machine's devices, or a GPU target's compile-only
+    device, ``diffseg.gpu.targets.target_mesh``); XLA's FLOPs and bytes per device
+    (``argument``: the state and the step's ``B`` volumes ``(B, X, Y, Z)``; ``temp``: what one
+    micro-batch pass needs; ``total`` counts the donated, aliased state once)."""
     step = make_train_step(model, tx, run_cfg, num_classes, mesh, micro_batch)
-    state = jax.eval_shape(lambda: init_state(model, tx, volume_shape, jax.random.key(0)))
+    whole = replicated(mesh)
+    state = _abstract(jax.eval_shape(lambda: init_state(model, tx, volume_shape, jax.random.key(0))), whole)
     batch = int(run_cfg["train"]["batch_size"])
     split = batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.float32, sharding=split)
     labels = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.uint8, sharding=split)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    compiled = step.lower(state, images, labels, key).compile()
+    key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), whole)
+    lowered = step.lower(state, images, labels, key)
+    compiled = lowered.compile(compiler_options=compiler_options)
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    flops_of = "compiled"
+    if "flops" not in cost:  # the GPU compiler without a GPU has no cost analysis: count the HLO's
+        cost = _hlo_cost(lowered)
+        flops_of = "lowered"
     memory = compiled.memory_analysis()
+    passes = batch // (mesh.size * int(micro_batch))
     out = {
-        "backend": jax.default_backend(),
+        "backend": mesh.devices.flat[0].platform,
         "devices": mesh.size,
         "micro_batch": int(micro_batch),
-        "passes": batch // (mesh.size * int(micro_batch)),
+        "passes": passes,
         "remat": bool(getattr(model, "remat", False)),
         # XLA's cost analysis counts a loop's body once: the micro-batch scan runs it ``passes`` times.
-        "flops": float(cost.get("flops", np.nan)) * (batch // (mesh.size * int(micro_batch))),
+        "flops": float(cost.get("flops", np.nan)) * passes,
+        "flops_of": flops_of,
     }
     for name in ("argument", "output", "temp", "alias"):
         out[f"{name}_bytes"] = int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
@@ -147,12 +181,12 @@ def step_memory(
 @dataclass
 class MicroBatchChoice:
     """What ``choose_micro_batch`` settled on: volumes per device per pass, the network to build
-    the step with (remat possibly switched on), and XLA's plan of that step when compiled."""
+    the step with (remat as resolved), and XLA's plan of that step when compiled."""
 
     micro_batch: int
     model: Any
     how: str  # "config" | "auto"
-    budget: int | None = None  # bytes auto had: device memory minus headroom
+    budget: int | None = None  # bytes a step may plan per device (diffseg.gpu.memory.step_budget)
     xla: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = field(default_factory=list)
 
@@ -176,6 +210,22 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def _remat_options(model: Any, value: Any) -> list[bool]:
+    """``model.remat`` values to consider, preferred first: ``auto`` tries off, then on."""
+    if not hasattr(model, "remat") or not hasattr(model, "clone"):
+        return [False]  # the legacy network has no remat
+    if value == "auto":
+        return [False, True]
+    return [bool(value)]
+
+
+def _row(plan: dict[str, Any]) -> str:
+    return (
+        f"{plan['micro_batch']} volume(s) per pass, remat {'on' if plan['remat'] else 'off'}: "
+        f"{_gib(plan['total_bytes'])}"
+    )
+
+
 def choose_micro_batch(
     model: Any,
     tx: Any,
@@ -184,53 +234,82 @@ def choose_micro_batch(
     mesh: Any,
     volume_shape: tuple[int, ...],
     device_memory: int | None = None,
-    headroom: float = HEADROOM,
+    budget: int | None = None,
+    every: bool = False,
+    compiler_options: dict[str, Any] | None = None,
 ) -> MicroBatchChoice:
-    """Resolve ``train.micro_batch``: an integer or null is taken as is (validated); ``auto`` is
-    the largest divisor of ``batch_size / devices`` whose compiled step (XLA's memory analysis,
-    on this backend) fits ``device_memory`` (default: the device's, ``device_memory_bytes``)
-    minus ``headroom``.
+    """Resolve ``train.micro_batch`` and ``model.remat`` together.
 
-    Auto first compiles one volume per pass with the configured ``model.remat``; its bytes give
-    a linear guess (state and batch + m × one volume's temporaries) for the largest m, which is
-    then compiled to check (and lowered until it fits). Only when a single volume does not fit
-    without remat does auto switch ``model.remat`` on (the reference network only), since remat
-    costs a second forward pass. If nothing fits, it returns 1 volume per pass (remat on where
-    possible) and ``fits`` is False.
+    Integers/booleans are taken as they are (validated; nothing compiled). ``auto`` compiles the
+    step (never runs it) and takes, preferring remat off (it costs a second forward pass), the
+    largest micro-batch dividing ``batch_size / devices`` whose plan fits ``budget`` bytes per
+    device: by default the local device's (``device_budget``), or that of a card of
+    ``device_memory`` bytes (``card_budget``): one rule, ``diffseg.gpu.memory``. Remat is switched
+    on only when no micro-batch fits without it. Nothing fitting is a ``ConfigError`` with the
+    numbers. ``every`` compiles every candidate (``diffseg plan``'s table) instead of the few the
+    search needs: one volume per pass gives a linear guess (fixed bytes + m × one volume's
+    temporaries) for the largest m, which is then compiled to check, and lowered until it fits.
     """
-    value = run_cfg["train"].get("micro_batch")
-    if value != "auto":
-        return MicroBatchChoice(check_micro_batch(run_cfg, mesh.size, value), model, "config")
+    micro = run_cfg["train"].get("micro_batch")
+    remat_value = run_cfg["model"].get("remat", False)
+    rematted = _remat_options(model, remat_value)
+    nets = [model.clone(remat=r) if hasattr(model, "remat") else model for r in rematted]
     per_device = check_micro_batch({"train": {**run_cfg["train"], "micro_batch": None}}, mesh.size)
-    memory = device_memory if device_memory is not None else device_memory_bytes()
-    if memory is None:
-        raise ConfigError("train.micro_batch: auto needs the device's memory, which is unknown here")
-    budget = int(memory * (1.0 - headroom))
-    models = [model]
-    if not getattr(model, "remat", True) and hasattr(model, "clone"):
-        models.append(model.clone(remat=True))
+    if micro == "auto":
+        candidates = _divisors_desc(per_device)
+    else:
+        candidates = [check_micro_batch(run_cfg, mesh.size, micro)]
+    auto = micro == "auto" or remat_value == "auto"
+    if budget is None:
+        budget = card_budget(device_memory) if device_memory is not None else None
+    if not auto and not every:
+        return MicroBatchChoice(candidates[0], nets[0], "config", budget)
+    if budget is None:
+        budget = device_budget()
+    if budget is None:
+        raise ConfigError("train.micro_batch/model.remat: auto needs the device's memory, unknown here")
+    if every and hasattr(model, "remat") and len(nets) == 1:  # the table shows both
+        nets = nets + [model.clone(remat=not rematted[0])]
     tried: list[dict[str, Any]] = []
 
     def measure(net: Any, m: int) -> dict[str, Any]:
-        plan = step_memory(net, tx, run_cfg, num_classes, mesh, volume_shape, m)
+        plan = step_memory(net, tx, run_cfg, num_classes, mesh, volume_shape, m, compiler_options)
         tried.append(plan)
         return plan
 
-    for net in models:
-        one = measure(net, 1)
-        if one["total_bytes"] > budget:
+    if every:
+        for net in nets:
+            for m in _divisors_desc(per_device):
+                measure(net, m)
+    if not auto:
+        config = next(t for t in tried if t["micro_batch"] == candidates[0] and t["remat"] == rematted[0])
+        return MicroBatchChoice(candidates[0], nets[0], "config", budget, config, tried)
+
+    def plan_of(net: Any, m: int) -> dict[str, Any]:
+        remat = bool(getattr(net, "remat", False))
+        done = [t for t in tried if t["micro_batch"] == m and t["remat"] == remat]
+        return done[0] if done else measure(net, m)
+
+    for net in nets[: len(rematted)]:
+        smallest = plan_of(net, candidates[-1])
+        if smallest["total_bytes"] > budget:
             continue
-        fixed = one["total_bytes"] - one["temp_bytes"]
-        guess = max(1, int((budget - fixed) // max(one["temp_bytes"], 1)))
-        for m in _divisors_desc(per_device):
-            if m == 1:
-                return MicroBatchChoice(1, net, "auto", budget, one, tried)
-            if m > guess:
+        fixed = smallest["total_bytes"] - smallest["temp_bytes"]
+        per_volume = max(smallest["temp_bytes"] // candidates[-1], 1)
+        guess = max(candidates[-1], int((budget - fixed) // per_volume))
+        for m in candidates:
+            if m > guess and m != candidates[-1] and not every:
                 continue
-            plan = measure(net, m)
+            plan = plan_of(net, m)
             if plan["total_bytes"] <= budget:
                 return MicroBatchChoice(m, net, "auto", budget, plan, tried)
-    return MicroBatchChoice(1, models[-1], "auto", budget, tried[-1], tried)
+    best = min(tried, key=lambda t: t["total_bytes"])
+    raise ConfigError(
+        f"train.micro_batch/model.remat: no plan of the step fits {_gib(budget)} per device "
+        f"(the smallest: {_row(best)}); tried "
+        + "; ".join(_row(t) for t in tried)
+        + ". Lower train.batch_size, shrink datasets.*.shape, or use a larger device"
+    )
 
 
 def xla_plan(
@@ -238,16 +317,27 @@ def xla_plan(
     num_classes: int,
     volume_shape: tuple[int, ...],
     device_memory: int | None = None,
+    target: Any = None,
+    every: bool = False,
 ) -> tuple[MicroBatchChoice, dict[str, Any]]:
-    """The run's step as training would build it (micro-batch and remat resolved for
-    ``device_memory``), compiled, never run; XLA's FLOPs and bytes per device."""
+    """The run's step as training would build it (micro-batch and remat resolved for a card of
+    ``device_memory`` bytes, for a ``diffseg.gpu.targets.GpuTarget``, or for this machine),
+    compiled, never run; XLA's FLOPs and bytes per device."""
     model = build_model(run_cfg, num_classes, conv_impl="xla")
     tx, _ = build_optimizer(run_cfg)
-    mesh = data_mesh()
-    choice = choose_micro_batch(model, tx, run_cfg, num_classes, mesh, volume_shape, device_memory)
+    budget, options = None, None
+    if target is not None:
+        from diffseg.gpu.targets import COMPILER_OPTIONS, target_mesh
+
+        mesh, budget, options = target_mesh(target), card_budget(target.memory_bytes), COMPILER_OPTIONS
+    else:
+        mesh = data_mesh(training_devices(run_cfg)[0])  # the devices training would use
+    choice = choose_micro_batch(
+        model, tx, run_cfg, num_classes, mesh, volume_shape, device_memory, budget, every, options
+    )
     if choice.xla is None:
         choice.xla = step_memory(
-            choice.model, tx, run_cfg, num_classes, mesh, volume_shape, choice.micro_batch
+            choice.model, tx, run_cfg, num_classes, mesh, volume_shape, choice.micro_batch, options
         )
     return choice, choice.xla
 
@@ -263,8 +353,15 @@ def plan(
     overrides: Mapping[str, Any] | None = None,
     compile_step: bool = True,
     device_memory: int | None = None,
+    target: Any = None,
 ) -> tuple[dict[str, Any], str]:
-    """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints."""
+    """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints.
+
+    ``device_memory`` (a card's bytes) or ``target`` (a ``diffseg.gpu.targets.GpuTarget``, compiled
+    for with XLA's GPU compiler here) also plans every micro-batch, with and without remat, and
+    says which training's ``auto`` would take on that card."""
+    if device_memory is not None and target is not None:
+        raise ConfigError("--device-memory and --target: give one (a target knows its memory)")
     run_cfg = resolve_run_config(config, dataset, run, overrides)
     ds_cfg = config["datasets"][dataset]
     results = config.get("results", "results")
@@ -312,34 +409,74 @@ def plan(
         facts["forward_passes"] = 2 if diff_cfg["recycle"] else 1
     precision = "bfloat16 compute, float32 parameters" if train_cfg["bf16"] else "float32"
     lines.append(f"precision: {precision}; steps: {train_cfg['steps']}")
+    if target is not None:
+        cc = ".".join(map(str, target.compute_capability))
+        facts["target"] = {
+            "name": target.name, "description": target.description, "memory_bytes": target.memory_bytes,
+            "compute_capability": list(target.compute_capability), "has_bf16": target.has_bf16,
+            "peak_bf16_tflops": target.peak_bf16_tflops, "peak_fp16_tflops": target.peak_fp16_tflops,
+            "spec_file": str(target.source) if target.source else None,
+        }  # fmt: skip
+        facts["versions"] = {"jax": jax.__version__, "cuda_plugin": _plugin_version()}
+        if train_cfg["bf16"] and not target.has_bf16:
+            facts["bf16_warning"] = True
+            lines.append(
+                f"warning: {target.name} (compute capability {cc}) has no bf16 tensor cores:"
+                " bf16 convolutions run as float32 on this card; set train.bf16: false"
+            )
     if compile_step:
         n_train = train_cases(dataset, ds_cfg, results)
         host = n_train * int(np.prod(shape)) * 5  # float32 images + uint8 labels
-        choice, xla = xla_plan(run_cfg, num_classes, shape, device_memory)
+        card = target.memory_bytes if target is not None else device_memory
+        choice, xla = xla_plan(run_cfg, num_classes, shape, device_memory, target, every=card is not None)
         facts["xla"] = xla
         facts["micro_batch"] = choice.micro_batch
         facts["remat"] = xla["remat"]
         facts["host_data_bytes"] = host
         facts["tried"] = [
-            {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes")} for t in choice.tried
+            {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes", "flops")}
+            for t in choice.tried
         ]
         m, passes = xla["micro_batch"], xla["passes"]
-        how = "train.micro_batch: auto" if choice.how == "auto" else "train.micro_batch"
-        lines += [
-            "",
-            f"## XLA's plan of one step (compiled for {xla['backend']}, {xla['devices']} device(s), not run)",
-            "",
-            f"micro-batch: {m} volume(s) per device per pass, {passes} pass(es) per step ({how}); "
-            f"remat: {'on' if xla['remat'] else 'off'}",
-        ]
-        for t in choice.tried if choice.how == "auto" else []:
-            lines.append(
-                f"  auto tried {t['micro_batch']} volume(s) per pass, remat {'on' if t['remat'] else 'off'}: "
-                f"{_gib(t['total_bytes'])}"
+        how = (
+            "train.micro_batch: auto"
+            if run_cfg["train"].get("micro_batch") == "auto"
+            else "train.micro_batch"
+        )
+        remat_how = "model.remat: auto" if run_cfg["model"].get("remat") == "auto" else "model.remat"
+        if target is not None:
+            compiled_for = (
+                f"{target.name} ({target.description}, compute capability {cc}, {_gib(target.memory_bytes)})"
+                f" by XLA's GPU compiler on this machine"
             )
+        else:
+            compiled_for = xla["backend"]
         lines += [
+            "",
+            f"## XLA's plan of one step (compiled for {compiled_for}, {xla['devices']} device(s), not run)",
+            "",
+        ]
+        if card is not None:
+            budget = card_budget(card)
+            facts["card_bytes"], facts["budget_bytes"] = card, budget
+            lines.append(
+                f"budget per device: {_gib(budget)} = {_gib(card)} × {memory_fraction():.2f}"
+                f" (JAX's allocator, {MEM_FRACTION_VAR}) × {1 - HEADROOM:.2f} (headroom)"
+            )
+            lines.append("micro-batch  remat  total/device  temporaries  FLOPs/step  fits")
+            for t in sorted(choice.tried, key=lambda t: (t["remat"], -t["micro_batch"])):
+                lines.append(
+                    f"{t['micro_batch']:>11}  {'on' if t['remat'] else 'off':>5}"
+                    f"  {_gib(t['total_bytes']):>12}  {_gib(t['temp_bytes']):>11}"
+                    f"  {t['flops'] / 1e12:>7.3f} TF  " + ("yes" if t["total_bytes"] <= budget else "no")
+                )
+            facts["fits"] = xla["total_bytes"] <= budget
+        lines += [
+            f"chosen: micro-batch {m} volume(s) per device per pass, {passes} pass(es) per step ({how}); "
+            f"remat: {'on' if xla['remat'] else 'off'} ({remat_how})",
             f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step"
-            + (f" (XLA's count of one pass × {passes} passes)" if passes > 1 else ""),
+            + (f" (XLA's count of one pass × {passes} passes)" if passes > 1 else "")
+            + (" (counted on the step's HLO before optimisation)" if xla["flops_of"] == "lowered" else ""),
             f"arguments: {_gib(xla['argument_bytes'])} per device (state + the step's {batch} volumes;"
             f" the {n_train} training volumes, {_gib(host)}, stay on the host)",
             f"temporaries: {_gib(xla['temp_bytes'])} per device (one pass of {m} volume(s):"
@@ -347,17 +484,18 @@ def plan(
             f"outputs: {_gib(xla['output_bytes'])} (donated state aliased: {_gib(xla['alias_bytes'])})",
             f"total: {_gib(xla['total_bytes'])} per device",
         ]
-        if device_memory is not None:
-            budget = int(device_memory * (1.0 - HEADROOM))
-            fits = xla["total_bytes"] <= budget
-            facts["fits"] = fits
+        if card is not None:
             lines.append(
-                f"fits {_gib(device_memory)} (less {HEADROOM:.0%} headroom: {_gib(budget)}): "
-                + ("yes" if fits else "no")
-                + (
-                    ""
-                    if fits
-                    else " (set train.micro_batch: auto or lower, model.remat: true, or a larger device)"
-                )
+                f"fits {_gib(facts['budget_bytes'])}: "
+                + ("yes" if facts["fits"] else "no (set train.micro_batch: auto or lower, model.remat: auto)")
             )
     return facts, "\n".join(lines) + "\n"
+
+
+def _plugin_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("jax-cuda12-plugin")
+    except Exception:  # not installed: the target path needs it, so this is only for the record
+        return None
