@@ -75,6 +75,13 @@ def claim_devices(args: argparse.Namespace) -> None:
     from diffseg.gpu.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
     from diffseg.gpu.slots import claim_gpus
 
+    if getattr(args, "target", None):
+        # A plan for a named card compiles for it with XLA's GPU compiler and runs nothing: no
+        # GPU backend to start (without a GPU, the CUDA plugin would print a traceback), and no
+        # persistent cache (its entries are loaded executables, which need the card).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin's check needs a GPU
+        os.environ["DIFFSEG_JAX_CACHE"] = "0"
     if getattr(args, "gpus", None) is not None:
         ids = claim_gpus(int(args.gpus))
         if ids:

@@ -241,7 +241,8 @@ def test_values_of_the_right_type_pass():
         validate_config(_patched(path, value))
     cfg = resolve_run_config(STRICT, "ph", "3d-diff", parse_overrides(["model={remat: true}"]))
     assert cfg["model"]["remat"] is True and cfg["model"]["channels"] == [4, 8]  # merged, not replaced
-    with pytest.raises(ConfigError, match=r"override model\.remat must be true or false, got str 'yes'"):
+    message = r"override model\.remat must be true or false or auto, got str 'yes'"
+    with pytest.raises(ConfigError, match=message):
         resolve_run_config(STRICT, "ph", "3d-diff", {"model.remat": "yes"})
 
 

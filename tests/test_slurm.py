@@ -176,7 +176,11 @@ def test_conda_envs_install_this_package_from_the_source():
             if "\n    shell:" in block:
                 assert "\n    conda:\n" in block, f"{smk.name}: rule {block.split(':')[0]} has no conda:"
         for line in text.split("    conda:\n")[1:]:
-            used.add((rules / line.split("\n")[0].strip().strip('"')).resolve())
+            value = line.split("\n")[0].strip()
+            if value.startswith("conda_env("):  # common.smk's choice: either environment file
+                used |= {(rules / f).resolve() for f in ("../envs/diffseg.yaml", "../envs/diffseg-cuda.yaml")}
+            else:
+                used.add((rules / value.strip('"')).resolve())
     assert used, "no conda: directive"
     for env_file in used:
         assert env_file.is_file() and env_file.parent == ROOT / "workflow" / "envs", env_file
@@ -184,7 +188,7 @@ def test_conda_envs_install_this_package_from_the_source():
         assert env["channels"] and "conda-forge" in env["channels"]
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
         assert "pip" in env["dependencies"]
-        paths = [p.removeprefix("-e").strip() for p in pip if p.startswith(("-e", ".", "/"))]
+        paths = [p.removeprefix("-e").strip().split("[")[0] for p in pip if p.startswith(("-e", ".", "/"))]
         assert len(paths) == 1, pip
         for base in (env_file.parent, ROOT / ".snakemake" / "conda"):
             target = (base / paths[0]).resolve()
