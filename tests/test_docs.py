@@ -148,3 +148,26 @@ def test_the_readme_ablation_plans_exactly_its_new_runs(tmp_path):
     (variant,) = example["variants"]
     for dim in ("2d", "3d"):
         assert f"results/runs/phantom_pelvis/{dim}-{variant}/best.json" in res.stdout
+
+
+def test_the_readme_gpu_advice_is_the_gpu_plans_table():
+    """README's GPU advice is `benchmarks/gpu_advice.py`'s table of the GPU plans kept in
+    benchmarks/results/, and the table's rule is the plan's own choice for each card planned."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_advice", ROOT / "benchmarks" / "gpu_advice.py")
+    advice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(advice)
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- gpu-advice: begin -->\n")[1].split("<!-- gpu-advice: end -->")[0]
+    assert advice.advice_table() in block, "regenerate with: python benchmarks/gpu_advice.py"
+    plans = sorted((ROOT / "benchmarks" / "results").glob("plan_gpu_*.json"))
+    assert {card for _, card, _ in advice.CARDS} <= {p.stem.rsplit("_", 1)[1] for p in plans}
+    for path in plans:
+        plan = json.loads(path.read_text())
+        assert {t["micro_batch"] for t in plan["tried"]} == {1, 2, 4, 8}, path.name
+        passes = 8 // plan["micro_batch"]
+        chosen = "1 pass of 8 (" if passes == 1 else f"{passes} passes of {plan['micro_batch']} ("
+        assert advice.choice(plan["tried"], plan["budget_bytes"]).startswith(chosen), path.name
+        assert advice.choice(plan["tried"], plan["budget_bytes"]).endswith(", remat)") == plan["remat"]

@@ -1,4 +1,4 @@
-"""Report sub-commands: ``diffseg table``, ``diffseg stats``, ``diffseg figure``, ``diffseg curves``.
+"""Report sub-commands: ``diffseg table``, ``stats``, ``figure``, ``curves``, ``cost``, ``readme-table``.
 
 Each reads the workflow config (the merged Snakemake config, dumped by the workflow to
 ``{results}/workflow_config.yaml``, or any config YAML) and the runs' ``test/metrics.csv``.
@@ -69,6 +69,19 @@ def _curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cost(args: argparse.Namespace) -> int:
+    from diffseg.report.cost import cost_table, to_markdown
+
+    runs = [tuple(m.split("/", 1)) for m in args.models]
+    if any(len(r) != 2 for r in runs):
+        raise ConfigError(f"--models: each run as dataset/run, got {args.models}")
+    table = cost_table(args.results, runs)
+    _write_csv(table, args.out)
+    if args.markdown:
+        atomic_write_text(args.markdown, to_markdown(table))
+    return 0
+
+
 def _readme_table(args: argparse.Namespace) -> int:
     from diffseg.report.readme import readme_table
 
@@ -106,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", required=True, help="runs as dataset/run")
     p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
     p.set_defaults(func=_curves)
+
+    p = sub.add_parser("cost", help="wall, CPU and GPU time, peak memory and device of each run's jobs")
+    p.add_argument("--results", required=True, help="the results folder (benchmarks/ and logs/ in it)")
+    p.add_argument("--models", nargs="+", required=True, help="runs as dataset/run")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--markdown", help="markdown rendering to write beside it")
+    p.set_defaults(func=_cost)
 
     p = sub.add_parser("readme-table", help="the README's demo table from a table CSV (results/table2.csv)")
     p.add_argument("--table", default="results/table2.csv", help="a table CSV written by diffseg table")

@@ -312,6 +312,13 @@ def choose_micro_batch(
     )
 
 
+def _flops_how(passes: int, lowered: bool) -> str:
+    """How the plan's FLOPs were counted, in one bracket."""
+    how = [f"XLA's count of one pass × {passes} passes"] if passes > 1 else []
+    how += ["counted on the step's HLO before optimisation"] if lowered else []
+    return f" ({'; '.join(how)})" if how else ""
+
+
 def xla_plan(
     run_cfg: dict[str, Any],
     num_classes: int,
@@ -475,8 +482,7 @@ def plan(
             f"chosen: micro-batch {m} volume(s) per device per pass, {passes} pass(es) per step ({how}); "
             f"remat: {'on' if xla['remat'] else 'off'} ({remat_how})",
             f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step"
-            + (f" (XLA's count of one pass × {passes} passes)" if passes > 1 else "")
-            + (" (counted on the step's HLO before optimisation)" if xla["flops_of"] == "lowered" else ""),
+            + _flops_how(passes, xla["flops_of"] == "lowered"),
             f"arguments: {_gib(xla['argument_bytes'])} per device (state + the step's {batch} volumes;"
             f" the {n_train} training volumes, {_gib(host)}, stay on the host)",
             f"temporaries: {_gib(xla['temp_bytes'])} per device (one pass of {m} volume(s):"

@@ -4,6 +4,7 @@
 
 
 localrules:
+    cost,
     table,
     stats,
     figure2,
@@ -126,3 +127,27 @@ rule curves:
         "../envs/diffseg.yaml"
     shell:
         "diffseg curves --runs {params.runs:q} --models {params.models:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+REPORT_OUTPUTS += [f"{RESULTS}/cost.{e}" for e in ("csv", "md")]
+
+
+rule cost:
+    # After every run's test job: their benchmark files and device lines are then written.
+    input:
+        metrics_of(RUNS),
+    output:
+        csv=report(f"{RESULTS}/cost.csv", caption="../report/cost.rst", category="Cost"),
+        md=report(f"{RESULTS}/cost.md", caption="../report/cost.rst", category="Cost"),
+    params:
+        results=lambda w: RESULTS,
+        models=[f"{d}/{r}" for d, r in RUNS],
+    log:
+        f"{RESULTS}/logs/report/cost.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/cost.tsv"
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg cost --results {params.results:q} --models {params.models:q}"
+        " --out {output.csv:q} --markdown {output.md:q} 2> {log:q}"
