@@ -534,6 +534,8 @@ def resolve_run_config(
     return cfg
 
 
+# The diffusion names are diffseg.diffusion's Prediction and Variance enums, repeated here so that
+# config stays free of jax (the Snakefile imports it); tests/test_diffusion.py checks they agree.
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("model", "arch"): ("reference", "legacy"),
     ("model", "time_conditioning"): ("reference", "after_norm"),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffseg.diffusion import GaussianDiffusion, logits_to_x0, mask_to_x0, x0_to_logits
+from diffseg.diffusion import GaussianDiffusion, Prediction, Variance, logits_to_x0, mask_to_x0, x0_to_logits
 
 
 def test_five_step_schedule_matches_design():
@@ -172,3 +172,85 @@ def test_logits_of_a_derived_x0_floor_at_the_reference_eps():
     np.testing.assert_allclose(logits, [[np.log(1e-5), 0.0, np.log(1e-5)]], rtol=1e-6)
     assert d.to_logits(x0, x0, "x0") is x0  # the network's own logits pass through
     np.testing.assert_allclose(x0_to_logits(jnp.array([-1.0])), [np.log(1e-5)], rtol=1e-6)
+
+
+# -- training: its noisy input (with recycling) and its loss terms ------------------------------
+
+
+def test_prediction_and_variance_names_are_checked_in_the_enums():
+    assert Prediction("epsilon") is Prediction.EPSILON and Prediction.X0 == "x0"
+    assert Variance("beta_tilde") is Variance.BETA_TILDE
+    with pytest.raises(ValueError, match=r"prediction must be one of \('x0', 'epsilon'\), got 'noise'"):
+        Prediction("noise")
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        GaussianDiffusion.linear().predict_x0(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0]), "v")
+    from diffseg.config import CHOICES  # the config's own check names the same values
+
+    assert CHOICES[("diffusion", "prediction")] == tuple(Prediction)
+    assert CHOICES[("diffusion", "variance")] == tuple(Variance)
+
+
+def test_sqrt_coefficients_are_float64_and_precomputed():
+    d = GaussianDiffusion.linear(num_steps=5)
+    assert d.sqrt_alphas_cumprod.dtype == np.float64
+    np.testing.assert_array_equal(d.sqrt_alphas_cumprod, np.sqrt(d.alphas_cumprod))
+    np.testing.assert_array_equal(d.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - d.alphas_cumprod))
+    np.testing.assert_array_equal(d.sampling_std, np.sqrt(d.sampling_variance))
+
+
+def test_training_input_without_recycling_is_q_sample_by_hand():
+    d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=5)
+    x0 = mask_to_x0(jnp.array([[0, 1], [2, 1]]), 3)  # (2, 2, 3)
+    noise = jnp.full(x0.shape, 0.5)
+    k = jnp.array([1, 3])
+    x_t = d.training_input(x0, k, noise)
+    for b in range(2):
+        abar = d.alphas_cumprod[int(k[b])]
+        expected = np.sqrt(abar) * np.asarray(x0[b]) + np.sqrt(1 - abar) * 0.5
+        np.testing.assert_allclose(x_t[b], expected, rtol=1e-6)
+    # k = 1 is t = 251: abar = 0.5214 (the five-step schedule above)
+    np.testing.assert_allclose(x_t[0, 0, 0], np.sqrt(0.5214) * 1 + np.sqrt(1 - 0.5214) * 0.5, rtol=2e-4)
+
+
+def test_recycling_noises_the_models_stopped_prediction_one_step_further():
+    """x_k = q_sample(x0_hat, k), x0_hat the model's output on x0 noised to k + 1 (K - 1 stays),
+    and no gradient flows through that first pass."""
+    d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=5)
+    x0 = mask_to_x0(jnp.array([[0, 1], [2, 0]]), 3)
+    first, noise = jnp.full(x0.shape, -0.3), jnp.full(x0.shape, 0.2)
+    k = jnp.array([0, 4])
+    seen = {}
+
+    def denoise(w, x, t):  # "logits" w * x: x0_hat = 2 softmax(w x) - 1
+        seen["t"] = t
+        return w * x
+
+    def recycled(w):
+        return d.training_input(x0, k, noise, recycle=(lambda x, t: denoise(w, x, t), first))
+
+    x_t = recycled(2.0)
+    np.testing.assert_array_equal(seen["t"], [251, 1000])  # k + 1 = 1, and the last step stays
+    k_next = np.array([1, 4])
+    for b in range(2):
+        a_next, a = d.alphas_cumprod[k_next[b]], d.alphas_cumprod[int(k[b])]
+        x_next = np.sqrt(a_next) * np.asarray(x0[b]) + np.sqrt(1 - a_next) * -0.3
+        x0_hat = 2 * np.asarray(jax.nn.softmax(2.0 * x_next, axis=-1)) - 1
+        np.testing.assert_allclose(x_t[b], np.sqrt(a) * x0_hat + np.sqrt(1 - a) * 0.2, rtol=1e-5, atol=1e-6)
+    assert float(jax.grad(lambda w: jnp.sum(recycled(w)))(2.0)) == 0.0  # stop-gradient
+    np.testing.assert_array_equal(d.recycled_x0(lambda x, t: denoise(2.0, x, t), x0, k, first, "x0"),
+                                  logits_to_x0(2.0 * d.q_sample(x0, jnp.array([1, 4]), first)))  # fmt: skip
+
+
+def test_training_loss_by_prediction():
+    """x0: the segmentation loss of the output; epsilon: of the logits of the implied x0_hat, plus
+    the weighted L2 to the drawn noise."""
+    d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=5)
+    x_t, noise = jnp.full((1, 2, 3), 0.4), jnp.full((1, 2, 3), 0.1)
+    output, k = jnp.full((1, 2, 3), 0.3), jnp.array([2])
+    seg = lambda logits: jnp.sum(logits)  # noqa: E731 - a stand-in that shows what it was given
+    assert float(d.training_loss(output, x_t, k, noise, "x0", seg, 0.1)) == float(jnp.sum(output))
+    abar = d.alphas_cumprod[2]
+    x0_hat = (0.4 - np.sqrt(1 - abar) * 0.3) / np.sqrt(abar)
+    expected = 6 * np.log(max((x0_hat + 1) / 2, 1e-5)) + 0.1 * (0.3 - 0.1) ** 2
+    loss = d.training_loss(output, x_t, k, noise, Prediction.EPSILON, seg, 0.1)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)

@@ -209,6 +209,58 @@ def test_a_nonfinite_state_is_never_checkpointed(toy_data, tmp_path, monkeypatch
     assert RunCheckpoints(tmp_path).latest_step() is None
 
 
+@pytest.mark.parametrize("how", ["skipped", "params"])
+def test_a_nonfinite_stop_closes_the_feeder_progress_and_checkpoints(toy_data, tmp_path, monkeypatch, how):  # noqa: F811
+    """Both ``FloatingPointError`` stops (updates skipped in a row; parameters not finite before a
+    save) leave by the run's one exit: progress bar, feeder thread and checkpoints closed, in that
+    order, and the signal handlers restored."""
+    import signal
+
+    import jax.numpy as jnp
+
+    import diffseg.train.loop as loop
+
+    closed = []
+
+    class Checkpoints(loop.RunCheckpoints):
+        def close(self):
+            closed.append("checkpoints")
+            super().close()
+
+    class Feeder(loop.BatchFeeder):
+        def close(self):
+            super().close()
+            closed.append("feeder thread alive" if self._thread.is_alive() else "feeder")
+
+    class Bar(loop.Progress):
+        def close(self):
+            closed.append("progress")
+            super().close()
+
+    def nonfinite(*args, **kwargs):
+        def step(state, *rest):  # no network: a NaN loss, the update skipped, or NaN parameters
+            params = state["params"]
+            if how == "params":
+                params = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+            skipped = state["skipped"] + (1 if how == "skipped" else 0)
+            new = {**state, "params": params, "step": state["step"] + 1, "skipped": skipped}
+            return new, jnp.asarray(jnp.nan)
+
+        return step
+
+    patches = {"RunCheckpoints": Checkpoints, "BatchFeeder": Feeder, "Progress": Bar,
+               "make_train_step": nonfinite, "MAX_SKIPPED_IN_A_ROW": 2}  # fmt: skip
+    for name, value in patches.items():
+        monkeypatch.setattr(loop, name, value)
+    handler = signal.getsignal(signal.SIGTERM)
+    match = "the last 2 updates skipped" if how == "skipped" else "parameters not finite at step 3"
+    with pytest.raises(FloatingPointError, match=match):
+        loop.train_run(run_cfg(log_every=1 if how == "skipped" else 100), toy_data, tmp_path)
+    # (the feeder's iterator closes it once more when it is collected: a no-op)
+    assert list(dict.fromkeys(closed)) == ["progress", "feeder", "checkpoints"]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_prepared_data_fingerprint_follows_the_content(tmp_path):
     from diffseg.data.prepare import compute_fingerprint, prepare_dataset, source_files
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffseg.diffusion import GaussianDiffusion
+from diffseg.diffusion import GaussianDiffusion, Prediction
 from diffseg.parallel import batch_sharding, data_mesh, replicated
 
 
@@ -57,7 +57,7 @@ def make_window_logits_fn(
     if not diff_cfg["enabled"]:
         return lambda params, image, keys: model.apply(params, image).astype(jnp.float32)
     diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=int(diff_cfg["sample_steps"]))
-    prediction = diff_cfg["prediction"]
+    prediction = Prediction(diff_cfg["prediction"])
     split = jax.vmap(jax.random.split)
 
     def logits(params, image, keys):

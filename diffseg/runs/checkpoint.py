@@ -45,10 +45,20 @@ class RunCheckpoints:
     def __init__(self, run_dir: str | Path):
         run_dir = Path(run_dir)
         self.dirs = {"latest": run_dir / "checkpoints", "best": run_dir / "best"}
+        self._open()
+
+    def _open(self) -> None:
         for folder in self.dirs.values():  # before orbax lists the steps
             remove_temporaries(folder)
         self.latest = _manager(self.dirs["latest"])
         self.best = _manager(self.dirs["best"])
+
+    def start_over(self) -> None:
+        """Delete every saved state and best parameters: the run trains again from step 0."""
+        self.close()
+        for folder in self.dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._open()
 
     def latest_step(self) -> int | None:
         """Step of the latest saved state, None when the run has not saved one yet."""

@@ -5,26 +5,33 @@ Writes into ``run_dir``: ``train_log.csv`` (step, loss, lr, seconds, steps_per_s
 description, needed to preprocess new scans) and the orbax checkpoints. A run killed at any
 point and started again continues from its latest checkpoint with the same randomness, so
 it ends with the same parameters as an uninterrupted run.
+
+:func:`train_run` reads as its three steps: :func:`_resume_or_start` (the folder's checkpoints
+resumed, or a fresh state), :func:`_step_loop` (train, log, and :func:`_validate_and_save`), and
+one exit that closes the checkpoints, the batch feeder and the progress bar whatever ends the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 import signal
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pandas as pd
 import yaml
+from jax.sharding import Mesh
 
 from diffseg.data import load_dataset
 from diffseg.data.prepare import data_fingerprint
@@ -159,9 +166,10 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     belong to the same ``(dataset, run)``; another run's folder is refused (``ConfigError``), a
     changed config or dataset starts the run over. ``train.steps`` raised continues, as does a
     changed ``train.devices`` (the devices come from :func:`diffseg.parallel.training_devices`,
-    one line on stderr says which); lowered
-    below the latest checkpoint is a ``ConfigError``. SIGTERM/SIGINT save the state after the
-    current step and raise :class:`TrainingInterrupted`.
+    one line on stderr says which); lowered below the latest checkpoint is a ``ConfigError``.
+    SIGTERM/SIGINT save the state after the current step and raise :class:`TrainingInterrupted`.
+    However the run ends (the last step, a signal, a non-finite stop, an error), what it opened
+    is closed on the way out.
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,55 +178,149 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     if total < 1 or every < 1:
         raise ConfigError(f"run {run_cfg.get('run')!r}: train.steps and train.checkpoint_every must be >= 1")
     devices, device_note = training_devices(run_cfg)  # before any work: a bad train.devices fails fast
+    with contextlib.ExitStack() as opened:  # the one exit: closes what the run opened, last first
+        run = _resume_or_start(run_cfg, data_dir, run_dir, devices, device_note, opened)
+        start = int(run.state["step"])
+        _step_loop(run, opened)
+    if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
+        _write_outputs(run_dir, run.logs)
+    return run.logs["best"]
 
+
+@dataclass
+class _Run:
+    """One run being trained: what its steps, validations and saves share.
+
+    ``state`` is the training state (replicated on ``mesh``), ``logs`` what its checkpoints carry
+    (``train``/``valid`` rows, ``best``, ``session``, ``seconds``, identity); ``saved_step`` the
+    step of the latest checkpoint this process knows of (None before any).
+    """
+
+    cfg: dict[str, Any]
+    run_dir: Path
+    checkpoints: RunCheckpoints
+    state: dict[str, Any]
+    logs: dict[str, Any]
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    num_classes: int
+    shape: tuple[int, ...]
+    train_data: tuple[np.ndarray, np.ndarray]  # images (N, X, Y, Z[, C]), labels (N, X, Y, Z)
+    valid_data: tuple[np.ndarray, np.ndarray]
+    key_steps: jax.Array
+    key_valid: jax.Array
+    saved_step: int | None = None
+
+    @property
+    def total(self) -> int:
+        return int(self.cfg["train"]["steps"])
+
+
+def _resume_or_start(
+    run_cfg: dict[str, Any],
+    data_dir: Path,
+    run_dir: Path,
+    devices: list[Any],
+    device_note: str,
+    opened: contextlib.ExitStack,
+) -> _Run:
+    """The run's data, network and state: its latest checkpoint when it fits, else a fresh start.
+
+    Refuses another run's folder or a ``train.steps`` below its checkpoints before writing
+    anything; a changed config or dataset deletes the old checkpoints (after saying so).
+    """
     dataset = load_dataset(data_dir)
     fingerprint = data_fingerprint(data_dir)
     identity = {"dataset": run_cfg.get("dataset"), "run": run_cfg.get("run")}
     chash = config_hash(run_cfg)
     remove_temporaries(run_dir)  # atomic writers' temporaries left by a killed job
     checkpoints = RunCheckpoints(run_dir)  # removes orbax's temporaries
-    saved = checkpoints.restore_logs() if checkpoints.latest_step() is not None else None
-    owner = _owner(saved, run_dir) if checkpoints.latest_step() is not None else None
-    if owner is not None and None not in owner and owner != (identity["dataset"], identity["run"]):
-        checkpoints.close()
-        raise ConfigError(
-            f"{run_dir}: holds the checkpoints of run {owner[1]!r} of dataset {owner[0]!r}, not"
-            f" {identity['run']!r} of {identity['dataset']!r}; refusing to replace them: give another --out"
-        )
-    restart_reason = None
-    if checkpoints.latest_step() is not None and saved is None:
-        checkpoints.restore(None)  # nothing readable: raises a DataError naming the folder
-    if saved is not None:
-        if saved.get("config_hash") != chash:
-            restart_reason = "the run's config changed since its checkpoints were written"
-        elif saved.get("data_fingerprint") != fingerprint:
-            restart_reason = f"the prepared data in {data_dir} changed since its checkpoints were written"
-        elif int(saved.get("step", 0)) > total:
-            checkpoints.close()
-            raise ConfigError(
-                f"{run_dir}: trained to step {saved['step']}, beyond train.steps={total}; set train.steps"
-                f" >= {saved['step']}, or delete {run_dir / 'checkpoints'} and {run_dir / 'best'} to retrain"
-            )
-
+    opened.callback(checkpoints.close)
+    saved, restart_reason = _resume_decision(checkpoints, run_cfg, run_dir, data_dir, chash, fingerprint)
     num_classes = int(dataset.info["num_classes"])
-    _, train_images, train_labels = dataset.split("train")
-    _, valid_images, valid_labels = dataset.split("valid")
-    atomic_write_json(run_dir / "dataset.json", {**dataset.info, "fingerprint": fingerprint})
-    config_text = yaml.safe_dump(dict(run_cfg), sort_keys=False)
-    config_path = run_dir / "config.yaml"  # the workflow writes it first: keep its mtime if equal
-    if not config_path.is_file() or yaml.safe_load(config_path.read_text()) != yaml.safe_load(config_text):
-        atomic_write_text(config_path, config_text)
+    train_data, valid_data = dataset.split("train")[1:], dataset.split("valid")[1:]
+    _write_run_files(run_dir, run_cfg, dataset.info, fingerprint)
 
     model = build_model(run_cfg, num_classes)
     tx, schedule = build_optimizer(run_cfg)
     print(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
     mesh = data_mesh(devices)
     copies = replicated(mesh)
-    key = jax.random.key(int(train_cfg["seed"]))
-    key_init, key_steps, key_valid = jax.random.split(key, 3)
+    key_init, key_steps, key_valid = jax.random.split(jax.random.key(int(run_cfg["train"]["seed"])), 3)
     state = jax.device_put(init_state(model, tx, dataset.shape, key_init, dataset.channels), copies)
+    logs = _fresh_logs(chash, fingerprint, identity)
+    if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
+        print(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
+        checkpoints.start_over()
+    elif saved is not None:
+        # Onto this job's devices, whichever the state was saved from (train.devices may differ).
+        state, saved_logs = checkpoints.restore(abstract(state), copies)
+        logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
+        print(
+            f"resuming {run_dir} from step {int(state['step'])} of {int(run_cfg['train']['steps'])}"
+            f" (session {logs['session']})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return _Run(
+        cfg=run_cfg, run_dir=run_dir, checkpoints=checkpoints, state=state, logs=logs, model=model, tx=tx,
+        schedule=schedule, mesh=mesh, num_classes=num_classes, shape=dataset.shape, train_data=train_data,
+        valid_data=valid_data, key_steps=key_steps, key_valid=key_valid,
+    )  # fmt: skip
 
-    logs: dict[str, Any] = {
+
+def _resume_decision(
+    checkpoints: RunCheckpoints,
+    run_cfg: dict[str, Any],
+    run_dir: Path,
+    data_dir: Path,
+    chash: str,
+    fingerprint: str,
+) -> tuple[dict[str, Any] | None, str | None]:
+    """``(logs of the latest checkpoint or None, why the run starts over or None)``.
+
+    Raises ``ConfigError`` for another run's folder or a ``train.steps`` below the latest
+    checkpoint, and ``DataError`` when checkpoints exist but none can be read.
+    """
+    latest = checkpoints.latest_step()
+    saved = checkpoints.restore_logs() if latest is not None else None
+    owner = _owner(saved, run_dir) if latest is not None else None
+    mine = (run_cfg.get("dataset"), run_cfg.get("run"))
+    if owner is not None and None not in owner and owner != mine:
+        raise ConfigError(
+            f"{run_dir}: holds the checkpoints of run {owner[1]!r} of dataset {owner[0]!r}, not"
+            f" {mine[1]!r} of {mine[0]!r}; refusing to replace them: give another --out"
+        )
+    if latest is not None and saved is None:
+        checkpoints.restore(None)  # nothing readable: raises a DataError naming the folder
+    if saved is None:
+        return None, None
+    if saved.get("config_hash") != chash:
+        return saved, "the run's config changed since its checkpoints were written"
+    if saved.get("data_fingerprint") != fingerprint:
+        return saved, f"the prepared data in {data_dir} changed since its checkpoints were written"
+    total = int(run_cfg["train"]["steps"])
+    if int(saved.get("step", 0)) > total:
+        raise ConfigError(
+            f"{run_dir}: trained to step {saved['step']}, beyond train.steps={total}; set train.steps"
+            f" >= {saved['step']}, or delete {run_dir / 'checkpoints'} and {run_dir / 'best'} to retrain"
+        )
+    return saved, None
+
+
+def _write_run_files(run_dir: Path, run_cfg: dict[str, Any], info: dict[str, Any], fingerprint: str) -> None:
+    """``dataset.json`` (the data's description, for ``predict``) and ``config.yaml`` (when it differs)."""
+    atomic_write_json(run_dir / "dataset.json", {**info, "fingerprint": fingerprint})
+    config_text = yaml.safe_dump(dict(run_cfg), sort_keys=False)
+    config_path = run_dir / "config.yaml"  # the workflow writes it first: keep its mtime if equal
+    if not config_path.is_file() or yaml.safe_load(config_path.read_text()) != yaml.safe_load(config_text):
+        atomic_write_text(config_path, config_text)
+
+
+def _fresh_logs(chash: str, fingerprint: str, identity: dict[str, Any]) -> dict[str, Any]:
+    return {
         "config_hash": chash,
         "data_fingerprint": fingerprint,
         "identity": identity,
@@ -230,114 +332,111 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
         "best": None,
         "seconds": 0.0,
     }
-    progress_desc = f"train {run_cfg.get('run', '')}"
-    if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
-        print(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
-        checkpoints.close()
-        for sub in ("checkpoints", "best"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        checkpoints = RunCheckpoints(run_dir)
-    elif saved is not None:
-        # Onto this job's devices, whichever the state was saved from (train.devices may differ).
-        restored, saved_logs = checkpoints.restore(abstract(state), copies)
-        state = restored
-        logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
-        print(
-            f"resuming {run_dir} from step {int(state['step'])} of {total} (session {logs['session']})",
-            file=sys.stderr,
-            flush=True,
-        )
 
+
+@dataclass
+class _Clock:
+    """This session's time and the logging window: steps/s since the last logged step, and the
+    non-finite updates skipped (so far when the window began; how many in a row)."""
+
+    started: float  # perf_counter() when this session's steps began
+    seconds_before: float  # training time of the earlier sessions
+    window_start: float
+    window_step: int
+    skipped_before: int
+    skipped_run: int = 0
+
+    def seconds(self) -> float:
+        """Training time of the run so far, all sessions."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+
+def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
+    """Steps ``state["step"] + 1 .. train.steps``: train; log every ``log_every`` step; validate
+    and save every ``checkpoint_every`` and the last; at SIGTERM/SIGINT save, then raise
+    :class:`TrainingInterrupted`."""
+    train_cfg, total = run.cfg["train"], run.total
     # The data stay on the host; each step's volumes are sent ahead of the step (train/feed.py).
-    choice = choose_micro_batch(model, tx, run_cfg, num_classes, mesh, dataset.shape)
+    choice = choose_micro_batch(run.model, run.tx, run.cfg, run.num_classes, run.mesh, run.shape)
     if choice.how == "auto":
-        print(f"{run_dir}: {choice.describe()}", file=sys.stderr, flush=True)
-    step_fn = make_train_step(choice.model, tx, run_cfg, num_classes, mesh, choice.micro_batch)
-    batch_size, seed = int(train_cfg["batch_size"]), int(train_cfg["seed"])
+        print(f"{run.run_dir}: {choice.describe()}", file=sys.stderr, flush=True)
+    step_fn = make_train_step(choice.model, run.tx, run.cfg, run.num_classes, run.mesh, choice.micro_batch)
+    start = int(run.state["step"])
     feeder = BatchFeeder(
-        train_images,
-        train_labels,
-        batch_size,
-        seed,
-        batch_sharding(mesh),
-        int(state["step"]),
-        total,
-        sampling=str(train_cfg["sampling"]),
-    )
+        *run.train_data, int(train_cfg["batch_size"]), int(train_cfg["seed"]), batch_sharding(run.mesh),
+        start, total, sampling=str(train_cfg["sampling"]),
+    )  # fmt: skip
+    opened.callback(feeder.close)
     batches = iter(feeder)
-    segmenter = Segmenter(model, state["params"], run_cfg)  # compiled once, reused at each validation
-    start = int(state["step"])
-    log_every = max(1, int(train_cfg["log_every"]))
-    clock, seconds_before = time.perf_counter(), float(logs["seconds"])
-    window_start, window_step = clock, start
-    saved_step = start or None
-    skipped_before, skipped_run = int(state["skipped"]), 0
-    progress = Progress(total, progress_desc, initial=start)
-    with _StopOnSignal() as stop:
-        for step in range(start + 1, total + 1):
-            images, labels = next(batches)
-            state, loss = step_fn(state, images, labels, key_steps)
-            progress.update(1)
-            if step % log_every == 0 or step == total:
-                loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
-                skipped = int(state["skipped"])  # non-finite updates skipped so far (as the reference)
-                if skipped > skipped_before:
-                    progress.write(f"{run_dir}: step {step}: {skipped} update(s) skipped so far (non-finite)")
-                all_skipped = skipped - skipped_before >= step - window_step  # every update of the window
-                skipped_run = skipped_run + step - window_step if all_skipped else 0
-                if skipped_run >= MAX_SKIPPED_IN_A_ROW:
-                    raise FloatingPointError(
-                        f"{run_dir}: loss is {loss} at step {step}, the last {skipped_run} updates skipped"
-                        " (non-finite); lower optim.learning_rate or check the data"
-                    )
-                skipped_before = skipped
-                now = time.perf_counter()
-                rate = (step - window_step) / max(now - window_start, 1e-9)
-                window_start, window_step = now, step
-                lr = float(schedule(step - 1))
-                logs["train"].append(
-                    [step, loss, lr, seconds_before + now - clock, rate, logs["session"], skipped]
-                )
-                progress.log(loss=loss, lr=lr)
-            interrupted = stop.signum is not None
-            if step % every == 0 or step == total or interrupted:
-                _check_finite(state, run_dir, step, saved_step)  # never save a non-finite state
-                if step % every == 0 or step == total:
-                    segmenter.params = state["params"]
-                    score = validate(
-                        segmenter,
-                        valid_images,
-                        valid_labels,
-                        num_classes,
-                        jax.random.fold_in(key_valid, step),
-                    )
-                    logs["valid"].append([step, score])
-                    if logs["best"] is None or score > logs["best"]["mean_dice"]:
-                        logs["best"] = {
-                            "step": step,
-                            "mean_dice": score,
-                            "config_hash": chash,
-                            "data_fingerprint": fingerprint,
-                            "run_id": logs["run_id"],
-                        }
-                        checkpoints.save_best(step, state["params"])
-                    progress.write(
-                        f"step {step}: validation mean foreground Dice {score:.4f}"
-                        f" (best {logs['best']['mean_dice']:.4f})"
-                    )
-                logs["seconds"] = seconds_before + time.perf_counter() - clock
-                logs["step"] = step
-                checkpoints.save(step, state, logs)
-                saved_step = step
-                _write_outputs(run_dir, logs)
-            if interrupted:
-                progress.close()
-                feeder.close()
-                checkpoints.close()
-                raise TrainingInterrupted(int(stop.signum), step, run_dir)
-    progress.close()
-    feeder.close()
-    checkpoints.close()
-    if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
-        _write_outputs(run_dir, logs)
-    return logs["best"]
+    segmenter = Segmenter(run.model, run.state["params"], run.cfg)  # compiled once, reused at each validation
+    log_every, every = max(1, int(train_cfg["log_every"])), int(train_cfg["checkpoint_every"])
+    now = time.perf_counter()
+    clock = _Clock(now, float(run.logs["seconds"]), now, start, int(run.state["skipped"]))
+    run.saved_step = start or None
+    progress = Progress(total, f"train {run.cfg.get('run', '')}", initial=start)
+    opened.callback(progress.close)
+    stop = opened.enter_context(_StopOnSignal())
+    for step in range(start + 1, total + 1):
+        images, labels = next(batches)
+        run.state, loss = step_fn(run.state, images, labels, run.key_steps)
+        progress.update(1)
+        if step % log_every == 0 or step == total:
+            _log_step(run, clock, progress, step, loss)
+        due, interrupted = step % every == 0 or step == total, stop.signum is not None  # read once
+        if due or interrupted:
+            _validate_and_save(run, clock, progress, segmenter, step, validate_now=due)
+        if interrupted:
+            raise TrainingInterrupted(int(stop.signum), step, run.run_dir)
+
+
+def _log_step(run: _Run, clock: _Clock, progress: Progress, step: int, loss: jax.Array) -> None:
+    """A row of ``train_log.csv`` for ``step``; ``FloatingPointError`` when updates keep being skipped."""
+    loss = float(loss)  # blocks: only on logging steps, so dispatch stays asynchronous
+    skipped = int(run.state["skipped"])  # non-finite updates skipped so far (as the reference)
+    if skipped > clock.skipped_before:
+        progress.write(f"{run.run_dir}: step {step}: {skipped} update(s) skipped so far (non-finite)")
+    all_skipped = skipped - clock.skipped_before >= step - clock.window_step  # every update of the window
+    clock.skipped_run = clock.skipped_run + step - clock.window_step if all_skipped else 0
+    if clock.skipped_run >= MAX_SKIPPED_IN_A_ROW:
+        raise FloatingPointError(
+            f"{run.run_dir}: loss is {loss} at step {step}, the last {clock.skipped_run} updates skipped"
+            " (non-finite); lower optim.learning_rate or check the data"
+        )
+    clock.skipped_before = skipped
+    now = time.perf_counter()
+    rate = (step - clock.window_step) / max(now - clock.window_start, 1e-9)
+    clock.window_start, clock.window_step = now, step
+    lr = float(run.schedule(step - 1))
+    row = [step, loss, lr, clock.seconds_before + now - clock.started, rate, run.logs["session"], skipped]
+    run.logs["train"].append(row)
+    progress.log(loss=loss, lr=lr)
+
+
+def _validate_and_save(
+    run: _Run, clock: _Clock, progress: Progress, segmenter: Segmenter, step: int, validate_now: bool
+) -> None:
+    """Checkpoint ``step`` with its logs (validated first when ``validate_now``; the best parameters
+    kept) and rewrite the run's CSV/JSON outputs. A non-finite state is never saved."""
+    _check_finite(run.state, run.run_dir, step, run.saved_step)
+    if validate_now:
+        segmenter.params = run.state["params"]
+        valid_images, valid_labels = run.valid_data
+        key = jax.random.fold_in(run.key_valid, step)
+        score = validate(segmenter, valid_images, valid_labels, run.num_classes, key)
+        run.logs["valid"].append([step, score])
+        if run.logs["best"] is None or score > run.logs["best"]["mean_dice"]:
+            run.logs["best"] = {
+                "step": step,
+                "mean_dice": score,
+                "config_hash": run.logs["config_hash"],
+                "data_fingerprint": run.logs["data_fingerprint"],
+                "run_id": run.logs["run_id"],
+            }
+            run.checkpoints.save_best(step, run.state["params"])
+        best = run.logs["best"]["mean_dice"]
+        progress.write(f"step {step}: validation mean foreground Dice {score:.4f} (best {best:.4f})")
+    run.logs["seconds"] = clock.seconds()
+    run.logs["step"] = step
+    run.checkpoints.save(step, run.state, run.logs)
+    run.saved_step = step
+    _write_outputs(run.run_dir, run.logs)

@@ -1,5 +1,8 @@
 """One jitted training step: augment, noise (with recycling), accumulate gradients, update.
 
+The diffusion math (the noisy input, recycling, the loss terms that depend on the prediction)
+is :class:`diffseg.diffusion.GaussianDiffusion`'s; this module draws its randomness.
+
 The batch is gathered on the host (``diffseg.train.feed``) and arrives on the devices already
 sharded along its batch axis (data parallel, ``jax.sharding``); parameters are replicated, so
 XLA inserts the gradient all-reduce. Device memory holds the step, never the dataset.
@@ -32,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffseg.data import augment_batch
-from diffseg.diffusion import GaussianDiffusion, mask_to_x0
+from diffseg.diffusion import GaussianDiffusion, Prediction, mask_to_x0
 from diffseg.errors import ConfigError
 from diffseg.parallel import batch_sharding
 from diffseg.runs import init_params
@@ -108,33 +111,31 @@ def noisy_input(
     x0: jax.Array,
     k: jax.Array,
     key: jax.Array,
-    prediction: str,
+    prediction: Prediction | str,
     recycle: bool,
 ) -> tuple[jax.Array, jax.Array]:
     """The network's training input ``x_k`` ``(B, *S, C)`` at positions ``k`` ``(B,)``, and its noise.
 
-    ``key``: one key per sample ``(B,)`` (or a single key, split into ``B``); sample ``b``'s noise
-    comes from ``key[b]`` only. Without recycling, the ground truth ``x0`` noised to ``k``. With
-    recycling (paper eq. 8-9): noise the ground truth one step further, let the model predict
-    ``x0`` from it without gradient, and noise that prediction to ``k`` with fresh noise, so
-    training sees the model's own errors as sampling will. At the last step the "further" step
-    is the last step itself (its input is near pure noise, so recycling changes almost nothing).
-    The noise is drawn in ``x0``'s dtype (bfloat16 in a bf16 run, as the reference draws it).
+    Draws the noise and hands the math to :meth:`GaussianDiffusion.training_input` (with
+    ``recycle``, the model ``apply_fn(params, image, ·, ·)`` makes the first pass). ``key``: one
+    key per sample ``(B,)`` (or a single key, split into ``B``); sample ``b``'s noise comes from
+    ``key[b]`` only. The noise is drawn in ``x0``'s dtype (bfloat16 in a bf16 run, as the
+    reference draws it).
     """
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     single = key.ndim == (0 if typed else 1)  # a raw uint32 key is (2,), one per sample (B, 2)
     keys = jax.random.split(key, x0.shape[0]) if single else key
-    pairs = jax.vmap(jax.random.split)(keys)  # (B, 2)
-    shape = x0.shape[1:]
-    start = x0
-    if recycle:
-        k_next = jnp.minimum(k + 1, diffusion.num_steps - 1)
-        first = _per_sample(pairs[:, 0], lambda kk: jax.random.normal(kk, shape, x0.dtype))
-        x_next = diffusion.q_sample(x0, k_next, first)
-        output = apply_fn(params, image, x_next, diffusion.t(k_next)).astype(jnp.float32)
-        start = jax.lax.stop_gradient(diffusion.predict_x0(output, x_next, k_next, prediction))
-    noise = _per_sample(pairs[:, 1], lambda kk: jax.random.normal(kk, shape, x0.dtype))
-    return diffusion.q_sample(start, k, noise), noise
+    pairs = jax.vmap(jax.random.split)(keys)  # (B, 2): recycling's first pass, x_k
+
+    def draw(column: int) -> jax.Array:
+        return _per_sample(pairs[:, column], lambda kk: jax.random.normal(kk, x0.shape[1:], x0.dtype))
+
+    def denoise(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        return apply_fn(params, image, x_t, t)
+
+    noise = draw(1)
+    first_pass = (denoise, draw(0)) if recycle else None
+    return diffusion.training_input(x0, k, noise, recycle=first_pass, prediction=prediction), noise
 
 
 def make_loss_fn(
@@ -155,7 +156,8 @@ def make_loss_fn(
         return seg_loss
 
     diffusion = GaussianDiffusion.from_config(diff_cfg)
-    prediction, recycle = diff_cfg["prediction"], bool(diff_cfg["recycle"])
+    prediction, recycle = Prediction(diff_cfg["prediction"]), bool(diff_cfg["recycle"])
+    eps_l2_weight = float(loss_cfg["eps_l2_weight"])
 
     def diffusion_loss(params, image, label, keys):
         pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): position k, noise
@@ -167,15 +169,11 @@ def make_loss_fn(
             model.apply, params, diffusion, image, x0, k, pairs[:, 1], prediction, recycle
         )
         output = model.apply(params, image, x_t, diffusion.t(k)).astype(jnp.float32)
-        if prediction == "x0":
-            return segmentation_loss(output, onehot, loss_cfg)
-        # epsilon: the L2 target is the noise drawn for x_t. (With recycling, the noise that
-        # would lead from x_t back to the ground truth is (x_t - sqrt(abar) x0) / sqrt(1 - abar),
-        # which blows up as 1 / sqrt(1 - abar) = 100 at t = 1: an ill-posed target.) The ground
-        # truth reaches the network through the segmentation loss on x0_hat.
-        x0_hat = diffusion.predict_x0(output, x_t, k, prediction)
-        seg = segmentation_loss(diffusion.to_logits(output, x0_hat, "epsilon"), onehot, loss_cfg)
-        return seg + float(loss_cfg["eps_l2_weight"]) * jnp.mean((output - noise) ** 2)
+
+        def seg(logits: jax.Array) -> jax.Array:  # cross-entropy and Dice against the ground truth
+            return segmentation_loss(logits, onehot, loss_cfg)
+
+        return diffusion.training_loss(output, x_t, k, noise, prediction, seg, eps_l2_weight)
 
     return diffusion_loss
 
