@@ -12,7 +12,7 @@ import numpy as np
 from diffseg.config import load_yaml, validate_config
 from diffseg.data.dataset import load_dataset
 from diffseg.data.download import download_dataset
-from diffseg.data.prepare import prepare_dataset
+from diffseg.data.prepare import POOLS, prepare_dataset
 from diffseg.data.splits import SPLITS
 from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
@@ -38,10 +38,22 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _data(args: argparse.Namespace) -> int:
     cfg, entry = _dataset_entry(args.config, args.dataset)
     out = Path(cfg.get("results", "results")) / "data" / args.dataset
-    prepare_dataset(args.dataset, entry, out, Path(cfg.get("resources", "resources")) / args.dataset)
+    resources = Path(cfg.get("resources", "resources")) / args.dataset
+    prepare_dataset(args.dataset, entry, out, resources, threads=args.threads, pool=args.pool)
     return 0
 
 
@@ -135,6 +147,20 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="preprocess a dataset into {results}/data/{NAME}")
     p.add_argument("--config", required=True, help="workflow config YAML (resources, results, datasets)")
     p.add_argument("--dataset", required=True, help="dataset name under datasets:")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="CPU threads: up to this many cases are prepared at once (the data rule passes its "
+        "compute.data.threads); the output is the same for any number (default 1)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="thread",
+        help="workers for --threads > 1: threads (default) or spawned processes "
+        "(benchmarks/DATA_STAGE.md compares them)",
+    )
     p.set_defaults(func=_data)
 
     p = subparsers.add_parser("data-figure", help="figure of a few prepared cases with their labels")

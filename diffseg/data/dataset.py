@@ -10,8 +10,10 @@ for it; otherwise it reads the NIfTI files into memory, as before.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +42,24 @@ def _sources(data_dir: Path, uids: list[str]) -> list[list[int]]:
     return out
 
 
-def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int], channels: int = 1) -> None:
+def _fill_slot(out: np.ndarray, i: int, path: Path) -> None:
+    """Read one NIfTI volume into ``out[i]`` (``out``: ``(N, *volume)``); DataError if its shape differs."""
+    data, _ = read_nifti(path)
+    if data.shape != out.shape[1:]:
+        raise DataError(f"{path}: shape {fmt_shape(data.shape)}, expected {fmt_shape(out.shape[1:])}")
+    out[i] = data
+
+
+def write_cache(
+    data_dir: str | Path, shape: tuple[int, ...] | list[int], channels: int = 1, threads: int = 1
+) -> None:
     """Write the uncompressed, memory-mappable cache of every split of ``data_dir`` (see the module).
 
     Reads ``split.csv`` and the NIfTI files volume by volume into ``.npy`` files opened with
     ``open_memmap`` (never the whole split in memory); each file is written atomically and the
     manifest ``{split}.json`` last, so an interrupted write leaves no cache that counts. With several
-    image ``channels`` the images are ``(N, X, Y, Z, C)``.
+    image ``channels`` the images are ``(N, X, Y, Z, C)``. ``threads`` volumes are read (decompressed)
+    at once, each into its own slot of the file, so the files are the same for any number.
     """
     data_dir = Path(data_dir)
     shape = tuple(int(s) for s in shape)
@@ -60,12 +73,19 @@ def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int], channe
             want = (*shape, channels) if sub == "images" and channels > 1 else shape
             with atomic_path(data_dir / CACHE / f"{name}_{sub}.npy") as tmp:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *want))
-                for i, uid in enumerate(uids):
-                    path = data_dir / sub / f"{uid}.nii.gz"
-                    data, _ = read_nifti(path)
-                    if data.shape != want:
-                        raise DataError(f"{path}: shape {fmt_shape(data.shape)}, expected {fmt_shape(want)}")
-                    out[i] = data
+                paths = [data_dir / sub / f"{uid}.nii.gz" for uid in uids]
+                if threads > 1 and len(uids) > 1:
+                    # gzip decoding releases the GIL; a task holds one volume while it runs and
+                    # returns None, so memory stays at `threads` volumes.
+                    pool = ThreadPoolExecutor(min(threads, len(uids)), thread_name_prefix="cache")
+                    try:
+                        for _ in pool.map(_fill_slot, itertools.repeat(out), range(len(uids)), paths):
+                            pass
+                    finally:  # after an error, read no more files
+                        pool.shutdown(wait=True, cancel_futures=True)
+                else:
+                    for i, path in enumerate(paths):
+                        _fill_slot(out, i, path)
                 out.flush()
                 del out
         manifest = {"uids": uids, "shape": list(shape), "sources": _sources(data_dir, uids)}
