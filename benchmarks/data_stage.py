@@ -5,14 +5,15 @@ A synthetic many-class set of raw CT scans in the MSD layout (``dataset.json``, 
 label, int16 HU images of ``--size`` voxels at ``--raw-spacing`` mm (anisotropic, so every case is
 resampled), prepared onto ``--spacing`` mm and ``--shape`` voxels with a 70/10/20 % random split.
 Each (cases, workers, pool) point runs ``diffseg data --threads W --pool P`` in a fresh child
-process and records its wall time (interpreter start included) and the command's own time
-(after its imports), cases/s, CPU seconds, the child's peak RSS (``ru_maxrss``), the largest
-worker's (process pool) and the whole process tree's (psutil, sampled every 50 ms). The runs of
-one case count must give the same dataset fingerprint (checked: the benchmark fails otherwise).
+process, in rounds over every point (``--repeats``), and records its wall time (interpreter start
+included) and the command's own time (after its imports), cases/s, CPU seconds, the child's peak
+RSS (``ru_maxrss``), the largest worker's (process pool) and the whole process tree's (psutil,
+sampled every 50 ms). The runs of one case count must give the same dataset fingerprint
+(checked: the benchmark fails otherwise).
 
 Run:  python benchmarks/data_stage.py [--cases 8 16 32] [--workers 1 2] [--pool thread process]
           [--size 256 256 100] [--raw-spacing 0.8 0.8 2.5] [--spacing 1.5 1.5 1.5]
-          [--shape 128 128 176] [--classes 117] [--keep DIR]
+          [--shape 128 128 176] [--classes 117] [--repeats 1] [--keep DIR]
           [--out benchmarks/results/data_stage_cpu.json]
 """
 
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,13 +174,15 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from diffseg.cli import build_parser, main
 build_parser()  # imports every stage (JAX among them), as `diffseg` does before any work
-t1 = time.perf_counter()
+def cpu():
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                        resource.RUSAGE_CHILDREN)))
+t1, c1 = time.perf_counter(), cpu()
 rc = main(sys.argv[1:])
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), cpu()
 own, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 print(json.dumps({"rc": rc, "import_s": t1 - t0, "main_s": t2 - t1, "self_kib": own.ru_maxrss,
-                  "children_kib": kids.ru_maxrss, "cpu_s": own.ru_utime + own.ru_stime
-                  + kids.ru_utime + kids.ru_stime}))
+                  "children_kib": kids.ru_maxrss, "cpu_s": c2, "main_cpu_s": c2 - c1}))
 """
 
 
@@ -186,7 +190,9 @@ def run_stage(config: Path, workers: int, pool: str) -> dict[str, Any]:
     """Run ``diffseg data --threads workers --pool pool`` in a fresh child process and measure it.
 
     Returns ``seconds`` (wall, interpreter start included), ``main_s`` (the command itself, after
-    its imports), ``cpu_s`` (user + system, workers included), ``peak_rss_mb`` (the child's own
+    its imports), ``cpu_s`` (user + system, workers included), ``main_cpu_s`` (the command's
+    share of it), ``cores_used`` (``main_cpu_s / main_s``: below the workers' count, the machine
+    was shared or the workers waited on each other), ``peak_rss_mb`` (the child's own
     peak), ``worker_peak_rss_mb`` (the largest worker's, process pool only) and
     ``tree_peak_rss_mb`` (the sum over the child and its workers, sampled every 50 ms).
     """
@@ -216,6 +222,9 @@ def run_stage(config: Path, workers: int, pool: str) -> dict[str, Any]:
         "main_s": round(m["main_s"], 2),
         "import_s": round(m["import_s"], 2),
         "cpu_s": round(m["cpu_s"], 2),
+        # CPU the command got per second of it: under 1 with one worker, the machine was shared.
+        "main_cpu_s": round(m["main_cpu_s"], 2),
+        "cores_used": round(m["main_cpu_s"] / m["main_s"], 2),
         "peak_rss_mb": round(m["self_kib"] / 1024, 1),
         "worker_peak_rss_mb": round(m["children_kib"] / 1024, 1) if pool == "process" else None,
         "tree_peak_rss_mb": round(peak[0] / 2**20, 1),
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     # 205 × 205 × 250 mm at 1.5 mm is 137 × 137 × 167 voxels: the crop keeps the whole body.
     p.add_argument("--shape", type=int, nargs=3, default=[128, 128, 176], help="target voxels")
     p.add_argument("--classes", type=int, default=117, help="foreground classes (at most 255)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds over every point (median reported)")
     p.add_argument("--keep", type=Path, help="keep (and reuse) the raw set in this folder")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data_stage_cpu.json")
     args = p.parse_args(argv)
@@ -271,26 +281,48 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         uids = write_raw(raw, max(args.cases), tuple(args.size), tuple(args.raw_spacing), args.classes)
         print(f"raw set: {len(uids)} cases in {raw} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        rows = []
+        rows, summary = [], []
         for n in sorted(args.cases):
             task = write_task(work / f"task{n}", raw, uids[:n], args.classes)
             fingerprints = set()
-            for w in args.workers:
-                for pool in ["thread"] if w == 1 else args.pool:  # one worker: no pool, the same run
+            # One worker needs no pool (the same run whatever --pool says).
+            points = [(w, pool) for w in args.workers for pool in (["none"] if w == 1 else args.pool)]
+            runs: dict[tuple[int, str], list[dict[str, Any]]] = {pt: [] for pt in points}
+            # Rounds of every point in turn: a load that comes and goes on a shared machine falls
+            # on each point alike, and the median per point drops an outlier.
+            for r in range(args.repeats):
+                for w, pool in points:
                     results = work / f"results_{n}_{pool}_{w}"
                     cfg = write_config(work / f"config_{n}_{pool}_{w}.yaml", task, results, n, args)
                     load = os.getloadavg()[0]
-                    m = run_stage(cfg, w, pool)
+                    m = run_stage(cfg, w, "thread" if pool == "none" else pool)
                     info = json.loads((results / "data/bench/dataset.json").read_text())
                     fingerprints.add(info["fingerprint"])
-                    row = {"cases": n, "workers": w, "pool": pool if w > 1 else "none", **m,
-                           "cases_per_s": round(n / m["main_s"], 3), "load_before": round(load, 2),
+                    row = {"cases": n, "workers": w, "pool": pool, "round": r, **m,
+                           "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                            "fingerprint": info["fingerprint"]}  # fmt: skip
+                    runs[w, pool].append(row)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     shutil.rmtree(results)
             if len(fingerprints) != 1:
                 raise SystemExit(f"{n} cases: the runs' fingerprints differ: {sorted(fingerprints)}")
+            serial = statistics.median(r["main_s"] for r in runs[points[0]])
+            for (w, pool), rs in runs.items():
+                main_s = statistics.median(r["main_s"] for r in rs)
+                summary.append({
+                    "cases": n, "workers": w, "pool": pool,
+                    "seconds": round(statistics.median(r["seconds"] for r in rs), 2),
+                    "main_s": round(main_s, 2),
+                    "cases_per_s": round(n / main_s, 3),
+                    "speedup": round(serial / main_s, 2) if points[0][0] == 1 else None,
+                    "cpu_s": round(statistics.median(r["cpu_s"] for r in rs), 2),
+                    "main_cpu_s": round(statistics.median(r["main_cpu_s"] for r in rs), 2),
+                    "cores_used": round(statistics.median(r["cores_used"] for r in rs), 2),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                    "worker_peak_rss_mb": max((r["worker_peak_rss_mb"] or 0) for r in rs) or None,
+                    "tree_peak_rss_mb": max(r["tree_peak_rss_mb"] for r in rs),
+                })  # fmt: skip
         given = argv if argv is not None else sys.argv[1:]
         result = {
             "benchmark": "data_stage",
@@ -300,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": {"spacing": args.spacing, "shape": args.shape},
             "machine": machine(),
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "repeats": args.repeats,
+            "summary": summary,  # per point: medians over the rounds, peaks over them
             "runs": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ CT scans at 0.8 × 0.8 × 2.5 mm that are resampled to 1.5 mm, in the MSD layout
 from __future__ import annotations
 
 import gzip
+import json
 import sys
 import threading
 import time
@@ -129,6 +130,26 @@ def test_a_bad_case_names_its_file_and_leaves_nothing(raw, tmp_path):
         assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_the_cache_is_one_error_and_leaves_nothing(raw, tmp_path, monkeypatch):
+    """The cache is written with positional writes (no memory map, whose full disk is a SIGBUS):
+    ENOSPC there is the stage's one disk-full error, and no dataset or temporary is kept."""
+    import errno
+    import os
+
+    from diffseg.errors import DiskFullError
+
+    task, _ = raw
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "data" / "b"
+    with pytest.raises(DiskFullError, match=r"no space left on the device writing b/"):
+        prepare_dataset("b", _entry(task), out, tmp_path, threads=2)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_threads_and_pool_are_checked(raw, tmp_path):
     task, _ = raw
     with pytest.raises(ConfigError, match="pool"):
@@ -165,3 +186,18 @@ def test_labels_of_a_parallel_run_hold_every_class(raw, tmp_path):
     for label in sorted((tmp_path / "out/labels").iterdir()):
         values = np.unique(read_nifti(label)[0])
         assert values[0] == 0 and len(values) > CLASSES // 2
+
+
+@pytest.mark.slow
+def test_benchmark_script_at_a_tiny_size(tmp_path):
+    """``benchmarks/data_stage.py`` end to end: every point measured, one fingerprint, its JSON."""
+    out = tmp_path / "bench.json"
+    argv = ["--cases", "2", "3", "--workers", "1", "2", "--pool", "thread", "process", "--size", "24", "20",
+            "8", "--shape", "16", "16", "16", "--classes", "12", "--out", str(out)]  # fmt: skip
+    assert data_stage.main(argv) == 0
+    result = json.loads(out.read_text())
+    points = {(r["cases"], r["workers"], r["pool"]) for r in result["summary"]}
+    assert points == {(n, w, p) for n in (2, 3) for w, p in ((1, "none"), (2, "thread"), (2, "process"))}
+    assert all(r["main_s"] > 0 and r["peak_rss_mb"] > 50 for r in result["summary"])
+    assert len({r["fingerprint"] for r in result["runs"] if r["cases"] == 3}) == 1
+    assert result["raw"]["classes"] == 12 and result["machine"]["cpus"] >= 1
