@@ -153,3 +153,171 @@ def test_every_figure_shows_the_same_orientation(tmp_path, monkeypatch, codes):
             assert shown.shape == (5, 6)
             assert np.unravel_index(np.argmax(shown), shown.shape) == (0, 0)  # the marker: top-left
             assert ims[0].origin == "upper" and ims[0].axes.get_aspect() == pytest.approx(4.0)
+
+
+# --- Many classes (TotalSegmentator: 117): Figure 3 grows with the classes, names never overlap ---
+
+
+def _many_class_metrics(runs, dataset: str, classes: int, name_of=lambda c: f"organ_{c:03d}_left") -> None:
+    """Metrics of two runs, 3 cases × ``classes`` classes, shares spread over 3 decades."""
+    rng = np.random.default_rng(classes)
+    share = np.geomspace(0.1, 1e-4, classes)
+    for run in ("3d-seg", "3d-diff"):
+        rows = [
+            (u, c, name_of(c), float(rng.uniform(0.3, 0.9)), 0.5, 1.0, 1.0, False, share[c - 1])
+            for u in ("c1", "c2", "c3")
+            for c in range(1, classes + 1)
+        ]
+        cols = ["uid", "class", "class_name", "dice", "nsd", "hd95", "cd", "missed", "volume_share"]
+        (runs / dataset / run / "test").mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=cols).to_csv(runs / dataset / run / "test/metrics.csv", index=False)
+
+
+def _drawn_figure3(monkeypatch, runs, datasets, outs):
+    """Figure 3 drawn and saved; returns (its data, the figure as laid out, its renderer)."""
+    import diffseg.report.figures as figures
+
+    shown, save = [], figures.save
+
+    def drawn(fig, outputs):
+        fig.canvas.draw()  # the layout as saved; the renderer measures its texts afterwards
+        shown.append((fig, fig.canvas.get_renderer()))
+        save(fig, outputs)
+
+    monkeypatch.setattr(figures, "save", drawn)
+    data = figure3(runs, [(d, r) for d in datasets for r in ("3d-seg", "3d-diff")], outs)
+    return data, *shown[0]
+
+
+def _overlaps(boxes) -> list[tuple[int, int]]:
+    """Pairs of boxes (matplotlib ``Bbox``) whose interiors intersect (touching edges allowed)."""
+    return [
+        (i, j)
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if min(boxes[i].x1, boxes[j].x1) - max(boxes[i].x0, boxes[j].x0) > 0.5
+        and min(boxes[i].y1, boxes[j].y1) - max(boxes[i].y0, boxes[j].y0) > 0.5
+    ]
+
+
+def test_figure3_with_117_classes_is_readable(tmp_path, monkeypatch):
+    """117 classes (and an 8-class dataset beside them): one row per class, in columns, names
+    horizontal; the figure grows with the classes; no two names overlap, and no name covers
+    another column's bars; the CSV output holds every class of every model."""
+    from diffseg.report.figures import ROW_INCHES, figure3_layout
+
+    runs = tmp_path / "runs"
+    _many_class_metrics(runs, "totalseg", 117)
+    _many_class_metrics(runs, "small", 8)
+    outs = [tmp_path / "f3.png", tmp_path / "f3.csv"]
+    data, fig, renderer = _drawn_figure3(monkeypatch, runs, ["totalseg", "small"], outs)
+    assert figure3_layout(8) == ("vertical", 1, pytest.approx(2.4))
+    assert figure3_layout(117)[:2] == ("horizontal", 2)  # 2 columns of 59 rows
+    width, height = fig.get_size_inches()
+    assert height >= 59 * ROW_INCHES + 2.4 and width >= 10
+    csv = pd.read_csv(outs[1])
+    assert len(csv) == len(data) == 2 * (117 + 8) and set(csv["class"]) == set(range(1, 118))
+    assert outs[0].stat().st_size > 10_000
+
+    horizontal = [ax for ax in fig.axes if len(ax.get_yticklabels()) > 20]
+    assert len(horizontal) == 2
+    names, boxes = [], []
+    for ax in horizontal:
+        labels = [t for t in ax.get_yticklabels() if t.get_visible() and t.get_text()]
+        names += [t.get_text().split(" (")[0] for t in labels]
+        boxes += [t.get_window_extent(renderer) for t in labels]
+    assert sorted(names) == sorted(f"organ_{c:03d}_left" for c in range(1, 118))
+    assert _overlaps(boxes) == []
+    # The names of the second column stay clear of the first column's axes (its bars).
+    first = horizontal[0].get_window_extent(renderer)
+    assert all(b.x0 >= first.x1 for b in boxes[59:])
+    # Each name fits its row: the rows are at least as tall as the text.
+    pitch = abs(boxes[1].y0 - boxes[0].y0)
+    assert all(b.height <= pitch for b in boxes)
+
+
+def test_figure3_grows_with_the_class_count(tmp_path, monkeypatch):
+    """More classes, a taller figure: the rows keep their height (up to 4 columns, then longer)."""
+    from diffseg.report.figures import MAX_COLUMNS, ROW_INCHES, ROWS_PER_COLUMN, figure3_layout
+
+    sizes = {}
+    for k in (8, 40, 117):
+        runs = tmp_path / f"runs{k}"
+        _many_class_metrics(runs, "ds", k)
+        sizes[k] = _drawn_figure3(monkeypatch, runs, ["ds"], [tmp_path / f"f{k}.png"])[1].get_size_inches()
+    assert sizes[8][1] < sizes[40][1] < sizes[117][1]
+    assert sizes[117][1] >= 59 * ROW_INCHES
+    assert figure3_layout(20)[0] == "vertical" and figure3_layout(21)[:2] == ("horizontal", 1)
+    assert figure3_layout(ROWS_PER_COLUMN * MAX_COLUMNS + 100)[1] == MAX_COLUMNS
+
+
+def test_figure3_up_to_20_classes_keeps_the_papers_layout_without_overlap(tmp_path, monkeypatch):
+    """20 long names at 35°: consecutive names, parallel strips, lie a strip's height apart or more."""
+    import math
+
+    runs = tmp_path / "runs"
+    _many_class_metrics(runs, "ds", 20, name_of=lambda c: f"portal_vein_and_splenic_vein_{c}")
+    _, fig, renderer = _drawn_figure3(monkeypatch, runs, ["ds"], [tmp_path / "f.png"])
+    (ax,) = [a for a in fig.axes if a.get_xticklabels() and a.get_xticklabels()[0].get_rotation() == 35]
+    labels = ax.get_xticklabels()
+    assert len(labels) == 20
+    ticks = [ax.transData.transform((x, 0))[0] for x in ax.get_xticks()]
+    pitch = min(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+    label = labels[0]
+    rotation = label.get_rotation()
+    label.set_rotation(0)
+    text_height = label.get_window_extent(renderer).height  # the strip's height, unrotated
+    label.set_rotation(rotation)
+    assert pitch * math.sin(math.radians(rotation)) >= text_height
+
+
+def test_class_colours_stay_distinct_for_many_classes():
+    """Up to 19 classes: tab20's colour c, as always; 117: neighbouring ids differ, repeats 60 apart."""
+    import matplotlib
+
+    from diffseg.report.colors import class_colormap, class_colors
+
+    assert class_colors(16) == [matplotlib.colormaps["tab20"](c) for c in range(1, 16)]
+    colors = class_colors(118)
+    assert len(colors) == 117
+    assert all(colors[i] != colors[i + 1] for i in range(116))
+    assert len(set(colors[:60])) == 60 and colors[0] == colors[60]
+    cmap, norm = class_colormap(118)
+    assert [cmap(norm(c)) for c in (1, 2, 117)] == [colors[0], colors[1], colors[116]]
+
+
+def test_data_figure_legend_fits_with_117_classes(tmp_path, monkeypatch):
+    """The data figure lists the classes in its slices (not all 117), in columns that fit the figure."""
+    import json
+
+    from diffseg.data.cli import data_figure
+    from diffseg.data.preprocess import write_nifti
+
+    data = tmp_path / "data/ts"
+    names = ["background"] + [f"organ_{c:03d}_with_a_long_name" for c in range(1, 118)]
+    for i in range(4):
+        label = np.zeros((40, 36, 6), np.uint8)
+        for c in range(1, 118):  # 117 blocks on three slices; the mid slice (3) holds a third
+            z, k = divmod(c - 1, 40)
+            label[(k % 8) * 5 : (k % 8) * 5 + 4, (k // 8) * 7 : (k // 8) * 7 + 6, 2 + z] = c
+        write_nifti(data / "images" / f"c{i}.nii.gz", label.astype(np.float32), (1.0, 1.0, 2.0))
+        write_nifti(data / "labels" / f"c{i}.nii.gz", label, (1.0, 1.0, 2.0))
+    info = {"name": "ts", "modality": "MR", "classes": names, "num_classes": 118,
+            "spacing": [1.0, 1.0, 2.0], "shape": [40, 36, 6]}  # fmt: skip
+    (data / "dataset.json").write_text(json.dumps(info))
+    (data / "split.csv").write_text("uid,split\n" + "".join(f"c{i},train\n" for i in range(4)))
+    figs = _shown(monkeypatch)
+    data_figure(data, tmp_path / "ts.png")
+    (fig,) = figs
+    legend = fig.legends[0]
+    shown = {int(t.get_text().split()[0]) for t in legend.get_texts()}
+    assert shown == set(range(41, 81))  # the mid slice's classes only
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # closed: drawn again on a canvas of its own, as when saved
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box, page = legend.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    images = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images]
+    assert _overlaps([*images, box]) == []  # neither the cases' images nor the legend overlap

@@ -113,6 +113,7 @@ a = sys.argv[1:]
 opt = lambda k: a[a.index(k) + 1]
 cmd = a[0]
 if cmd == "data":
+    assert int(opt("--threads")) >= 1  # the rule passes its threads
     cfg = __import__("yaml").safe_load(open(opt("--config")))
     out = Path(cfg["results"]) / "data" / opt("--dataset")
     lab = np.zeros((8, 8, 4), np.uint8); lab[2:6, 2:6, 1:3] = 1; lab[6:8, 6:8, 2] = 2

@@ -2,7 +2,7 @@
 
 Public API::
 
-    prepare_dataset(name, ds_cfg, out_dir, resources_dir) -> dict      # dataset.json
+    prepare_dataset(name, ds_cfg, out_dir, resources_dir, threads=1) -> dict  # dataset.json
     load_dataset(data_dir) -> Dataset                                 # .info, .split(name), ...
     preprocess_scan(image, info) -> (volume, grid)                    # a new scan, as a run's data
     reference_prostate_split(institution_txt) -> {uid: split}         # the paper's 411/14/164

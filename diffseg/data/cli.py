@@ -12,7 +12,7 @@ import numpy as np
 from diffseg.config import load_yaml, validate_config
 from diffseg.data.dataset import load_dataset
 from diffseg.data.download import download_dataset
-from diffseg.data.prepare import prepare_dataset
+from diffseg.data.prepare import POOLS, prepare_dataset
 from diffseg.data.splits import SPLITS
 from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
@@ -38,10 +38,22 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _data(args: argparse.Namespace) -> int:
     cfg, entry = _dataset_entry(args.config, args.dataset)
     out = Path(cfg.get("results", "results")) / "data" / args.dataset
-    prepare_dataset(args.dataset, entry, out, Path(cfg.get("resources", "resources")) / args.dataset)
+    resources = Path(cfg.get("resources", "resources")) / args.dataset
+    prepare_dataset(args.dataset, entry, out, resources, threads=args.threads, pool=args.pool)
     return 0
 
 
@@ -62,50 +74,73 @@ def _display_window(info: dict[str, Any], image: np.ndarray) -> tuple[float, flo
     return float(lo), float(hi)
 
 
+LEGEND_ROWS = 32  # legend entries per column at 7 pt in the figure's 5.6 in
+LEGEND_COLUMN_INCHES = 2.0
+
+
 def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[str]:
     """Mid axial slices of the first ``cases`` cases, image and label overlay, with a class legend.
 
+    The legend lists every class when there are at most 19 (phantoms, the paper's datasets), else
+    the classes in the slices shown (TotalSegmentator's 117 would not fit), in as many columns of
+    ``LEGEND_ROWS`` as they need; the figure widens for them. Colours: ``diffseg.report.colors``.
     Returns the uids shown. Written atomically (format from the ``out`` suffix).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
+
+    from diffseg.report.colors import SMALL, class_colormap, class_colors
 
     ds = load_dataset(data_dir)
     uids = sorted(u for split in SPLITS for u in ds.uids(split))[:cases]
     if not uids:
         raise DataError(f"{Path(data_dir) / 'split.csv'}: no cases to show")
     n_cls = ds.num_classes
-    colors = [matplotlib.colormaps["tab20"](i % 20) for i in range(1, n_cls)]
-    cmap = ListedColormap(colors)
-    fig, axes = plt.subplots(2, len(uids), figsize=(2.6 * len(uids) + 2.2, 5.6), squeeze=False)
-    for j, uid in enumerate(uids):
+    colors = class_colors(n_cls)
+    cmap, norm = class_colormap(n_cls)
+    slices = []
+    for uid in uids:
         # Radiological display from each file's affine, as every figure (diffseg.report.orient).
         image = load_radiological(ds.dir / "images" / f"{uid}.nii.gz")
         label = load_radiological(ds.dir / "labels" / f"{uid}.nii.gz")
         k = image.num_slices // 2
-        img2d, lab2d = image.slice(k), label.slice(k).astype(int)
+        slices.append((uid, image, k, image.slice(k), label.slice(k).astype(int)))
+    if n_cls <= SMALL:
+        listed = list(range(1, n_cls))
+        title = None
+    else:
+        shown = set(np.unique(np.concatenate([lab.ravel() for *_, lab in slices]))) - {0}
+        listed = sorted(int(c) for c in shown if 0 < c < n_cls)
+        title = f"classes in these slices ({len(listed)} of {n_cls - 1})"
+    legend_cols = max(1, -(-len(listed) // LEGEND_ROWS))
+    legend_width = LEGEND_COLUMN_INCHES * legend_cols + 0.2
+    width = 2.6 * len(uids) + legend_width
+    # Constrained layout: tight_layout packed aspect-locked image axes into each other (the
+    # images of neighbouring cases overlapped) and left the legend to a guessed margin.
+    fig, axes = plt.subplots(2, len(uids), figsize=(width, 5.6), squeeze=False, layout="constrained")
+    for j, (uid, image, k, img2d, lab2d) in enumerate(slices):
         show = dict(origin="upper", aspect=image.aspect, interpolation="nearest")
         vmin, vmax = _display_window(ds.info, image.data)
         for ax in axes[:, j]:
             ax.imshow(img2d, cmap="gray", vmin=vmin, vmax=vmax, **show)
             ax.axis("off")
             mark_sides(ax)
-        overlay = np.ma.masked_equal(lab2d, 0) - 1
-        axes[1, j].imshow(overlay, cmap=cmap, vmin=-0.5, vmax=n_cls - 1.5, alpha=0.55, **show)
+        axes[1, j].imshow(np.ma.masked_equal(lab2d, 0), cmap=cmap, norm=norm, alpha=0.55, **show)
         z = image.source_index(k)
         axes[0, j].set_title(f"{uid} (z={z})", fontsize=8)
-    handles = [Patch(color=colors[c - 1], label=f"{c} {ds.class_names[c]}") for c in range(1, n_cls)]
-    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    handles = [Patch(color=colors[c - 1], label=f"{c} {ds.class_names[c]}") for c in listed]
+    fig.legend(
+        handles=handles, loc="outside right center", fontsize=7, frameon=False, ncols=legend_cols,
+        title=title, title_fontsize=7, columnspacing=0.8, handlelength=1.2,
+    )  # fmt: skip
     fig.suptitle(
         f"{ds.info.get('name', Path(data_dir).name)} ({ds.info.get('modality', '')}): "
         "mid axial slices (radiological: patient's right on the left, anterior up), image and labels",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / (2.6 * len(uids) + 2.2), 0.95))
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -135,6 +170,20 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="preprocess a dataset into {results}/data/{NAME}")
     p.add_argument("--config", required=True, help="workflow config YAML (resources, results, datasets)")
     p.add_argument("--dataset", required=True, help="dataset name under datasets:")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="CPU threads: up to this many cases are prepared at once (the data rule passes its "
+        "compute.data.threads); the output is the same for any number (default 1)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=POOLS,
+        default="thread",
+        help="workers for --threads > 1: threads (default) or spawned processes "
+        "(benchmarks/DATA_STAGE.md compares them)",
+    )
     p.set_defaults(func=_data)
 
     p = subparsers.add_parser("data-figure", help="figure of a few prepared cases with their labels")

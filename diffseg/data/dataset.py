@@ -10,8 +10,10 @@ for it; otherwise it reads the NIfTI files into memory, as before.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +42,35 @@ def _sources(data_dir: Path, uids: list[str]) -> list[list[int]]:
     return out
 
 
-def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int], channels: int = 1) -> None:
+def _write_slot(fd: int, offset: int, i: int, path: Path, dtype: type, want: tuple[int, ...]) -> None:
+    """Read one NIfTI volume and write it as slot ``i`` of an ``.npy`` file's data (``os.pwrite``).
+
+    ``offset`` is where the data start (after the header); a volume whose shape is not ``want`` is
+    a ``DataError`` naming its file.
+    """
+    data, _ = read_nifti(path)
+    if data.shape != want:
+        raise DataError(f"{path}: shape {fmt_shape(data.shape)}, expected {fmt_shape(want)}")
+    volume = np.ascontiguousarray(data, dtype=dtype)
+    view, at = memoryview(volume).cast("B"), offset + i * volume.nbytes
+    while view:  # pwrite may write less than asked; it releases the GIL and needs no shared seek
+        written = os.pwrite(fd, view, at)
+        view, at = view[written:], at + written
+
+
+def write_cache(
+    data_dir: str | Path, shape: tuple[int, ...] | list[int], channels: int = 1, threads: int = 1
+) -> None:
     """Write the uncompressed, memory-mappable cache of every split of ``data_dir`` (see the module).
 
-    Reads ``split.csv`` and the NIfTI files volume by volume into ``.npy`` files opened with
-    ``open_memmap`` (never the whole split in memory); each file is written atomically and the
-    manifest ``{split}.json`` last, so an interrupted write leaves no cache that counts. With several
-    image ``channels`` the images are ``(N, X, Y, Z, C)``.
+    Reads ``split.csv`` and the NIfTI files volume by volume and writes each into its slot of the
+    ``.npy`` file (the header from ``open_memmap``, the data with positional writes, not through a
+    memory map: a map's dirty pages would count in the process's memory, growing with the split,
+    and a full disk would kill it with SIGBUS instead of an error). Never the whole split in
+    memory: ``threads`` volumes at most, read (decompressed) at once, so the files are the same for
+    any number. Each file is written atomically and the manifest ``{split}.json`` last, so an
+    interrupted write leaves no cache that counts. With several image ``channels`` the images are
+    ``(N, X, Y, Z, C)``.
     """
     data_dir = Path(data_dir)
     shape = tuple(int(s) for s in shape)
@@ -59,15 +83,26 @@ def write_cache(data_dir: str | Path, shape: tuple[int, ...] | list[int], channe
         for sub, dtype in (("images", np.float32), ("labels", np.uint8)):
             want = (*shape, channels) if sub == "images" and channels > 1 else shape
             with atomic_path(data_dir / CACHE / f"{name}_{sub}.npy") as tmp:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *want))
-                for i, uid in enumerate(uids):
-                    path = data_dir / sub / f"{uid}.nii.gz"
-                    data, _ = read_nifti(path)
-                    if data.shape != want:
-                        raise DataError(f"{path}: shape {fmt_shape(data.shape)}, expected {fmt_shape(want)}")
-                    out[i] = data
-                out.flush()
-                del out
+                header = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(uids), *want))
+                offset = header.offset  # numpy's header, the data's size set; no page touched
+                del header
+                paths = [data_dir / sub / f"{uid}.nii.gz" for uid in uids]
+                fd = os.open(tmp, os.O_WRONLY)
+                try:
+                    write = functools.partial(_write_slot, fd, offset, dtype=dtype, want=want)
+                    if threads > 1 and len(uids) > 1:
+                        # gzip decoding releases the GIL; a task holds one volume while it runs.
+                        pool = ThreadPoolExecutor(min(threads, len(uids)), thread_name_prefix="cache")
+                        try:
+                            for _ in pool.map(write, range(len(uids)), paths):
+                                pass
+                        finally:  # after an error, read no more files
+                            pool.shutdown(wait=True, cancel_futures=True)
+                    else:
+                        for i, path in enumerate(paths):
+                            write(i, path)
+                finally:
+                    os.close(fd)
         manifest = {"uids": uids, "shape": list(shape), "sources": _sources(data_dir, uids)}
         atomic_write_json(data_dir / CACHE / f"{name}.json", manifest)
 

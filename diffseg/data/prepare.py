@@ -7,19 +7,31 @@ so a failure (bad input, interruption) never leaves a partial dataset behind.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Mapping
+import multiprocessing
+from collections.abc import Mapping, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import SimpleITK as sitk
 from tqdm import tqdm
 
 from diffseg.data.dataset import write_cache
 from diffseg.data.phantom import generate_phantom
 from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case, write_nifti
-from diffseg.data.sources import list_source
+from diffseg.data.sources import Case, list_source
 from diffseg.data.splits import make_split, split_counts, write_split_csv
 from diffseg.errors import ConfigError
 from diffseg.io import atomic_dir, atomic_write_json
@@ -119,8 +131,154 @@ def preprocess_options(name: str, ds_cfg: Mapping[str, Any]) -> PreprocessOption
     return PreprocessOptions.from_config(ds_cfg, where)
 
 
+POOLS = ("thread", "process")
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """What one worker needs to prepare one case into ``out`` (picklable, for a process pool)."""
+
+    case: Case
+    out: Path  # the temporary dataset folder (``images/``, ``labels/``)
+    anatomy: str
+    spacing: list[float]
+    shape: list[int]
+    seed: int
+    modality: str
+    clip: Sequence[float] | None
+    options: PreprocessOptions
+    num_classes: int
+    label_values: list[int] | None
+    channels: int
+
+
+def _prepare_case(job: CaseJob) -> np.ndarray:
+    """Preprocess one case and write its image and label; returns the classes present ``(num_classes,)`` bool.
+
+    Only this small array comes back: the volumes are on disk when it returns, so a pool holds at
+    most one case's arrays per worker, whatever the number of cases.
+    """
+    case = job.case
+    if case.image is None:  # phantom: generated directly on the target grid
+        image, label = generate_phantom(job.anatomy, job.shape, job.spacing, job.seed, case.index)
+        image = normalize_intensity(image, job.modality, job.clip, job.options.normalize)
+        affine = None  # the LPS-ordered default of write_nifti
+    else:
+        image, label, affine = preprocess_case(
+            case.channel_files or case.image,
+            case.label,
+            job.num_classes,
+            job.spacing,
+            job.shape,
+            job.modality,
+            job.clip,
+            job.options,
+            label_values=job.label_values,
+            channels=job.channels,
+        )
+    write_nifti(job.out / "images" / f"{case.uid}.nii.gz", image, job.spacing, affine)
+    write_nifti(job.out / "labels" / f"{case.uid}.nii.gz", label, job.spacing, affine)
+    return np.bincount(label.ravel(), minlength=job.num_classes) > 0
+
+
+def _init_process_worker(itk_threads: int, log_level: int, log_format: str | None) -> None:
+    """A spawned worker: ITK's share of the job's threads, and the parent's log level and format."""
+    logging.basicConfig(level=log_level, format=log_format or logging.BASIC_FORMAT)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+
+
+def _executor(pool: str, workers: int, itk_threads: int) -> Executor:
+    """A pool of ``workers`` threads, or of spawned processes (see :func:`prepare_cases`)."""
+    if pool == "thread":
+        return ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+    root = logging.getLogger()
+    fmt = next((h.formatter._fmt for h in root.handlers if h.formatter is not None), None)
+    # spawn, not fork: the parent has imported JAX (and tqdm may run a monitor thread), and a fork
+    # of a multi-threaded process can deadlock.
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_process_worker,
+        initargs=(itk_threads, root.getEffectiveLevel(), fmt),
+    )
+
+
+def prepare_cases(
+    jobs: Sequence[CaseJob], threads: int = 1, pool: str = "thread", desc: str = ""
+) -> list[np.ndarray]:
+    """Run :func:`_prepare_case` over ``jobs`` with ``threads`` cases in flight at most; results in job order.
+
+    Args:
+        jobs: one per case, in the dataset's order.
+        threads: the job's CPU threads: ``min(threads, len(jobs))`` cases are prepared at once, and
+            SimpleITK's own filters get the rest (``threads // workers`` threads each), so the stage
+            uses what it was given and no more. 1: one case after another, in this thread.
+        pool: ``thread`` (default: SimpleITK, numpy and zlib release the GIL, so threads run in
+            parallel without the start-up, pickling and per-process memory of processes) or
+            ``process`` (spawned workers; measured in ``benchmarks/DATA_STAGE.md``).
+        desc: the progress bar's label (cases done / total).
+
+    Returns:
+        Each job's classes present, ``(num_classes,)`` bool, in ``jobs``' order. A case that fails
+        stops the stage: no new case starts, the ones running finish, and the first failure (in
+        case order among those that failed) is raised as it was, naming the file and the problem.
+    """
+    if pool not in POOLS:
+        raise ConfigError(f"pool: {pool!r} is not one of {list(POOLS)}")
+    if threads < 1:
+        raise ConfigError(f"threads: {threads} must be at least 1")
+    workers = max(1, min(threads, len(jobs)))
+    itk_threads = max(1, threads // workers)
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    results: list[np.ndarray | None] = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=None)
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(itk_threads)
+        if workers == 1:  # no pool: the serial path, in this thread (tracebacks, debuggers, monkeypatches)
+            for i, job in enumerate(jobs):
+                results[i] = _prepare_case(job)
+                bar.update(1)
+            return cast(list[np.ndarray], results)
+        failures: dict[int, BaseException] = {}
+        executor = _executor(pool, workers, itk_threads)
+        try:
+            # A sliding window of `workers` cases: a case is submitted only when one has finished,
+            # so at most `workers` cases' arrays exist at any time, whatever the number of cases.
+            pending: dict[Future[np.ndarray], int] = {}
+            upcoming = iter(enumerate(jobs))
+            for i, job in itertools.islice(upcoming, workers):
+                pending[executor.submit(_prepare_case, job)] = i
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    err = future.exception()
+                    if err is not None:
+                        failures[i] = err
+                        continue
+                    results[i] = future.result()
+                    bar.update(1)
+                    if not failures:
+                        for j, job in itertools.islice(upcoming, 1):
+                            pending[executor.submit(_prepare_case, job)] = j
+        finally:
+            # On an error or an interrupt: start nothing more, let the running cases end.
+            executor.shutdown(wait=True, cancel_futures=True)
+        if failures:
+            raise failures[min(failures)]
+        return cast(list[np.ndarray], results)
+    finally:
+        bar.close()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
 def prepare_dataset(
-    name: str, ds_cfg: Mapping[str, Any], out_dir: str | Path, resources_dir: str | Path
+    name: str,
+    ds_cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    resources_dir: str | Path,
+    threads: int = 1,
+    pool: str = "thread",
 ) -> dict[str, Any]:
     """Preprocess dataset ``name`` into ``out_dir`` and return its ``dataset.json`` dict.
 
@@ -133,6 +291,10 @@ def prepare_dataset(
             ``labels/{uid}.nii.gz`` uint8, ``split.csv``, ``dataset.json`` (with ``fingerprint``,
             :func:`compute_fingerprint`).
         resources_dir: the dataset's download folder (``resources/{name}``, holding ``raw/``).
+        threads: CPU threads to use (the data rule's ``threads``): up to this many cases are
+            prepared at once (:func:`prepare_cases`); the output is the same, byte for byte, for any
+            number.
+        pool: ``thread`` or ``process`` workers (:func:`prepare_cases`).
     """
     out_dir = Path(out_dir)
     spacing, shape = _geometry(name, ds_cfg)
@@ -143,34 +305,26 @@ def prepare_dataset(
     clip = ds_cfg.get("clip", DEFAULT_CT_CLIP.get(str(ds_cfg.get("source"))))
     num_classes = len(source.classes)
     seed = int(ds_cfg.get("seed", 0))
-    present: dict[str, np.ndarray] = {}  # the classes in each prepared label
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
-        for case in tqdm(source.cases, desc=f"prepare {name}", unit="case", disable=None):
-            if case.image is None:  # phantom: generated directly on the target grid
-                image, label = generate_phantom(
-                    ds_cfg.get("anatomy", "pelvis"), shape, spacing, seed, case.index
-                )
-                image = normalize_intensity(image, source.modality, clip, options.normalize)
-                affine = None  # the LPS-ordered default of write_nifti
-            else:
-                image, label, affine = preprocess_case(
-                    case.channel_files or case.image,
-                    case.label,
-                    num_classes,
-                    spacing,
-                    shape,
-                    source.modality,
-                    clip,
-                    options,
-                    label_values=source.label_values,
-                    channels=source.channels,
-                )
-            present[case.uid] = np.bincount(label.ravel(), minlength=num_classes) > 0
-            write_nifti(tmp / "images" / f"{case.uid}.nii.gz", image, spacing, affine)
-            write_nifti(tmp / "labels" / f"{case.uid}.nii.gz", label, spacing, affine)
+        common = dict(
+            out=tmp,
+            anatomy=str(ds_cfg.get("anatomy", "pelvis")),
+            spacing=spacing,
+            shape=shape,
+            seed=seed,
+            modality=source.modality,
+            clip=clip,
+            options=options,
+            num_classes=num_classes,
+            label_values=source.label_values,
+            channels=source.channels,
+        )
+        jobs = [CaseJob(case=case, **common) for case in source.cases]
+        found = prepare_cases(jobs, threads, pool, desc=f"prepare {name}")
+        present = {case.uid: p for case, p in zip(source.cases, found, strict=True)}  # classes per label
         info = {
             "name": name,
             "source": ds_cfg.get("source"),
@@ -189,7 +343,7 @@ def prepare_dataset(
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
-        write_cache(tmp, shape, source.channels)  # uncompressed, memory-mappable copy of each split
+        write_cache(tmp, shape, source.channels, threads)  # uncompressed, memory-mappable copy of each split
         atomic_write_json(tmp / "dataset.json", info)
         info["fingerprint"] = compute_fingerprint(tmp)  # what runs trained on it are tied to
         atomic_write_json(tmp / "dataset.json", info)  # last: the dataset is complete

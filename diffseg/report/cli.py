@@ -45,6 +45,8 @@ def _figure(args: argparse.Namespace) -> int:
 
     config = load_yaml(args.config)
     results = Path(args.results)
+    if args.which != "figure3" and any(Path(o).suffix.lower() == ".csv" for o in args.out):
+        raise ConfigError(f"--out: a .csv output is Figure 3's data; {args.which} draws images only")
     if args.which == "figure3":
         figure3(results / "runs", figure3_models(config), args.out)
         return 0
@@ -111,7 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=("figure2", "figure3"), required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--results", required=True, help="the results folder")
-    p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
+    p.add_argument(
+        "--out", nargs="+", required=True, help="image files (.png, .pdf); Figure 3 also .csv (its data)"
+    )
     p.set_defaults(func=_figure)
 
     p = sub.add_parser("curves", help="draw the training curves (loss, validation Dice) of runs")

@@ -1,7 +1,9 @@
 """Figures 2 and 3 of the paper (matplotlib Agg + seaborn).
 
-* Figure 3: mean Dice per class (one point/bar per model), the class's mean volume share
-  (in %) beside its name, one panel per dataset; the legend gives each model's Spearman r.
+* Figure 3: mean Dice per class (one bar per model), the class's mean volume share (in %)
+  beside its name, one panel per dataset; the legend gives each model's Spearman r. Up to 20
+  classes the classes run along x (the paper's layout); more (TotalSegmentator's 117) run down
+  the y axis in columns of at most 60, so every name stays readable (``figure3_layout``).
 * Figure 2: example slices of test cases: image, ground truth, the non-diffusion
   prediction and the diffusion prediction, a few cases per dataset, in the radiological
   convention of every figure (``diffseg.report.orient``).
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import seaborn as sns  # noqa: E402
 
 from diffseg.errors import DataError  # noqa: E402
 from diffseg.io import atomic_path  # noqa: E402
+from diffseg.report.colors import class_colormap  # noqa: E402
 from diffseg.report.orient import DisplayVolume, load_radiological, mark_sides  # noqa: E402
 from diffseg.report.stats import class_spearman, class_summary  # noqa: E402
 from diffseg.report.tables import metrics_path, read_metrics  # noqa: E402
@@ -36,10 +40,82 @@ def save(fig: plt.Figure, outputs: Sequence[str | Path]) -> None:
     plt.close(fig)
 
 
+# Figure 3's layout by class count. Up to VERTICAL_MAX classes: the paper's vertical bars, one
+# column per class, labels at 35°. More (TotalSegmentator has 117): one row per class, names
+# horizontal, in columns of at most ROWS_PER_COLUMN rows; the figure grows with the classes.
+VERTICAL_MAX = 20
+ROWS_PER_COLUMN = 60
+MAX_COLUMNS = 4  # beyond 240 classes the columns grow longer, not the figure wider
+ROW_INCHES = 0.17  # per class row: 7 pt names with a gap, the bars of up to 4 models readable
+COLUMN_INCHES = 5.6  # a horizontal column: ~2.3 in of names, the Dice axis beside them
+VERTICAL_INCHES = 2.4  # a vertical panel's axes (the paper's figure: 10 × 3.6 in per dataset)
+VERTICAL_DECOR_INCHES = 1.5  # its title and the names at 35° below it
+HORIZONTAL_DECOR_INCHES = 1.6  # a horizontal panel's title and Dice scales above and below
+
+
+def class_label(name: str, share: float) -> str:
+    """A class's tick label: its name and its mean volume share in %."""
+    return f"{name} ({100 * share:.2f}%)"
+
+
+def figure3_layout(num_classes: int) -> tuple[str, int, float]:
+    """How Figure 3 draws a dataset of ``num_classes`` foreground classes.
+
+    Returns ``(orientation, columns, height)``: ``vertical`` (one panel, classes along x) or
+    ``horizontal`` (classes down the y axis, split into ``columns`` side-by-side panels of at most
+    ``ROWS_PER_COLUMN`` rows, or ``MAX_COLUMNS`` longer ones), and the height of the panel's axes in
+    inches, which grows with the rows.
+    """
+    if num_classes <= VERTICAL_MAX:
+        return "vertical", 1, VERTICAL_INCHES
+    columns = min(MAX_COLUMNS, -(-num_classes // ROWS_PER_COLUMN))
+    rows = -(-num_classes // columns)  # balanced columns: 117 classes -> 2 x 59 rows
+    return "horizontal", columns, ROW_INCHES * rows
+
+
+def _vertical_panel(ax: plt.Axes, d: pd.DataFrame, order: list[str], share: pd.Series) -> None:
+    """The paper's layout: a group of bars per class along x, names at 35° below."""
+    sns.barplot(data=d, x="class_name", y="dice", hue="model", order=order, ax=ax)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([class_label(c, share[c]) for c in order], rotation=35, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("")
+    ax.set_ylabel("mean Dice")
+
+
+def _horizontal_panel(
+    ax: plt.Axes, d: pd.DataFrame, order: list[str], share: pd.Series, hue_order: list[str]
+) -> None:
+    """One row per class (largest share on top), names horizontal, Dice along x at top and bottom."""
+    sns.barplot(
+        data=d, y="class_name", x="dice", hue="model", order=order, hue_order=hue_order, orient="h", ax=ax
+    )
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels([class_label(c, share[c]) for c in order], fontsize=7)
+    for row in range(1, len(order), 2):  # bands on every other row: the eye follows a row to its bars
+        ax.axhspan(row - 0.5, row + 0.5, color="0.93", zorder=0, linewidth=0)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.grid(axis="x", color="0.8", linewidth=0.5)
+    ax.set_axisbelow(True)
+    ax.tick_params(axis="x", labeltop=True, top=True, labelsize=8)  # the Dice scale at both ends
+    ax.set_ylabel("")
+    ax.set_xlabel("mean Dice", fontsize=8)
+    ax.margins(y=0)
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+
+
 def figure3(
     runs_dir: str | Path, models: Sequence[tuple[str, str]], outputs: Sequence[str | Path]
 ) -> pd.DataFrame:
-    """Draw Figure 3 and return its data (``dataset, run, class, class_name, dice, volume_share``)."""
+    """Draw Figure 3 and return its data (``dataset, run, class, class_name, dice, volume_share, n``).
+
+    One panel per dataset, its classes ordered by mean volume share (largest first); the layout
+    follows the class count (:func:`figure3_layout`), so 8 classes look as in the paper and 117
+    stay readable (names never overlap). ``outputs`` ending in ``.csv`` get the data (every class
+    of every model), the others the drawing (format from the suffix).
+    """
     frames, rho = [], {}
     for dataset, run in models:
         cs = class_summary(read_metrics(metrics_path(runs_dir, dataset, run)))
@@ -49,26 +125,63 @@ def figure3(
         frames.append(cs)
     data = pd.concat(frames, ignore_index=True)
     datasets = list(dict.fromkeys(d for d, _ in models))
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 3.6 * len(datasets)), squeeze=False)
-    for ax, dataset in zip(axes[:, 0], datasets, strict=True):
+    layouts = {ds: figure3_layout(data.loc[data["dataset"] == ds, "class_name"].nunique()) for ds in datasets}
+    width = max([10.0] + [COLUMN_INCHES * cols for o, cols, _ in layouts.values() if o == "horizontal"])
+    heights = [layouts[ds][2] for ds in datasets]
+    # Constrained layout finds the room the names, titles and legends need around each panel;
+    # the figure's height is the axes' plus an estimate of that room.
+    decor = {"vertical": VERTICAL_DECOR_INCHES, "horizontal": HORIZONTAL_DECOR_INCHES}
+    extra = sum(decor[layouts[ds][0]] for ds in datasets)
+    fig = plt.figure(figsize=(width, sum(heights) + extra), layout="constrained")
+    grid = fig.add_gridspec(len(datasets), 1, height_ratios=heights)  # constrained: the axes' ratios
+    for i, dataset in enumerate(datasets):
         d = data[data["dataset"] == dataset].copy()
         # The class's share is the same for every model (a property of the labels): take the mean.
         share = d.groupby("class_name")["volume_share"].mean()
-        order = share.sort_values(ascending=False).index.tolist()
+        order = share.sort_values(ascending=False, kind="stable").index.tolist()
         d["model"] = [f"{r} (r={rho[dataset, r]:.2f})" for r in d["run"]]
-        sns.barplot(data=d, x="class_name", y="dice", hue="model", order=order, ax=ax)
-        ax.set_xticks(range(len(order)))
-        ax.set_xticklabels([f"{c} ({100 * share[c]:.2f}%)" for c in order], rotation=35, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("")
-        ax.set_ylabel("mean Dice")
-        ax.set_title(f"{dataset}: mean Dice per class (class volume share in brackets)")
+        hue_order = list(dict.fromkeys(d["model"]))
+        orientation, columns, _ = layouts[dataset]
+        axes = [fig.add_subplot(cell) for cell in grid[i].subgridspec(1, columns)]
+        if orientation == "vertical":
+            _vertical_panel(axes[0], d, order, share)
+        else:
+            rows = -(-len(order) // columns)
+            for k, ax in enumerate(axes):
+                part = order[k * rows : (k + 1) * rows]
+                _horizontal_panel(ax, d[d["class_name"].isin(part)], part, share, hue_order)
         # Beside the axes: inside, it hid the bars of the last classes.
-        legend = dict(fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-        ax.legend(title="model (Spearman r)", **legend)
-    fig.tight_layout()
-    save(fig, outputs)
+        legend = dict(title="model (Spearman r)", fontsize=7, title_fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1))  # fmt: skip
+        if orientation == "vertical":
+            axes[0].set_title(f"{dataset}: mean Dice per class (class volume share in brackets)")
+            axes[0].legend(**legend)
+        else:
+            axes[0].set_title(
+                f"{dataset}: mean Dice per class, {len(order)} classes by volume share (in brackets)",
+                loc="left",
+                pad=22,  # above the top Dice scale
+            )
+            handles, labels = axes[0].get_legend_handles_labels()  # the bars' (its legend is removed)
+            axes[-1].legend(handles, labels, **legend)
+    figures = [o for o in outputs if Path(o).suffix.lower() != ".csv"]
+    for out in outputs:
+        if Path(out).suffix.lower() == ".csv":
+            with atomic_path(out) as tmp:
+                data.to_csv(tmp, index=False)
+    save(fig, figures)
     return data
+
+
+def _num_classes(data_dir: Path, *labels: DisplayVolume) -> int:
+    """The dataset's class count (``dataset.json``), else the largest label value shown + 1.
+
+    From the dataset when it can be read, so a class keeps its colour in every row of Figure 2.
+    """
+    try:
+        return int(json.loads((data_dir / "dataset.json").read_text())["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return max(int(lab.data.max()) for lab in labels) + 1
 
 
 def _load(path: Path) -> DisplayVolume:
@@ -123,19 +236,12 @@ def figure2(
                     f"({'×'.join(map(str, vol.data.shape))} against {'×'.join(map(str, image.data.shape))})"
                 )
         k = int(np.argmax((label.data > 0).reshape(-1, label.num_slices).sum(0)))
-        vmax = max(int(label.data.max()), 1)
+        cmap, norm = class_colormap(_num_classes(results / "data" / ds, label, *preds))
         show = dict(origin="upper", aspect=image.aspect, interpolation="nearest")
         ax_row[0].imshow(image.slice(k), cmap="gray", **show)
         for ax, lab in zip(ax_row[1:], [label, *preds], strict=True):
             ax.imshow(image.slice(k), cmap="gray", **show)
-            ax.imshow(
-                np.ma.masked_equal(lab.slice(k), 0),
-                cmap="tab20",
-                vmin=0,
-                vmax=max(vmax, 19),
-                alpha=0.6,
-                **show,
-            )
+            ax.imshow(np.ma.masked_equal(lab.slice(k), 0), cmap=cmap, norm=norm, alpha=0.6, **show)
         z = image.source_index(k)
         titles = [
             f"{ds}\n{uid} z={z}",

@@ -46,8 +46,10 @@ rule data:
         runtime=compute("data", "runtime"),
     conda:
         "../envs/diffseg.yaml"
+    # --threads: up to this many cases at once (Snakemake caps {threads} at --cores on one machine).
     shell:
-        "diffseg data --config {input.cfg:q} --dataset {wildcards.dataset:q} 2> {log:q}"
+        "diffseg data --config {input.cfg:q} --dataset {wildcards.dataset:q} --threads {threads}"
+        " 2> {log:q}"
 
 
 rule data_figure:

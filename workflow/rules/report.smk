@@ -70,6 +70,8 @@ rule figure3:
     output:
         png=report(f"{RESULTS}/figures/figure3.png", caption="../report/figure3.rst", category="Figures"),
         pdf=f"{RESULTS}/figures/figure3.pdf",
+        # Every class's numbers, whatever the class count (the figure's data).
+        csv=report(f"{RESULTS}/figures/figure3.csv", caption="../report/figure3.rst", category="Figures"),
     params:
         table1=TABLE1,
         results=lambda w: RESULTS,
@@ -81,7 +83,7 @@ rule figure3:
         "../envs/diffseg.yaml"
     shell:
         "diffseg figure --which figure3 --config {input.cfg:q} --results {params.results:q}"
-        " --out {output.png:q} {output.pdf:q} 2> {log:q}"
+        " --out {output.png:q} {output.pdf:q} {output.csv:q} 2> {log:q}"
 
 
 rule figure2:
