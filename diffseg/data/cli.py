@@ -182,7 +182,7 @@ def register(subparsers: Any) -> None:
         choices=POOLS,
         default="thread",
         help="workers for --threads > 1: threads (default) or spawned processes "
-        "(benchmarks/DATA_STAGE.md compares them)",
+        "(benchmarks/RESULTS.md, 'Data stage', compares them)",
     )
     p.set_defaults(func=_data)
 

@@ -215,7 +215,7 @@ def prepare_cases(
             uses what it was given and no more. 1: one case after another, in this thread.
         pool: ``thread`` (default: SimpleITK, numpy and zlib release the GIL, so threads run in
             parallel without the start-up, pickling and per-process memory of processes) or
-            ``process`` (spawned workers; measured in ``benchmarks/DATA_STAGE.md``).
+            ``process`` (spawned workers; measured in ``benchmarks/RESULTS.md, "Data stage"``).
         desc: the progress bar's label (cases done / total).
 
     Returns:
