@@ -45,21 +45,29 @@ def test_cost_table_per_run_and_the_cli(tmp_path, capsys):
     _log(res / "logs/train/ph/3d-diff.log", "backend gpu: 1 device(s), NVIDIA H200")
     _log(res / "logs/test/ph/3d-diff.log", "backend gpu: 1 device(s), NVIDIA H200")
     (res / "runs/ph/3d-diff").mkdir(parents=True)
-    (res / "runs/ph/3d-diff/config.yaml").write_text("train:\n  steps: 200\n")
+    # two sessions (interrupted at step 100, resumed): 350 s + 250 s; the last job ran 600 s
+    (res / "runs/ph/3d-diff/train_log.csv").write_text(
+        "step,loss,lr,seconds,steps_per_s,session,skipped\n50,1,0.1,200,1,0,0\n100,1,0.1,350,1,0,0\n"
+        "150,1,0.1,120,1,1,0\n200,1,0.1,250,1,1,0\n"
+    )
     _bench(res / "benchmarks/train/ph/2d-seg.tsv", 300.0, 1500.0, 580.0)
     _log(res / "logs/train/ph/2d-seg.log", "backend cpu: 1 device(s), cpu")
     table = cost_table(res, [("ph", "3d-diff"), ("ph", "2d-seg")])
     diff, seg = table.iloc[0], table.iloc[1]
     assert diff["train_s"] == 600.0 and diff["train_gpu_s"] == 600.0 and diff["train_s_per_step"] == 3.0
+    assert diff["train_sessions"] == 2 and diff["train_job_s"] == 600.0
     assert diff["test_cpu_s"] == 90.0 and diff["train_device"] == "gpu: 1 × NVIDIA H200"
-    assert seg["train_gpu_s"] == 0.0 and np.isnan(seg["train_s_per_step"])  # a CPU run; no config
+    # a CPU run without train_log.csv: its training time is unknown, never the job's
+    assert seg["train_gpu_s"] == 0.0 and np.isnan(seg["train_s"]) and np.isnan(seg["train_s_per_step"])
+    assert seg["train_job_s"] == 300.0
     assert np.isnan(seg["test_s"]) and np.isnan(seg["test_gpu_s"]) and seg["test_device"] == ""  # not tested
     md = to_markdown(table)
-    assert "| ph | `3d-diff` | 10.0 | 3.00 | 18.3 | 10.0 | 3.00 | 1.0 | 1.00 | gpu: 1 × NVIDIA H200 |" in md
-    assert "| ph | `2d-seg` | 5.0 | — | 9.7 | 0.0 | 1.46 | — | — | cpu: 1 × cpu |" in md
+    row = "| ph | `3d-diff` | 10.0 | 3.00 | 18.3 | 10.0 | 3.00 | 2 | 1.0 | 1.00 | gpu: 1 × NVIDIA H200 |"
+    assert row in md
+    assert "| ph | `2d-seg` | — | — | 9.7 | 0.0 | 1.46 | 0 | — | — | cpu: 1 × cpu |" in md
     out = tmp_path / "cost.csv"
     assert main(["cost", "--results", str(res), "--models", "ph/3d-diff", "ph/2d-seg", "--out", str(out),
                  "--markdown", str(tmp_path / "cost.md")]) == 0  # fmt: skip
-    assert pd.read_csv(out)["train_s"].tolist() == [600.0, 300.0] and (tmp_path / "cost.md").is_file()
+    assert pd.read_csv(out)["train_job_s"].tolist() == [600.0, 300.0] and (tmp_path / "cost.md").is_file()
     assert main(["cost", "--results", str(res), "--models", "3d-diff", "--out", str(out)]) == 2
     assert "--models: each run as dataset/run" in capsys.readouterr().err

@@ -7,6 +7,11 @@ backend gpu: 1 device(s), NVIDIA H100 80GB HBM3 ...``, in ``{results}/logs/{stag
 seconds are wall seconds × the job's GPUs: Snakemake measures host processes, not device time.
 A job run before its benchmark file existed (or outside the workflow) has empty cells, never a
 guessed number.
+
+A benchmark file holds the *last* job only: a run resumed after an interruption (or re-run to
+step N of N) would show that job's minutes. So the training time is the run's own account, from
+its ``train_log.csv`` (each session's last ``seconds``, summed over sessions), and the benchmark's
+CPU time and peak memory are labelled as the last train job's.
 """
 
 from __future__ import annotations
@@ -50,31 +55,45 @@ def read_device(log: str | Path) -> tuple[str, int]:
     return found
 
 
+def training_seconds(train_log: str | Path) -> tuple[float, int, int]:
+    """(seconds, last step, sessions) of a run from its ``train_log.csv``: the wall seconds of
+    each training session (its last logged ``seconds``), summed; NaN, 0, 0 if there is no log."""
+    path = Path(train_log)
+    if not path.is_file():
+        return np.nan, 0, 0
+    log = pd.read_csv(path)
+    if log.empty:
+        return np.nan, 0, 0
+    per_session = log.groupby("session")["seconds"].max()
+    return float(per_session.sum()), int(log["step"].max()), int(per_session.size)
+
+
 def cost_table(results: str | Path, runs: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """One row per (dataset, run): per stage wall/CPU/GPU seconds, peak RSS (MB) and device.
+    """One row per (dataset, run).
 
-    Columns: ``dataset, run, {stage}_s, {stage}_cpu_s, {stage}_gpu_s, {stage}_max_rss_mb,
-    {stage}_device`` for stage in train, test; then ``train_s_per_step`` where the run's config
-    gives ``train.steps``.
+    Columns: ``dataset, run``; ``train_s`` (the run's training wall seconds over all its
+    sessions, from ``train_log.csv``), ``train_sessions``, ``train_s_per_step``, ``train_gpu_s``
+    (``train_s`` × GPUs); the last train job's ``train_job_s``, ``train_cpu_s``,
+    ``train_max_rss_mb`` (its benchmark file); ``test_s``, ``test_cpu_s``, ``test_gpu_s``,
+    ``test_max_rss_mb``; ``train_device``, ``test_device``.
     """
-    import yaml
-
     results = Path(results)
     rows = []
     for dataset, run in runs:
         row: dict[str, object] = {"dataset": dataset, "run": run}
+        seconds, steps, sessions = training_seconds(results / "runs" / dataset / run / "train_log.csv")
         for stage in STAGES:
             bench = read_benchmark(results / "benchmarks" / stage / dataset / f"{run}.tsv")
             device, gpus = read_device(results / "logs" / stage / dataset / f"{run}.log")
-            row[f"{stage}_s"] = bench["s"]
+            wall = seconds if stage == "train" else bench["s"]
+            row[f"{stage}_s"] = wall
+            if stage == "train":
+                row.update(train_sessions=sessions, train_s_per_step=seconds / steps if steps else np.nan)
+                row["train_job_s"] = bench["s"]
             row[f"{stage}_cpu_s"] = bench["cpu_time"]
-            row[f"{stage}_gpu_s"] = bench["s"] * gpus if gpus else (np.nan if device == "" else 0.0)
+            row[f"{stage}_gpu_s"] = wall * gpus if gpus else (np.nan if device == "" else 0.0)
             row[f"{stage}_max_rss_mb"] = bench["max_rss"]
             row[f"{stage}_device"] = device
-        cfg_path = results / "runs" / dataset / run / "config.yaml"
-        run_cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-        steps = (run_cfg.get("train") or {}).get("steps")
-        row["train_s_per_step"] = row["train_s"] / int(steps) if steps else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -82,9 +101,10 @@ def cost_table(results: str | Path, runs: Sequence[tuple[str, str]]) -> pd.DataF
 def to_markdown(table: pd.DataFrame) -> str:
     """The cost table for the report: minutes, GiB, and the device once per row."""
     lines = [
-        "| dataset | run | train (min) | s/step | train CPU (min) | train GPU (min) | train peak RSS (GiB)"
-        " | test (min) | test peak RSS (GiB) | device |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | run | train (min) | s/step | last train job CPU (min) | train GPU (min)"
+        " | last train job peak RSS (GiB)"
+        " | sessions | test (min) | test peak RSS (GiB) | device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def num(value: float, scale: float = 1.0, digits: int = 1) -> str:
@@ -94,6 +114,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         lines.append(
             f"| {r.dataset} | `{r.run}` | {num(r.train_s, 60)} | {num(r.train_s_per_step, digits=2)}"
             f" | {num(r.train_cpu_s, 60)} | {num(r.train_gpu_s, 60)} | {num(r.train_max_rss_mb, 1024, 2)}"
-            f" | {num(r.test_s, 60)} | {num(r.test_max_rss_mb, 1024, 2)} | {r.train_device or '—'} |"
+            f" | {r.train_sessions} | {num(r.test_s, 60)} | {num(r.test_max_rss_mb, 1024, 2)}"
+            f" | {r.train_device or '—'} |"
         )
     return "\n".join(lines) + "\n"
