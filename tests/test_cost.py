@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from diffseg.cli import main
-from diffseg.report.cost import cost_table, read_benchmark, read_device, to_markdown
+from diffseg.report.cost import cost_table, read_benchmark, read_device, to_markdown, training_seconds
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -36,6 +36,9 @@ def test_benchmark_and_device_lines_are_read_as_written(tmp_path):
     _log(tmp_path / "c.log", "backend cpu: 1 device(s), cpu")
     assert read_device(tmp_path / "c.log") == ("cpu: 1 × cpu", 0)
     assert read_device(tmp_path / "absent.log") == ("", 0)
+    (tmp_path / "train_log.csv").write_text("step,loss\n1,1.0\n")  # no timings: unknown
+    seconds, steps, sessions = training_seconds(tmp_path / "train_log.csv")
+    assert math.isnan(seconds) and steps == 0 and sessions == 0
 
 
 def test_cost_table_per_run_and_the_cli(tmp_path, capsys):

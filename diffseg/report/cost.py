@@ -62,8 +62,8 @@ def training_seconds(train_log: str | Path) -> tuple[float, int, int]:
     if not path.is_file():
         return np.nan, 0, 0
     log = pd.read_csv(path)
-    if log.empty:
-        return np.nan, 0, 0
+    if log.empty or not {"step", "seconds", "session"} <= set(log.columns):
+        return np.nan, 0, 0  # a log without timings (written by another tool): unknown, not guessed
     per_session = log.groupby("session")["seconds"].max()
     return float(per_session.sum()), int(log["step"].max()), int(per_session.size)
 
