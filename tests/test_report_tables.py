@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from diffseg import matrix
 from diffseg.cli import main
 from diffseg.errors import ConfigError, DataError
 from diffseg.report import stats, tables
@@ -89,23 +90,23 @@ def test_table5_is_an_ablation_table_with_its_own_tests(runs):
     assert ("table5", "time", "3d-seg", "3d-diff") in set(
         zip(tt["table"], tt["comparison"], tt["run_a"], tt["run_b"], strict=True)
     )
-    assert tables.table_names(cfg) == ["table1", "table2", "table5"]
+    assert matrix.table_names(cfg) == ["table1", "table2", "table5"]
     with pytest.raises(ConfigError, match="unknown table 'table9'"):
-        tables.cells(cfg, "table9")
+        matrix.cells(cfg, "table9")
 
 
 def test_runs_needed_and_experiments():
     exp = {"datasets": ["ds"], "dims": ["2d"], "variants": ["diff"], "seeds": [1, 2]}
     cfg = {**CFG, "experiments": [exp]}
-    assert tables.runs_needed(cfg) == [
+    assert matrix.runs_needed(cfg) == [
         ("ds", "2d-diff-seed1"), ("ds", "2d-diff-seed2"),
         ("ds", "3d-diff"), ("ds", "3d-diff-nodice"), ("ds", "3d-seg"),
     ]
     with pytest.raises(ConfigError, match="experiments\\[0\\]"):
-        tables.runs_needed({"experiments": [{"datasets": ["ds"]}]})
+        matrix.runs_needed({"experiments": [{"datasets": ["ds"]}]})
     with pytest.raises(ConfigError, match="tables.table2.ablations.x"):
         bad = {"dataset": "d", "dims": ["2d"], "ablations": {"x": {"a": "b"}}}
-        tables.table2_cells({"tables": {"table2": bad}})
+        matrix.table2_cells({"tables": {"table2": bad}})
 
 
 def test_stats(runs):

@@ -42,6 +42,9 @@ TINY = {
         "table2": {"dataset": "tiny", "dims": ["3d"],
                    "ablations": {"steps": {"3": "diff-k3", "5": "diff"}}},
     },
+    # The studies beyond the paper, small: two sampling-step counts, two samples per case.
+    "sampling_steps": {"dataset": "tiny", "dims": ["3d"], "variants": ["diff"], "steps": [1, 5]},
+    "uncertainty": {"dataset": "tiny", "dims": ["3d"], "variants": ["diff"], "samples": 2},
     "stats": {"alpha": 0.01},
     "figures": {"figure2": {"dim": "3d", "cases": 1}},
     "compute": {"train": {"threads": 1}, "test": {"threads": 1}},
@@ -145,6 +148,22 @@ elif cmd == "test":
     cols = ["uid", "class", "class_name", "dice", "nsd", "hd95", "cd", "missed", "volume_share",
             "checkpoint_step"]
     pd.DataFrame(rows, columns=cols).to_csv(run / "test/metrics.csv", index=False)
+elif cmd == "sampling-steps":
+    run, rest = Path(opt("--run-dir")), a[a.index("--steps") + 1:]
+    steps = [int(k) for k in rest[: next((i for i, x in enumerate(rest) if x.startswith("--")), len(rest))]]
+    rows = [(k, u, c, 0.5 + 0.01 * k + 0.1 * c, 0.5, 1.0, 1.0, False, 0.01 * k, 5)
+            for k in steps for u in ("u0", "u1", "u2") for c in (1, 2)]
+    cols = ["steps", "uid", "class", "dice", "nsd", "hd95", "cd", "missed", "seconds", "sample_steps"]
+    (run / "sampling_steps").mkdir(exist_ok=True)
+    pd.DataFrame(rows, columns=cols).to_csv(run / "sampling_steps/metrics.csv", index=False)
+elif cmd == "uncertainty":
+    run, n = Path(opt("--run-dir")), int(opt("--samples"))
+    (run / "uncertainty").mkdir(exist_ok=True)
+    pd.DataFrame({{"uid": ["u0", "u1", "u2"], "samples": n, "dice_one": [0.5, 0.6, 0.7],
+                  "dice_vote": [0.55, 0.6, 0.75], "mean_entropy": [0.3, 0.2, 0.1],
+                  "max_entropy": np.log(n)}}).to_csv(run / "uncertainty/cases.csv", index=False)
+    pd.DataFrame({{"entropy": [0.0, np.log(n)], "voxels": [90, 10], "wrong": [5, 6]}}).to_csv(
+        run / "uncertainty/histogram.csv", index=False)
 else:
     from diffseg.cli import main
     sys.exit(main(a))
@@ -163,7 +182,9 @@ def test_workflow_wiring_and_report(tmp_path):
     work = tmp_path / "w"
     work.mkdir()
     cfg_path = work / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(TINY))
+    # Table 2 over two seeds: 3d-diff (seed 0, its own) and 3d-diff-seed1, each cell.
+    cfg = {**TINY, "tables": {**TINY["tables"], "table2": {**TINY["tables"]["table2"], "seeds": [0, 1]}}}
+    cfg_path.write_text(yaml.safe_dump(cfg))
     base = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
             "--configfile", str(cfg_path)]
     env = {**os.environ, "PATH": env_path}
@@ -172,11 +193,23 @@ def test_workflow_wiring_and_report(tmp_path):
     results = work / "results"
     t1 = pd.read_csv(results / "table1.csv")
     assert len(t1) == 4 and (t1["n"] == 2).all() and (t1["misses"] == 0).all()
-    assert list(pd.read_csv(results / "table2.csv")["run"]) == ["3d-diff-k3", "3d-diff"]
+    t2 = pd.read_csv(results / "table2.csv")
+    assert list(t2["run"]) == ["3d-diff-k3", "3d-diff"] and (t2["seeds"] == 2).all()
+    assert {"DS_seed_std", "same_sign", "p_seed0", "p_seed1"} <= set(t2.columns)
+    assert (results / "runs/tiny/3d-diff-k3-seed1/test/metrics.csv").exists()
+    assert len(pd.read_csv(results / "figures" / "seeds.csv")) == 4  # 2 cells x 2 seeds
+    steps = pd.read_csv(results / "sampling_steps.csv")
+    assert list(steps["steps"]) == [1, 5] and steps["p_value"].isna().tolist() == [False, True]
+    unc = pd.read_csv(results / "uncertainty.csv")
+    # 5 wrong voxels tie with 85 right ones at entropy 0, 6 rank above them and tie with 4: ties count 1/2
+    assert unc.iloc[0]["auroc"] == pytest.approx((5 * 85 / 2 + 6 * (85 + 4 / 2)) / (11 * 89))
+    for name in ("sampling_steps", "uncertainty", "seeds"):
+        assert (results / "figures" / f"{name}.png").stat().st_size > 1000
     assert (results / "table1.md").read_text().startswith("| dataset")
     assert len(pd.read_csv(results / "stats" / "ttests.csv")) == 3
     assert len(pd.read_csv(results / "stats" / "spearman.csv")) == 4
     assert (results / "figures" / "figure2.pdf").stat().st_size > 1000
+    assert (results / "benchmarks" / "uncertainty" / "tiny" / "3d-diff.tsv").exists()
     assert (results / "benchmarks" / "test" / "tiny" / "2d-seg.tsv").exists()
     resolved = yaml.safe_load((results / "runs/tiny/3d-diff-k3/config.yaml").read_text())
     assert resolved["diffusion"]["train_steps"] == 3 and resolved["model"]["channels"] == [4, 8]
@@ -220,6 +253,13 @@ def test_end_to_end(tmp_path):
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{name}.{ext}").stat().st_size > 0
     assert (results / "benchmarks" / "train" / "tiny" / "3d-diff.tsv").exists()
+    # The studies: K = 5 (the run's own) reproduces the test job; one sample is the test job's.
+    steps = pd.read_csv(results / "sampling_steps.csv")
+    assert list(steps["steps"]) == [1, 5]
+    t1_diff = t1[(t1["dim"] == "3d") & (t1["diffusion"] == "Y")].iloc[0]
+    assert steps.iloc[1]["DS"] == pytest.approx(t1_diff["DS"])
+    unc = pd.read_csv(results / "uncertainty.csv").iloc[0]
+    assert unc["dice_one"] == pytest.approx(t1_diff["DS"]) and 0 <= unc["auroc"] <= 1
     res = snakemake(tmp_path, TINY, "--report", "report.html", timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert (tmp_path / "report.html").stat().st_size > 10_000

@@ -51,6 +51,33 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_steps(args: argparse.Namespace) -> int:
+    from diffseg.evaluate.studies import sampling_steps_run
+    from diffseg.gpu.backend import report
+
+    report(None, _say)
+    metrics = sampling_steps_run(args.run_dir, args.data, args.steps, seed=args.seed)
+    for k, m in metrics.groupby("steps"):
+        print(f"{args.run_dir}: K={k}: mean foreground Dice {m.groupby('uid')['dice'].mean().mean():.4f}, "
+              f"{m.groupby('uid')['seconds'].first().mean():.3g} s/case")  # fmt: skip
+    return 0
+
+
+def _uncertainty(args: argparse.Namespace) -> int:
+    from diffseg.evaluate.studies import uncertainty_run
+    from diffseg.evaluate.uncertainty import auroc_from_histogram
+    from diffseg.gpu.backend import report
+
+    report(None, _say)
+    cases, histogram = uncertainty_run(args.run_dir, args.data, args.samples, seed=args.seed)
+    one, vote, auroc = cases["dice_one"].mean(), cases["dice_vote"].mean(), auroc_from_histogram(histogram)
+    print(
+        f"{args.run_dir}: {len(cases)} cases x {args.samples} samples: Dice one {one:.4f}, vote {vote:.4f};"
+        f" voxel AUROC of entropy {auroc:.4f}"
+    )
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``test`` and ``predict`` to the ``diffseg`` command line."""
     test = subparsers.add_parser("test", help="segment a run's test split and write test/metrics.csv")
@@ -59,6 +86,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     test.add_argument("--seed", type=int, default=0, help="sampling seed for diffusion runs")
     add_gpus_argument(test)
     test.set_defaults(func=_test)
+
+    steps = subparsers.add_parser(
+        "sampling-steps", help="a diffusion run's test split at several sampling steps K (sampling_steps/)"
+    )
+    steps.add_argument("--run-dir", required=True, help="trained run folder (results/runs/D/R)")
+    steps.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
+    steps.add_argument("--steps", type=int, nargs="+", required=True, help="the K values, e.g. 1 2 3 5 10 25")
+    steps.add_argument("--seed", type=int, default=0, help="sampling seed (the test job's: 0)")
+    add_gpus_argument(steps)
+    steps.set_defaults(func=_sampling_steps)
+
+    unc = subparsers.add_parser(
+        "uncertainty", help="N samples per test case of a diffusion run: entropy vs errors (uncertainty/)"
+    )
+    unc.add_argument("--run-dir", required=True, help="trained run folder (results/runs/D/R)")
+    unc.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
+    unc.add_argument("--samples", type=int, required=True, help="samples per case (at least 2)")
+    unc.add_argument("--seed", type=int, default=0, help="sampling seed (the test job's: 0)")
+    add_gpus_argument(unc)
+    unc.set_defaults(func=_uncertainty)
 
     predict = subparsers.add_parser("predict", help="segment a new NIfTI scan with a trained run")
     predict.add_argument(

@@ -30,7 +30,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from diffseg.report.stats import alpha_of, figure3_models, paired_tests, spearman
+    from diffseg.matrix import figure3_models
+    from diffseg.report.stats import alpha_of, paired_tests, spearman
 
     config = load_yaml(args.config)
     _write_csv(paired_tests(config, args.runs), args.ttests)
@@ -39,9 +40,8 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _figure(args: argparse.Namespace) -> int:
+    from diffseg.matrix import figure3_models, table1_cells
     from diffseg.report.figures import figure2, figure3
-    from diffseg.report.stats import figure3_models
-    from diffseg.report.tables import table1_cells
 
     config = load_yaml(args.config)
     results = Path(args.results)
@@ -92,8 +92,34 @@ def _readme_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from diffseg.report import studies
+
+    config = load_yaml(args.config)
+    images = [o for o in args.out if Path(o).suffix.lower() in (".png", ".pdf", ".svg")]
+    if args.which == "seeds":
+        values = studies.seed_values(config, args.runs)
+        table, markdown = values, None
+        studies.seeds_figure(values, images)
+    elif args.which == "sampling_steps":
+        table = studies.sampling_steps_table(config, args.runs)
+        markdown = studies.sampling_steps_markdown(table)
+        studies.sampling_steps_figure(table, images)
+    else:
+        table = studies.uncertainty_table(config, args.runs)
+        markdown = studies.uncertainty_markdown(table)
+        bins = int((config.get("uncertainty") or {}).get("bins", 10))
+        binned = studies.uncertainty_figure(config, args.runs, images, bins)
+        if args.bins:
+            _write_csv(binned, args.bins)
+    _write_csv(table, args.csv)
+    if args.markdown and markdown is not None:
+        atomic_write_text(args.markdown, markdown)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``table``, ``stats``, ``figure`` and ``curves`` to the ``diffseg`` command line."""
+    """Add the report's sub-commands (table, stats, figure, curves, cost, study, readme-table)."""
     p = sub.add_parser("table", help="build a table (table1, table2, table5, ...) from test metrics")
     p.add_argument("--which", required=True, help="a key of tables: in the config, e.g. table2")
     p.add_argument("--config", required=True, help="workflow config YAML (the tables: section)")
@@ -130,6 +156,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--markdown", help="markdown rendering to write beside it")
     p.set_defaults(func=_cost)
+
+    p = sub.add_parser("study", help="a study beyond the paper: sampling steps, uncertainty, seeds")
+    p.add_argument("--which", choices=("sampling_steps", "uncertainty", "seeds"), required=True)
+    p.add_argument("--config", required=True, help="workflow config YAML")
+    p.add_argument("--runs", required=True, help="the runs folder, {results}/runs")
+    p.add_argument("--csv", required=True, help="the table (seeds: each seed's Dice per cell) as CSV")
+    p.add_argument("--markdown", help="its markdown (sampling_steps, uncertainty)")
+    p.add_argument("--bins", help="uncertainty: the error rate per entropy bin (the figure's data) as CSV")
+    p.add_argument("--out", nargs="+", required=True, help="figure files (.png, .pdf)")
+    p.set_defaults(func=_study)
 
     p = sub.add_parser("readme-table", help="the README's demo table from a table CSV (results/table2.csv)")
     p.add_argument("--table", default="results/table2.csv", help="a table CSV written by diffseg table")

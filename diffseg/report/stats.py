@@ -22,7 +22,8 @@ import pandas as pd
 from scipy import stats
 
 from diffseg.errors import DataError
-from diffseg.report.tables import cells, metrics_path, paired_ttest, per_case, read_metrics, table_names
+from diffseg.matrix import cells, table_names
+from diffseg.report.tables import MetricsCache, compare_seeds, metrics_path, read_metrics, seed_cases
 
 
 def alpha_of(config: Mapping[str, Any]) -> float:
@@ -68,9 +69,12 @@ def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFram
     Columns: ``table, dataset, dim, comparison, run_a, run_b, n, mean_a, mean_b, mean_diff,
     t, p_value, p_bh, alpha, significant, significant_bh`` (``mean_diff = mean_a - mean_b``
     of per-case mean Dice; ``run_b`` is the reference: Table 1's Y cell, Table 2's ``diff``
-    run; ``p_bh``: Benjamini–Hochberg over every row, see ``bh_adjust``).
+    run; ``p_bh``: Benjamini–Hochberg over every row, see ``bh_adjust``). A table over several
+    seeds tests per-case Dice averaged over seeds and adds ``seeds``, ``same_sign``,
+    ``diff_seed{s}`` and ``p_seed{s}`` (``diffseg.report.tables.compare_seeds``).
     """
     alpha = alpha_of(config)
+    load = MetricsCache(runs_dir)
     rows, seen = [], set()
     for which in table_names(config):
         for cell in cells(config, which):
@@ -79,28 +83,31 @@ def paired_tests(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFram
             if a == b or key in seen:
                 continue
             seen.add(key)
-            ma = read_metrics(metrics_path(runs_dir, cell["dataset"], a))
-            mb = read_metrics(metrics_path(runs_dir, cell["dataset"], b))
-            t, p, n = paired_ttest(ma, mb)
-            da, db = per_case(ma)["dice"].mean(), per_case(mb)["dice"].mean()
-            rows.append(
-                {
-                    "table": which,
-                    "dataset": cell["dataset"],
-                    "dim": cell["dim"],
-                    "comparison": cell.get("ablation", "diffusion"),
-                    "run_a": a,
-                    "run_b": b,
-                    "n": n,
-                    "mean_a": da,
-                    "mean_b": db,
-                    "mean_diff": da - db,
-                    "t": t,
-                    "p_value": p,
-                    "alpha": alpha,
-                    "significant": bool(p < alpha) if pd.notna(p) else False,
-                }
-            )
+            where = f"{which} {cell['dataset']} {a}"
+            ma, mb = load.seeds(cell["dataset"], cell["runs"]), load.seeds(cell["dataset"], cell["pair_runs"])
+            comparison = compare_seeds(ma, mb, cell["seeds"], where)
+            da, db = seed_cases(ma, where)["dice"].mean(), seed_cases(mb, where)["dice"].mean()
+            p = comparison.pop("p_value")
+            row = {
+                "table": which,
+                "dataset": cell["dataset"],
+                "dim": cell["dim"],
+                "comparison": cell.get("ablation", "diffusion"),
+                "run_a": a,
+                "run_b": b,
+                "n": comparison.pop("n"),
+                "mean_a": da,
+                "mean_b": db,
+                "mean_diff": da - db,
+                "t": comparison.pop("t"),
+                "p_value": p,
+                "alpha": alpha,
+                "significant": bool(p < alpha) if pd.notna(p) else False,
+            }
+            if comparison:  # several seeds
+                row["seeds"] = len(cell["seeds"])
+                row.update(comparison)
+            rows.append(row)
     return _with_bh(pd.DataFrame(rows), alpha)
 
 
@@ -161,7 +168,3 @@ def spearman(runs_dir: str | Path, models: list[tuple[str, str]], alpha: float =
         )
     return _with_bh(pd.DataFrame(rows), alpha)
 
-
-def figure3_models(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The models of Figure 3 (and the Spearman table): every Table 1 cell, in table order."""
-    return [(c["dataset"], c["run"]) for c in cells(config, "table1")]

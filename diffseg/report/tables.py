@@ -19,6 +19,11 @@ per test case × foreground class):
    dataset and dim; Table 2 and every other ablation table: each setting against the ``diff``
    run of the same dim), cases
    matched by ``uid``. Blank for the reference row itself.
+5. Seeds (a table's ``seeds: [0, 1, 2]``, ``diffseg.matrix``): each cell is one run per seed.
+   Step 1 is done per seed and the per-case values averaged over seeds; steps 2 and 4 use these
+   averages. ``{col}_seed_std`` is the standard deviation over seeds of each seed's mean over
+   cases; each pair is also tested per seed (``p_seed{s}``) and ``same_sign`` says whether
+   the difference of mean Dice has the same sign in every seed. One seed: steps 1-4 as they are.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-from diffseg.errors import ConfigError, DataError
+from diffseg.errors import DataError
+from diffseg.matrix import cells
 
 METRICS = ("dice", "nsd", "hd95", "cd")
 COLUMNS = {"dice": "DS", "nsd": "NSD", "hd95": "HD", "cd": "CD"}
@@ -76,12 +82,8 @@ def summarise(metrics: pd.DataFrame) -> dict[str, Any]:
     return row
 
 
-def paired_ttest(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
-    """Paired t-test of per-case mean foreground Dice of two runs' metrics, cases matched by uid.
-
-    Returns ``(t statistic, p value, number of paired cases)``; NaN when fewer than 2 pairs.
-    """
-    da, db = per_case(a)["dice"], per_case(b)["dice"]
+def _ttest(da: pd.Series, db: pd.Series) -> tuple[float, float, int]:
+    """Paired t-test of two per-case Dice series (index ``uid``), cases matched by uid."""
     joined = pd.concat({"a": da, "b": db}, axis=1, join="inner").dropna()
     if len(joined) < 2:
         return float("nan"), float("nan"), int(len(joined))
@@ -89,123 +91,155 @@ def paired_ttest(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
     return float(res.statistic), float(res.pvalue), int(len(joined))
 
 
+def paired_ttest(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
+    """Paired t-test of per-case mean foreground Dice of two runs' metrics, cases matched by uid.
+
+    Returns ``(t statistic, p value, number of paired cases)``; NaN when fewer than 2 pairs.
+    """
+    return _ttest(per_case(a)["dice"], per_case(b)["dice"])
+
+
+def seed_cases(frames: list[pd.DataFrame], where: str = "") -> pd.DataFrame:
+    """Per-case means over foreground classes, averaged over seeds: index ``uid``, columns ``METRICS``.
+
+    Args:
+        frames: one ``metrics.csv`` per seed of a cell (one frame: :func:`per_case` of it).
+        where: the cell, for the error message.
+
+    Raises:
+        DataError: the seeds' runs were tested on different cases.
+    """
+    cases = [per_case(m) for m in frames]
+    if len(cases) == 1:
+        return cases[0]
+    for other in cases[1:]:
+        if set(other.index) != set(cases[0].index):
+            raise DataError(f"{where}: the seeds' runs were tested on different cases")
+    return pd.concat(cases).groupby(level=0, sort=True).mean()
+
+
+def summarise_seeds(frames: list[pd.DataFrame], where: str = "") -> dict[str, Any]:
+    """One table row from one ``metrics.csv`` per seed (one frame: :func:`summarise`).
+
+    Several seeds: each metric is the mean over cases of the per-case value averaged over seeds,
+    ``{col}_std`` the between-case standard deviation of those averages and ``{col}_seed_std``
+    the between-seed one (of each seed's mean over cases; ddof = 1); ``misses`` is the mean number
+    of missed structures per seed; ``seeds`` the number of seeds.
+    """
+    if len(frames) == 1:
+        return summarise(frames[0])
+    cases = seed_cases(frames, where)
+    per_seed = [per_case(m) for m in frames]
+    row: dict[str, Any] = {}
+    for metric, col in COLUMNS.items():
+        row[col] = float(cases[metric].mean())
+        row[f"{col}_std"] = float(cases[metric].std(ddof=1))
+        row[f"{col}_seed_std"] = float(pd.Series([c[metric].mean() for c in per_seed]).std(ddof=1))
+    row["misses"] = float(sum(int(m["missed"].sum()) for m in frames) / len(frames))
+    row["n"] = int(len(cases))
+    row["seeds"] = len(frames)
+    return row
+
+
+def compare_seeds(
+    a: list[pd.DataFrame], b: list[pd.DataFrame], seeds: list[int], where: str = ""
+) -> dict[str, Any]:
+    """Paired comparison of two cells, each one ``metrics.csv`` per seed (same seeds, same order).
+
+    Returns ``t, p_value, n``: the paired t-test on per-case mean foreground Dice averaged over
+    seeds. With several seeds also, per seed ``s``, ``diff_seed{s}`` (the difference of mean Dice,
+    a - b) and ``p_seed{s}`` (that seed's paired test), and ``same_sign``: whether every seed's
+    difference has the same sign (and none is 0).
+    """
+    t, p, n = _ttest(seed_cases(a, where)["dice"], seed_cases(b, where)["dice"])
+    out: dict[str, Any] = {"t": t, "p_value": p, "n": n}
+    if len(a) > 1:
+        diffs = []
+        for seed, ma, mb in zip(seeds, a, b, strict=True):
+            diffs.append(float(per_case(ma)["dice"].mean() - per_case(mb)["dice"].mean()))
+            out[f"diff_seed{seed}"] = diffs[-1]
+            out[f"p_seed{seed}"] = paired_ttest(ma, mb)[1]
+        out["same_sign"] = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return out
+
+
 def metrics_path(runs_dir: str | Path, dataset: str, run: str) -> Path:
     """``{runs_dir}/{dataset}/{run}/test/metrics.csv``."""
     return Path(runs_dir) / dataset / run / "test" / "metrics.csv"
 
 
-def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    section = (config.get("tables") or {}).get(name)
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"tables.{name}: missing from the config")
-    return section
+class MetricsCache:
+    """Reads each run's ``test/metrics.csv`` under ``runs_dir`` once."""
+
+    def __init__(self, runs_dir: str | Path):
+        self.runs_dir = Path(runs_dir)
+        self._frames: dict[tuple[str, str], pd.DataFrame] = {}
+
+    def __call__(self, dataset: str, run: str) -> pd.DataFrame:
+        if (dataset, run) not in self._frames:
+            self._frames[dataset, run] = read_metrics(metrics_path(self.runs_dir, dataset, run))
+        return self._frames[dataset, run]
+
+    def seeds(self, dataset: str, runs: list[str]) -> list[pd.DataFrame]:
+        """The metrics of one cell's runs, one per seed."""
+        return [self(dataset, run) for run in runs]
 
 
-def table1_cells(config: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Cells of Table 1: dicts ``dataset, dim, diffusion (N|Y), run, pair_run`` in table order.
-
-    The second cell (Y, the diffusion model) is the reference: its ``pair_run`` is its own run,
-    as for Table 2's reference rows, so the pair is tested once, on the N row.
-    """
-    sec = _section(config, "table1")
-    cells = {str(k): str(v) for k, v in (sec.get("cells") or {}).items()}
-    if len(cells) != 2:
-        raise ConfigError(f"tables.table1.cells: expected two cells (N, Y), got {list(cells)}")
-    labels = list(cells)
-    out = []
-    for dataset in sec.get("datasets") or []:
-        for dim in sec.get("dims") or []:
-            for label in labels:
-                out.append({
-                    "dataset": dataset, "dim": dim, "diffusion": label,
-                    "run": f"{dim}-{cells[label]}", "pair_run": f"{dim}-{cells[labels[-1]]}",
-                })
-    return out
-
-
-def table_names(config: Mapping[str, Any]) -> list[str]:
-    """The configured tables: ``table1`` (if any) and the ablation tables, in config order."""
-    return [str(name) for name in (config.get("tables") or {})]
-
-
-def table2_cells(config: Mapping[str, Any], which: str = "table2") -> list[dict[str, str]]:
-    """Cells of Table 2 (or another ablation table): dicts ``dataset, dim, ablation, setting, run, pair_run``.
-
-    ``pair_run`` is the reference (the ``diff`` run, the table's "Y"/"Logits"/"5" rows):
-    within each ablation, the setting whose variant is ``reference`` (default ``diff``).
-    """
-    sec = _section(config, which)
-    dataset = sec.get("dataset")
-    if not dataset:
-        raise ConfigError(f"tables.{which}.dataset: missing")
-    reference = str(sec.get("reference", "diff"))
-    out = []
-    for dim in sec.get("dims") or []:
-        for ablation, settings in (sec.get("ablations") or {}).items():
-            if not isinstance(settings, Mapping) or reference not in map(str, settings.values()):
-                raise ConfigError(
-                    f"tables.{which}.ablations.{ablation}: expected a mapping setting -> variant "
-                    f"with one setting equal to the reference variant {reference!r}"
-                )
-            for setting, variant in settings.items():
-                out.append({
-                    "dataset": dataset, "dim": dim, "ablation": str(ablation),
-                    "setting": str(setting), "run": f"{dim}-{variant}",
-                    "pair_run": f"{dim}-{reference}",
-                })
-    return out
-
-
-def cells(config: Mapping[str, Any], which: str) -> list[dict[str, str]]:
-    """The cells of ``table1`` or of an ablation table (``table2``, ``table5``, ...)."""
-    if which == "table1":
-        return table1_cells(config)
-    if which in (config.get("tables") or {}):
-        return table2_cells(config, which)
-    raise ConfigError(f"unknown table {which!r}; configured: {', '.join(table_names(config)) or 'none'}")
-
-
-def table_runs(config: Mapping[str, Any], which: str) -> list[tuple[str, str]]:
-    """Every ``(dataset, run)`` whose metrics table ``which`` reads (cells and pairs), sorted."""
-    return sorted({(c["dataset"], r) for c in cells(config, which) for r in (c["run"], c["pair_run"])})
+CELL_ONLY = ("pair_run", "runs", "pair_runs", "seeds")  # cell keys that are not table columns
 
 
 def build_table(config: Mapping[str, Any], which: str, runs_dir: str | Path) -> pd.DataFrame:
-    """Build Table 1 or 2 from the runs' ``test/metrics.csv`` files under ``runs_dir``.
+    """Build Table 1 or an ablation table from the runs' ``test/metrics.csv`` under ``runs_dir``.
 
     Returns one row per cell: the cell's keys, then ``DS, DS_std, NSD, NSD_std, HD, HD_std,
-    CD, CD_std, misses, n, p_value`` (``p_value`` NaN on the reference row of a pair).
+    CD, CD_std, misses, n, p_value`` (``p_value`` NaN on the reference row of a pair). A table
+    with several seeds adds ``{col}_seed_std`` and ``seeds`` (:func:`summarise_seeds`) and, for
+    each compared row, ``same_sign``, ``diff_seed{s}`` and ``p_seed{s}`` (:func:`compare_seeds`).
     """
-    cache: dict[tuple[str, str], pd.DataFrame] = {}
-
-    def load(dataset: str, run: str) -> pd.DataFrame:
-        if (dataset, run) not in cache:
-            cache[dataset, run] = read_metrics(metrics_path(runs_dir, dataset, run))
-        return cache[dataset, run]
-
+    load = MetricsCache(runs_dir)
     rows = []
     for cell in cells(config, which):
-        m = load(cell["dataset"], cell["run"])
-        row = {k: v for k, v in cell.items() if k != "pair_run"}
-        row.update(summarise(m))
+        where = f"{which} {cell['dataset']} {cell['run']}"
+        frames = load.seeds(cell["dataset"], cell["runs"])
+        row = {k: v for k, v in cell.items() if k not in CELL_ONLY}
+        row.update(summarise_seeds(frames, where))
         if cell["run"] == cell["pair_run"]:
             row["p_value"] = float("nan")
         else:
-            row["p_value"] = paired_ttest(m, load(cell["dataset"], cell["pair_run"]))[1]
+            pair = load.seeds(cell["dataset"], cell["pair_runs"])
+            comparison = compare_seeds(frames, pair, cell["seeds"], where)
+            row["p_value"] = comparison.pop("p_value")
+            row.update({k: v for k, v in comparison.items() if k not in ("t", "n")})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
-    """Render a table as GitHub markdown with ``mean (std)`` cells, as the paper's Tables 3-4."""
+    """Render a table as GitHub markdown with ``mean (std)`` cells, as the paper's Tables 3-4.
+
+    A table over several seeds adds ``DS seed std`` (between seeds), ``same sign`` (of the
+    difference in every seed) and ``p per seed`` columns.
+    """
     keys = [c for c in table.columns if c in ("dataset", "dim", "diffusion", "ablation", "setting", "run")]
+    seeded = "seeds" in table.columns
+    p_seeds = [c for c in table.columns if c.startswith("p_seed")]
     header = keys + list(COLUMNS.values()) + ["misses", "n", "p"]
+    if seeded:
+        header += ["DS seed std", "same sign", "p per seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         vals = [str(r[k]) for k in keys]
         vals += [_fmt(r[c], r[f"{c}_std"], digits) for c in COLUMNS.values()]
         p = r["p_value"]
-        vals += [str(int(r["misses"])), str(int(r["n"])), "" if pd.isna(p) else f"{p:.3g}"]
+        misses = f"{r['misses']:g}" if seeded else str(int(r["misses"]))
+        vals += [misses, str(int(r["n"])), "" if pd.isna(p) else f"{p:.3g}"]
+        if seeded:
+            same = r.get("same_sign")
+            vals += [
+                _fmt(r["DS_seed_std"], float("nan"), digits),
+                "" if pd.isna(same) else ("yes" if same else "no"),
+                ", ".join("" if pd.isna(r[c]) else f"{r[c]:.3g}" for c in p_seeds) if pd.notna(p) else "",
+            ]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
@@ -214,28 +248,3 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     if pd.isna(mean):
         return "n/a"
     return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ({std:.{digits}f})")
-
-
-def runs_needed(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Every ``(dataset, run)`` a table cell needs, plus those of ``experiments:``, sorted, unique.
-
-    ``experiments`` is a list of ``{datasets: [...], dims: [...], variants: [...], seeds: [...]}``
-    (``seeds`` optional: each seed adds a ``-seed{N}`` run).
-    """
-    need: set[tuple[str, str]] = set()
-    for which in table_names(config):
-        need.update(table_runs(config, which))
-    for i, exp in enumerate(config.get("experiments") or []):
-        try:
-            seeds = exp.get("seeds") or [None]
-            for ds in exp["datasets"]:
-                for dim in exp["dims"]:
-                    for var in exp["variants"]:
-                        for seed in seeds:
-                            need.add((ds, f"{dim}-{var}" + ("" if seed is None else f"-seed{seed}")))
-        except (KeyError, TypeError, AttributeError):
-            raise ConfigError(
-                f"experiments[{i}]: expected a mapping with datasets, dims, variants (and seeds)"
-            ) from None
-    return sorted(need)
-

@@ -8,8 +8,8 @@ from diffseg.config import resolve_run_config, save_run_config
 from diffseg.data.prepare import source_files
 from diffseg.errors import ConfigError
 from diffseg.io import atomic_write_text
-from diffseg.report.stats import figure3_models
-from diffseg.report.tables import metrics_path, runs_needed, table_runs
+from diffseg.matrix import figure3_models, has_seeds, runs_needed, study_runs, table_runs
+from diffseg.report.tables import metrics_path
 
 RESULTS = config["results"]
 RESOURCES = config["resources"]

@@ -153,3 +153,90 @@ rule cost:
     shell:
         "diffseg cost --results {params.results:q} --models {params.models:q}"
         " --out {output.csv:q} --markdown {output.md:q} 2> {log:q}"
+
+
+# Beyond the paper: Dice against sampling steps, uncertainty, seeds (diffseg.report.studies).
+STEPS_RUNS = study_runs(config, "sampling_steps")
+UNCERTAINTY_RUNS = study_runs(config, "uncertainty")
+SEEDS = has_seeds(config)
+if STEPS_RUNS:
+    REPORT_OUTPUTS += [f"{RESULTS}/sampling_steps.{e}" for e in ("csv", "md")]
+    REPORT_OUTPUTS += [f"{RESULTS}/figures/sampling_steps.{e}" for e in ("png", "pdf")]
+if UNCERTAINTY_RUNS:
+    REPORT_OUTPUTS += [f"{RESULTS}/uncertainty.{e}" for e in ("csv", "md")]
+    REPORT_OUTPUTS += [f"{RESULTS}/figures/uncertainty.{e}" for e in ("png", "pdf", "csv")]
+if SEEDS:
+    REPORT_OUTPUTS += [f"{RESULTS}/figures/seeds.{e}" for e in ("png", "pdf", "csv")]
+
+
+localrules:
+    sampling_steps_report,
+    uncertainty_report,
+    seeds_figure,
+
+
+rule sampling_steps_report:
+    input:
+        [f"{run_dir(d, r)}/sampling_steps/metrics.csv" for d, r in STEPS_RUNS],
+        cfg=ancient(WORKFLOW_CONFIG),
+    output:
+        csv=report(f"{RESULTS}/sampling_steps.csv", caption="../report/sampling_steps.rst", category="Beyond the paper"),
+        md=f"{RESULTS}/sampling_steps.md",
+        png=report(
+            f"{RESULTS}/figures/sampling_steps.png", caption="../report/sampling_steps.rst", category="Beyond the paper"
+        ),
+        pdf=f"{RESULTS}/figures/sampling_steps.pdf",
+    params:
+        section=config.get("sampling_steps"),  # rerun trigger
+        runs=lambda w: f"{RESULTS}/runs",
+    log:
+        f"{RESULTS}/logs/report/sampling_steps.log",
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg study --which sampling_steps --config {input.cfg:q} --runs {params.runs:q} --csv {output.csv:q}"
+        " --markdown {output.md:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+rule uncertainty_report:
+    input:
+        [f"{run_dir(d, r)}/uncertainty/cases.csv" for d, r in UNCERTAINTY_RUNS],
+        cfg=ancient(WORKFLOW_CONFIG),
+    output:
+        csv=report(f"{RESULTS}/uncertainty.csv", caption="../report/uncertainty.rst", category="Beyond the paper"),
+        md=f"{RESULTS}/uncertainty.md",
+        png=report(
+            f"{RESULTS}/figures/uncertainty.png", caption="../report/uncertainty.rst", category="Beyond the paper"
+        ),
+        pdf=f"{RESULTS}/figures/uncertainty.pdf",
+        bins=f"{RESULTS}/figures/uncertainty.csv",
+    params:
+        section=config.get("uncertainty"),  # rerun trigger
+        runs=lambda w: f"{RESULTS}/runs",
+    log:
+        f"{RESULTS}/logs/report/uncertainty.log",
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg study --which uncertainty --config {input.cfg:q} --runs {params.runs:q} --csv {output.csv:q}"
+        " --markdown {output.md:q} --bins {output.bins:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+rule seeds_figure:
+    input:
+        metrics_of(STATS_RUNS),
+        cfg=ancient(WORKFLOW_CONFIG),
+    output:
+        png=report(f"{RESULTS}/figures/seeds.png", caption="../report/seeds.rst", category="Beyond the paper"),
+        pdf=f"{RESULTS}/figures/seeds.pdf",
+        csv=report(f"{RESULTS}/figures/seeds.csv", caption="../report/seeds.rst", category="Beyond the paper"),
+    params:
+        tables=config["tables"],  # rerun trigger
+        runs=lambda w: f"{RESULTS}/runs",
+    log:
+        f"{RESULTS}/logs/report/seeds.log",
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg study --which seeds --config {input.cfg:q} --runs {params.runs:q} --csv {output.csv:q}"
+        " --out {output.png:q} {output.pdf:q} 2> {log:q}"
