@@ -268,7 +268,9 @@ def test_studies_on_a_trained_run_reproduce_the_test_job_and_resume(trained_run,
     test = pd.read_csv(trained_run / "test" / "metrics.csv")
     steps = sampling_steps_run(trained_run, toy_data, [1, 5])
     assert sorted(set(steps["steps"])) == [1, 5] and (steps["seconds"] > 0).all()
-    assert (steps["sample_steps"] == 5).all() and (steps["checkpoint_step"] == test["checkpoint_step"][0]).all()
+    assert (steps["sample_steps"] == 5).all() and (
+        steps["checkpoint_step"] == test["checkpoint_step"][0]
+    ).all()
     assert_allclose(steps[steps["steps"] == 5]["dice"], test["dice"])  # the run's own K is the test job
     # A second call resumes from the finished K's (their part files), computing nothing again.
     parts = {p: p.stat().st_mtime_ns for p in (trained_run / "sampling_steps").glob("part-K*.csv")}
@@ -278,7 +280,9 @@ def test_studies_on_a_trained_run_reproduce_the_test_job_and_resume(trained_run,
 
     cases, histogram = uncertainty_run(trained_run, toy_data, 3)
     row = cases.iloc[0]
-    assert row["samples"] == 3 and row["dice_one"] == pytest.approx(test["dice"].mean())  # sample 0: the test's
+    assert row["samples"] == 3 and row["dice_one"] == pytest.approx(
+        test["dice"].mean()
+    )  # sample 0: the test's
     assert histogram["voxels"].sum() == row["voxels"] and histogram["wrong"].sum() == row["wrong_voxels"]
     assert 0 <= row["mean_entropy"] <= np.log(3) and row["max_entropy"] == pytest.approx(np.log(3))
     assert (trained_run / "uncertainty" / "cases.csv").is_file()
