@@ -288,3 +288,26 @@ def test_studies_on_a_trained_run_reproduce_the_test_job_and_resume(trained_run,
     assert (trained_run / "uncertainty" / "cases.csv").is_file()
     with pytest.raises(DataError, match="at least 2"):
         uncertainty_run(trained_run, toy_data, 1)
+
+
+def test_the_seed_config_is_the_demo_table2_with_three_seeds():
+    """config/seeds.yaml repeats the demo's dataset, training and Table 2 (a --configfile replaces
+    the demo config): it must not drift from config/config.yaml."""
+    from pathlib import Path
+
+    from diffseg.config import load_yaml, validate_config
+
+    root = Path(__file__).resolve().parents[1]
+    demo, seeds = load_yaml(root / "config" / "config.yaml"), load_yaml(root / "config" / "seeds.yaml")
+    validate_config(seeds)
+    assert seeds["datasets"] == {"phantom_pelvis": demo["datasets"]["phantom_pelvis"]}
+    assert seeds["training"] == demo["training"]
+    table2 = dict(seeds["tables"]["table2"])
+    assert table2.pop("seeds") == [0, 1, 2] and table2 == demo["tables"]["table2"]
+    assert seeds["results"] != demo["results"]  # its own tables beside the demo's
+    runs = matrix.runs_needed(seeds)
+    assert (
+        len(runs) == 30
+        and ("phantom_pelvis", "3d-diff") in runs
+        and ("phantom_pelvis", "2d-diff-seed2") in runs
+    )
