@@ -158,7 +158,10 @@ def table_runs(config: Mapping[str, Any], which: str) -> list[tuple[str, str]]:
 
 
 def figure3_models(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The models of Figures 2-3 (and the Spearman table): every Table 1 cell, in table order."""
+    """The models of Figures 2-3 (and the Spearman table): every Table 1 cell, in table order;
+    none without a Table 1 (a seed study of Table 2 alone)."""
+    if "table1" not in (config.get("tables") or {}):
+        return []
     return [(c["dataset"], c["run"]) for c in cells(config, "table1")]
 
 

@@ -311,3 +311,13 @@ def test_the_seed_config_is_the_demo_table2_with_three_seeds():
         and ("phantom_pelvis", "3d-diff") in runs
         and ("phantom_pelvis", "2d-diff-seed2") in runs
     )
+
+
+def test_a_seed_study_without_table1_has_no_spearman_models(seed_runs):
+    """config/seeds.yaml has Table 2 only: the statistics job writes its t-tests and an empty
+    Spearman table (with its columns) rather than failing on the missing Table 1."""
+    cfg = config(seeds=[0, 1])
+    assert matrix.figure3_models(cfg) == []
+    empty = stats.spearman(seed_runs, matrix.figure3_models(cfg))
+    assert empty.empty and {"run", "r", "p_value", "p_bh"} <= set(empty.columns)
+    assert len(stats.paired_tests(cfg, seed_runs)) == 1

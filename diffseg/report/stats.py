@@ -166,5 +166,6 @@ def spearman(runs_dir: str | Path, models: list[tuple[str, str]], alpha: float =
                 "significant": bool(p < alpha) if pd.notna(p) else False,
             }
         )
-    return _with_bh(pd.DataFrame(rows), alpha)
+    columns = ["dataset", "run", "classes", "r", "p_value", "alpha", "significant"]  # also when empty
+    return _with_bh(pd.DataFrame(rows, columns=columns), alpha)
 

@@ -309,10 +309,15 @@ def seed_values(config: Mapping[str, Any], runs_dir: str | Path) -> pd.DataFrame
 
 
 def seeds_figure(values: pd.DataFrame, outputs: Sequence[str | Path]) -> None:
-    """One panel per table × dataset × dim: each seed's Dice per cell (a marker per seed) and
-    their mean (a bar)."""
+    """One panel per table × dataset × dim: each seed's Dice per run (a marker per seed) and
+    their mean (a bar). A run that is several cells (an ablation table's reference) is drawn
+    once, named by its variant."""
     if values.empty:
         raise DataError("seeds figure: no table has two or more seeds (tables.<name>.seeds)")
+    values = values.copy()
+    shared = values.groupby(["table", "run"])["cell"].transform("nunique") > 1
+    values.loc[shared, "cell"] = values.loc[shared, "run"].str.split("-", n=1).str[1] + " (reference)"
+    values = values.drop_duplicates(["table", "run", "seed"])
     panels = list(values.groupby(["table", "dataset", "dim"], sort=False))
     fig, axes = plt.subplots(
         1,

@@ -231,7 +231,7 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
         vals = [str(r[k]) for k in keys]
         vals += [_fmt(r[c], r[f"{c}_std"], digits) for c in COLUMNS.values()]
         p = r["p_value"]
-        misses = f"{r['misses']:g}" if seeded else str(int(r["misses"]))
+        misses = f"{r['misses']:.1f}" if seeded else str(int(r["misses"]))
         vals += [misses, str(int(r["n"])), "" if pd.isna(p) else f"{p:.3g}"]
         if seeded:
             same = r.get("same_sign")
