@@ -15,13 +15,11 @@ from diffseg.data import (
     normalize_intensity,
     preprocess_case,
     preprocess_scan,
-    read_affine,
-    read_nifti,
     resample,
-    write_nifti,
 )
 from diffseg.data.preprocess import apply_window, crop_start, read_image, to_array
 from diffseg.errors import ConfigError, DataError
+from diffseg.io import read_affine, read_nifti, write_nifti
 
 ARGS = {"num_classes": 9, "spacing": (0.75, 0.75, 2.5), "shape": (16, 16, 8), "modality": "MR"}
 

@@ -11,10 +11,11 @@ from test_train import TINY, toy_data  # noqa: F401 (toy_data is a fixture)
 
 from diffseg.cli import main
 from diffseg.config import resolve_run_config, save_run_config
-from diffseg.data.preprocess import read_nifti, to_array
+from diffseg.data.preprocess import to_array
 from diffseg.evaluate import inference
 from diffseg.evaluate.inference import vote_and_entropy
 from diffseg.evaluate.metrics import dice
+from diffseg.io import read_nifti
 
 
 def test_vote_and_entropy_by_hand():
