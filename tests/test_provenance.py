@@ -152,7 +152,7 @@ def test_changed_data_retrains_and_stale_predictions_are_recomputed(
     capfd,
 ):
     import diffseg.train.loop as loop
-    from diffseg.evaluate.test_split import evaluate_run
+    from diffseg.evaluate.testset import evaluate_run
     from diffseg.train import train_run
 
     run_dir = copy_of(base_run)
