@@ -251,7 +251,9 @@ def remap_labels(label: np.ndarray, values: Sequence[int] | None) -> np.ndarray:
     return np.searchsorted(table, label.astype(np.int64)).astype(np.uint8)
 
 
-def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "legacy") -> sitk.Image:
+def resample(
+    img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "reference"
+) -> sitk.Image:
     """Resample to ``spacing`` (mm) covering the same extent; linear for images, nearest for labels.
 
     The size is ``round(size * old / new)`` per axis (numpy rounding, half to even), the direction
@@ -261,12 +263,13 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: st
         img: the image.
         spacing: the target spacing ``(sx, sy, sz)`` in mm, in SimpleITK index order.
         is_label: nearest-neighbour interpolation (else linear).
-        mode: ``reference``: as ImgX-DiffSeg v0.1.0: the output origin is
-            ``origin + 0.5 * (new - old)`` added per *physical* axis (the direction cosines are not
-            applied, so for flipped axes the half-voxel shift goes the other way), the output keeps
-            the input's pixel type (an integer image's interpolated values are truncated toward 0),
-            and an image already at ``spacing`` is still resampled. ``legacy``: the origin is kept,
-            images come out float32, and an image already at ``spacing`` is returned as it is.
+        mode: ``reference`` (the default, as ``PreprocessOptions``'s), as ImgX-DiffSeg v0.1.0: the
+            output origin is ``origin + 0.5 * (new - old)`` added per *physical* axis (the direction
+            cosines are not applied, so for flipped axes the half-voxel shift goes the other way),
+            the output keeps the input's pixel type (an integer image's interpolated values are
+            truncated toward 0), and an image already at ``spacing`` is still resampled. ``legacy``:
+            the origin is kept, images come out float32, and an image already at ``spacing`` is
+            returned as it is.
     """
     old_sp = np.array(img.GetSpacing())
     new_sp = np.array(spacing, float)
@@ -312,15 +315,16 @@ def _clip_range(clip: Sequence[float]) -> tuple[float, float]:
 
 
 def normalize_intensity(
-    image: np.ndarray, modality: str, clip: Sequence[float] | None = None, method: str = "legacy"
+    image: np.ndarray, modality: str, clip: Sequence[float] | None = None, method: str = "reference"
 ) -> np.ndarray:
     """Normalise an image ``(X, Y, Z)`` to float32.
 
-    ``method="reference"`` (ImgX-DiffSeg v0.1.0): CT is clipped to ``clip`` = [lo, hi] HU when given
-    (``sitk.Clamp``), then z-scored with the sample standard deviation (``sitk.Normalize``) and
-    rescaled so the minimum is 0 and the maximum 1 (``sitk.RescaleIntensity``); the z-score does not
-    change the result of the rescaling, it is kept to follow the reference step by step. A constant
-    volume gives zeros. Statistics are over every voxel given, padding included.
+    ``method="reference"`` (the default, as ``PreprocessOptions``'s; ImgX-DiffSeg v0.1.0): CT is
+    clipped to ``clip`` = [lo, hi] HU when given (``sitk.Clamp``), then z-scored with the sample
+    standard deviation (``sitk.Normalize``) and rescaled so the minimum is 0 and the maximum 1
+    (``sitk.RescaleIntensity``); the z-score does not change the result of the rescaling, it is kept
+    to follow the reference step by step. A constant volume gives zeros. Statistics are over every
+    voxel given, padding included.
 
     ``method="legacy"``: CT: clip to ``clip`` (default the 0.5/99.5 percentiles) and map linearly to
     [-1, 1]. MR (anything else): clip to the 0.5/99.5 percentiles (robust to hot spots), then z-score.
