@@ -1,6 +1,6 @@
 # diffseg: the paper's experiments as a graph of jobs (docs/DEFINITIONS.md). Thin: logic lives in diffseg.
 #   snakemake --cores all                       # the phantom demo (config/config.yaml)
-#   snakemake --profile workflow/profiles/slurm --configfile config/paper.yaml
+#   snakemake --profile profiles/slurm --configfile config/paper.yaml
 from snakemake.utils import min_version, validate
 
 from diffseg.config import validate_config

@@ -1,4 +1,8 @@
-"""Small file helpers shared by every stage: atomic writes, so nothing partial is left behind."""
+"""File helpers shared by every stage: atomic writes, so nothing partial is left behind, and NIfTI files.
+
+NIfTI arrays are in NIfTI order ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing in mm; affines are
+``(4, 4)`` RAS.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diffseg.errors import DiskFullError, disk_full_cause, fmt_bytes
+import numpy as np
+
+from diffseg.errors import DataError, DiskFullError, disk_full_cause, fmt_bytes
 
 
 def _read_umask() -> int:
@@ -132,3 +138,68 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return removed
+
+
+# --- NIfTI ---------------------------------------------------------------------------------------
+
+
+def write_nifti(
+    path: str | Path, array: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
+) -> None:
+    """Write ``array`` ``(X, Y, Z)`` or ``(X, Y, Z, C)`` atomically as NIfTI, voxel size ``spacing`` (mm).
+
+    ``affine`` is the grid's NIfTI (RAS) affine (``Preprocessed.affine`` and ``grid_affine`` of
+    ``diffseg.data.preprocess``, :func:`read_affine`). Without it the array is taken as LPS-ordered
+    at the origin (phantoms, and data of the legacy pipeline): ``diag(-sx, -sy, sz)``, so that
+    SimpleITK (``predict``) and viewers read the file in the orientation of the arrays.
+    """
+    import nibabel as nib  # here, not at the top: the atomic writers stay light to import
+
+    sx, sy, sz = (float(s) for s in spacing)
+    if affine is None:
+        affine = np.diag([-sx, -sy, sz, 1.0])
+    affine = np.asarray(affine, float)
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    # After set_qform, which sets them from the affine's columns; a channel axis has no size.
+    img.header.set_zooms((sx, sy, sz, *([1.0] * (array.ndim - 3))))
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def read_affine(path: str | Path) -> np.ndarray:
+    """The NIfTI (RAS) affine ``(4, 4)`` of a file, to write another array on the same grid."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return np.asarray(nib.load(str(path)).affine, float)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(f"{path}: cannot read the NIfTI header: {type(err).__name__}: {err}") from None
+
+
+def load_nifti(path: str | Path) -> tuple[Any, np.ndarray]:
+    """``(nibabel image, its voxels)`` of a NIfTI file; a ``DataError`` naming it if missing or unreadable."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        return img, np.asarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise DataError(
+            f"{path}: cannot read image (unreadable or truncated file): {type(err).__name__}: {err}"
+        ) from None
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI written by :func:`write_nifti`: ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing (mm)."""
+    img, arr = load_nifti(path)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return arr, zooms  # type: ignore[return-value]

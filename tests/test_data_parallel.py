@@ -181,7 +181,7 @@ def test_labels_of_a_parallel_run_hold_every_class(raw, tmp_path):
     relies on): each prepared label has most of the 30 classes."""
     task, _ = raw
     prepare_dataset("b", _entry(task), tmp_path / "out", tmp_path, threads=2)
-    from diffseg.data.preprocess import read_nifti
+    from diffseg.io import read_nifti
 
     for label in sorted((tmp_path / "out/labels").iterdir()):
         values = np.unique(read_nifti(label)[0])

@@ -15,13 +15,11 @@ from diffseg.data import (
     normalize_intensity,
     preprocess_case,
     preprocess_scan,
-    read_affine,
-    read_nifti,
     resample,
-    write_nifti,
 )
 from diffseg.data.preprocess import apply_window, crop_start, read_image, to_array
 from diffseg.errors import ConfigError, DataError
+from diffseg.io import read_affine, read_nifti, write_nifti
 
 ARGS = {"num_classes": 9, "spacing": (0.75, 0.75, 2.5), "shape": (16, 16, 8), "modality": "MR"}
 
@@ -43,9 +41,9 @@ def test_resample_known_volume():
     arr[10:30, 5:25, 2:8] = 1
     img = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
     img.SetSpacing((0.5, 1.0, 3.0))
-    out = resample(img, (1.0, 1.0, 1.5), is_label=False)
+    out = resample(img, (1.0, 1.0, 1.5), is_label=False, mode="legacy")
     assert out.GetSize() == (20, 30, 20) and out.GetSpacing() == (1.0, 1.0, 1.5)
-    lab = resample(sitk.Cast(img, sitk.sitkUInt8), (1.0, 1.0, 1.5), is_label=True)
+    lab = resample(sitk.Cast(img, sitk.sitkUInt8), (1.0, 1.0, 1.5), is_label=True, mode="legacy")
     vals = np.unique(sitk.GetArrayFromImage(lab))
     assert set(vals.tolist()) <= {0, 1}  # nearest neighbour: no new label values
     # The physical volume of the box is preserved (up to the border voxels).
@@ -57,11 +55,11 @@ def test_resample_known_volume():
 def test_normalize_and_crop():
     rng = np.random.default_rng(0)
     ct = rng.uniform(-2000, 2000, (8, 8, 4)).astype(np.float32)
-    n = normalize_intensity(ct, "CT", (-991, 362))
+    n = normalize_intensity(ct, "CT", (-991, 362), method="legacy")
     assert n.min() == -1 and n.max() == 1
     mr = rng.normal(500, 50, (8, 8, 4)).astype(np.float32)
     mr[0, 0, 0] = 1e6  # a hot spot does not dominate the z-score
-    z = normalize_intensity(mr, "MR")
+    z = normalize_intensity(mr, "MR", method="legacy")
     assert abs(z.mean()) < 1e-4 and abs(z.std() - 1) < 1e-3 and z.max() < 5
     a = np.arange(6 * 4 * 2).reshape(6, 4, 2)
     c = crop_or_pad(a, (4, 6, 2), -1)
@@ -253,7 +251,7 @@ def test_reference_resample_by_hand():
     assert out.GetSize() == (8, 1, 1) and out.GetPixelID() == sitk.sitkInt16
     assert out.GetOrigin() == pytest.approx((-0.25, 0.0, 0.0))
     np.testing.assert_array_equal(to_array(out).ravel(), [0, 0, 2, 1, -1, -1, 3, 5])
-    legacy = resample(img, (0.5, 1.0, 1.0), is_label=False)
+    legacy = resample(img, (0.5, 1.0, 1.0), is_label=False, mode="legacy")
     assert legacy.GetOrigin() == (0.0, 0.0, 0.0) and legacy.GetPixelID() == sitk.sitkFloat32
     # The shift is added per physical axis, whatever the direction: with x flipped it is still +.
     img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -316,8 +314,8 @@ def test_preprocess_scan_follows_the_runs_dataset_json(tmp_path, make_case):
     info = {"spacing": [0.75, 0.75, 2.5], "modality": "MR"}
     # No recorded options: data of the legacy pipeline (LPS, legacy resampling and intensities).
     volume, grid = preprocess_scan(scan, info)
-    legacy = resample(sitk.DICOMOrient(scan, "LPS"), info["spacing"], is_label=False)
-    np.testing.assert_array_equal(volume, normalize_intensity(to_array(legacy), "MR"))
+    legacy = resample(sitk.DICOMOrient(scan, "LPS"), info["spacing"], is_label=False, mode="legacy")
+    np.testing.assert_array_equal(volume, normalize_intensity(to_array(legacy), "MR", method="legacy"))
     assert grid.GetDirection() == legacy.GetDirection() and grid.GetOrigin() == legacy.GetOrigin()
     # The reference options: the scan's own axes, reference resampling, [0, 1].
     volume, grid = preprocess_scan(scan, {**info, **PreprocessOptions().as_dict()})
@@ -353,3 +351,12 @@ def test_bad_options():
     assert PreprocessOptions.from_config({}, "d") == PreprocessOptions(
         "none", "reference", "reference", "label_bbox"
     )
+
+
+def test_public_defaults_are_the_pipelines():
+    """``resample`` and ``normalize_intensity`` default to what a dataset read from files gets."""
+    import inspect
+
+    options = PreprocessOptions()
+    assert inspect.signature(resample).parameters["mode"].default == options.resample
+    assert inspect.signature(normalize_intensity).parameters["method"].default == options.normalize

@@ -16,8 +16,8 @@ import pytest
 
 from diffseg.cli import main
 from diffseg.config import resolve_run_config, save_run_config
-from diffseg.data.preprocess import read_nifti
 from diffseg.errors import ConfigError
+from diffseg.io import read_nifti
 from diffseg.parallel import training_devices
 from diffseg.train.loop import config_hash
 
@@ -181,7 +181,7 @@ LOAD = """
     from pathlib import Path
     import jax, numpy as np
     from diffseg.cli import main
-    from diffseg.data.preprocess import write_nifti
+    from diffseg.io import write_nifti
     from diffseg.runs import load_trained
     from tests.test_train import toy_volumes
 

@@ -149,7 +149,7 @@ def _write_toy(root: Path) -> None:
     import pandas as pd
     from test_train import toy_volumes
 
-    from diffseg.data.preprocess import write_nifti
+    from diffseg.io import write_nifti
 
     images, labels = toy_volumes(6)
     rows = []

@@ -10,9 +10,10 @@ import SimpleITK as sitk
 from conftest import write_case
 
 from diffseg.data.dataset import load_dataset
-from diffseg.data.preprocess import check_finite, normalize_intensity, preprocess_case, write_nifti
+from diffseg.data.preprocess import check_finite, normalize_intensity, preprocess_case
 from diffseg.errors import DataError, fmt_mm, fmt_num, fmt_point, fmt_shape
 from diffseg.evaluate.metrics import segmentation_metrics
+from diffseg.io import write_nifti
 
 NUMPY_REPR = ("np.", "array(", "float64", "float32", "int64", "dtype=")
 

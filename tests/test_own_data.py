@@ -14,9 +14,9 @@ import pytest
 from diffseg.cli import main
 from diffseg.config import resolve_run_config, save_run_config
 from diffseg.data import list_source, load_dataset, prepare_dataset
-from diffseg.data.preprocess import read_nifti
 from diffseg.errors import DataError
 from diffseg.evaluate import inference
+from diffseg.io import read_nifti
 
 VALUES = [0, 1, 2, 5]  # label values in the files: 5 is the third foreground class
 NAMES = ["background", "gland", "zone", "lesion"]

@@ -1,9 +1,11 @@
-"""The two install routes stay equivalent, and CI runs the README's test command as written."""
+"""The install routes stay equivalent (pyproject.toml is the one dependency list), and CI runs the
+README's test command as written."""
 
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,23 +15,53 @@ CONDA_NAMES = {"simpleitk": "simpleitk", "matplotlib": "matplotlib-base", "snake
 CONDA_SPECS = {"onednn-cpu-gomp": "onednn>=3.2", "onednn-devel-cpu-gomp": "onednn>=3.2"}
 
 
-def _requirements() -> dict[str, str]:
+def _name_and_bound(req: str) -> tuple[str, str]:
+    """``"numpy>=1.26"`` or ``"onednn-cpu-gomp>=2023.2; platform_system == ..."`` -> (name, ">=bound")."""
+    name, bound = re.fullmatch(r"([A-Za-z0-9_.-]+)(>=[0-9.]+)(?:; .*)?", req).groups()
+    return name.lower(), bound
+
+
+def _requirements(extras: tuple[str, ...] = ("test",)) -> dict[str, str]:
+    """pyproject.toml's dependencies (and ``extras``): {PyPI name: ">=lower bound"}."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["test"]
-    out = {}
-    for req in reqs:
-        name, bound = re.fullmatch(r"([A-Za-z0-9_.-]+)(>=[0-9.]+)(?:; .*)?", req).groups()
-        out[name.lower()] = bound
-    return out
+    reqs = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    return dict(_name_and_bound(req) for req in reqs)
 
 
-def test_environment_yml_matches_pyproject():
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    entries = [d for d in env["dependencies"] if isinstance(d, str)]
-    entries += next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    for name, bound in _requirements().items():
-        spec = CONDA_SPECS.get(name, CONDA_NAMES.get(name, name) + bound)
-        assert spec in entries, f"environment.yml lacks {spec}"
+def _expected_conda(extras: tuple[str, ...]) -> set[str]:
+    """What a conda environment must list for pyproject.toml's dependencies (and ``extras``)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = {f"python{project['requires-python']}"}
+    for name, bound in _requirements(extras).items():
+        specs.add(CONDA_SPECS.get(name, CONDA_NAMES.get(name, name) + bound))
+    return specs
+
+
+def _conda_specs(path: Path) -> set[str]:
+    """Every package spec of a conda environment file, conda's and pip's alike (not pip itself or -e)."""
+    deps = yaml.safe_load(path.read_text())["dependencies"]
+    entries = [d for d in deps if isinstance(d, str)]
+    entries += next(d["pip"] for d in deps if isinstance(d, dict))
+    return {e.split("#")[0].strip() for e in entries if e != "pip" and not e.startswith("-e ")}
+
+
+# pyproject.toml is the one dependency list; each conda file names exactly its packages (under
+# their conda names) with the same lower bounds: environment.yml with the test and slurm extras
+# (a development environment), the rules' environments without extras.
+@pytest.mark.parametrize(
+    ("path", "extras"),
+    [
+        ("environment.yml", ("test", "slurm")),
+        ("workflow/envs/diffseg.yaml", ()),
+        ("workflow/envs/diffseg-cuda.yaml", ()),
+    ],
+)
+def test_conda_environments_match_pyproject(path, extras):
+    found, expected = _conda_specs(ROOT / path), _expected_conda(extras)
+    assert found == expected, (
+        f"{path} disagrees with pyproject.toml: missing {sorted(expected - found)}, "
+        f"extra or differently bounded {sorted(found - expected)}"
+    )
 
 
 def test_ci_runs_the_readme_test_command():

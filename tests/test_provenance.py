@@ -19,8 +19,8 @@ from numpy.testing import assert_allclose
 from test_train import TINY, toy_data  # noqa: F401 (toy_data is a fixture)
 
 from diffseg.config import resolve_run_config
-from diffseg.data.preprocess import read_nifti, write_nifti
 from diffseg.errors import ConfigError, DataError
+from diffseg.io import read_nifti, write_nifti
 from diffseg.progress import Progress
 from diffseg.runs import RunCheckpoints, build_model
 from diffseg.runs.checkpoint import CorruptCheckpointWarning
@@ -152,7 +152,7 @@ def test_changed_data_retrains_and_stale_predictions_are_recomputed(
     capfd,
 ):
     import diffseg.train.loop as loop
-    from diffseg.evaluate.test_split import evaluate_run
+    from diffseg.evaluate.testset import evaluate_run
     from diffseg.train import train_run
 
     run_dir = copy_of(base_run)

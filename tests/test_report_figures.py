@@ -291,7 +291,7 @@ def test_data_figure_legend_fits_with_117_classes(tmp_path, monkeypatch):
     import json
 
     from diffseg.data.cli import data_figure
-    from diffseg.data.preprocess import write_nifti
+    from diffseg.io import write_nifti
 
     data = tmp_path / "data/ts"
     names = ["background"] + [f"organ_{c:03d}_with_a_long_name" for c in range(1, 118)]

@@ -1,4 +1,4 @@
-"""The tiny workflow on a real one-node SLURM cluster, through ``--profile workflow/profiles/slurm``.
+"""The tiny workflow on a real one-node SLURM cluster, through ``--profile profiles/slurm``.
 
 The cluster (``tests/slurm/cluster.py``: munge, MariaDB, slurmdbd, slurmctld, slurmd, a fake GPU)
 is started by this module and stopped after it. The run goes to both tables; then ``sacct``
@@ -113,7 +113,7 @@ def test_tiny_workflow_on_slurm(cluster, tmp_path):
     time.sleep(1)
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-        "--profile", str(ROOT / "workflow/profiles/slurm"), "--directory", str(work),
+        "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
         "--configfile", str(cfg), "--latency-wait", "10",
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
     ]  # fmt: skip
@@ -339,7 +339,7 @@ def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):
     time.sleep(1)
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-        "--profile", str(ROOT / "workflow/profiles/slurm"), "--directory", str(work),
+        "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
         "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
         str(run.relative_to(work) / "best.json"),

@@ -17,8 +17,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from diffseg.config import resolve_run_config
-from diffseg.data.preprocess import write_nifti
 from diffseg.diffusion import GaussianDiffusion, mask_to_x0
+from diffseg.io import write_nifti
 from diffseg.parallel import data_mesh
 from diffseg.runs import build_model
 from diffseg.train.feed import batch_indices

@@ -196,7 +196,7 @@ def test_the_loop_logs_skipped_updates(tmp_path):
 
     import pandas as pd
 
-    from diffseg.data.preprocess import write_nifti
+    from diffseg.io import write_nifti
     from diffseg.train import train_run
 
     images, labels = _volumes(5)

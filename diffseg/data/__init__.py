@@ -23,10 +23,7 @@ from diffseg.data.preprocess import (
     normalize_intensity,
     preprocess_case,
     preprocess_scan,
-    read_affine,
-    read_nifti,
     resample,
-    write_nifti,
 )
 from diffseg.data.sources import Case, Source, list_source
 from diffseg.data.splits import (
@@ -60,12 +57,9 @@ __all__ = [
     "preprocess_case",
     "preprocess_scan",
     "random_split",
-    "read_affine",
-    "read_nifti",
     "read_split_csv",
     "reference_amos_split",
     "reference_prostate_split",
     "resample",
-    "write_nifti",
     "write_split_csv",
 ]

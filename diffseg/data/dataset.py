@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from diffseg.data.augment import augment_batch
-from diffseg.data.preprocess import read_nifti
 from diffseg.data.splits import SPLITS, read_split_csv
 from diffseg.errors import DataError, fmt_shape
-from diffseg.io import atomic_path, atomic_write_json
+from diffseg.io import atomic_path, atomic_write_json, read_nifti
 
 __all__ = ["Dataset", "augment_batch", "load_dataset", "write_cache"]
 

@@ -448,7 +448,7 @@ def generate_phantom(
     Returns:
         image float32 ``(X, Y, Z)`` and label uint8 ``(X, Y, Z)`` with values ``0..len(CLASSES)-1``,
         in LPS array order (X towards the patient's left, Y posterior, Z superior), as the files'
-        default affine says (``write_nifti``).
+        default affine says (``diffseg.io.write_nifti``).
     """
     if anatomy not in _PAINTERS:
         raise ValueError(f"unknown phantom anatomy {anatomy!r}: expected one of {sorted(_PAINTERS)}")

@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from diffseg.data.dataset import write_cache
 from diffseg.data.phantom import generate_phantom
-from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case, write_nifti
+from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case
 from diffseg.data.sources import Case, list_source
 from diffseg.data.splits import make_split, split_counts, write_split_csv
 from diffseg.errors import ConfigError
-from diffseg.io import atomic_dir, atomic_write_json
+from diffseg.io import atomic_dir, atomic_write_json, write_nifti
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ Two pipelines, chosen per dataset by :class:`PreprocessOptions` (the ``reorient`
   float32 keeping the origin, normalise the whole volume (MR: percentile clip + z-score; CT: clip and
   map to [-1, 1]), then centre crop/pad with the normalised minimum.
 
-Files are written with the affine of the grid actually produced (orientation, origin, spacing), so
-viewers and ``diffseg predict`` place them where the scan was.
+Files are written (``diffseg.io.write_nifti``) with the affine of the grid actually produced
+(orientation, origin, spacing), so viewers and ``diffseg predict`` place them where the scan was.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from diffseg.errors import ConfigError, DataError, fmt_mm, fmt_num, fmt_point, fmt_shape
-from diffseg.io import atomic_path
+from diffseg.io import read_nifti
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class Preprocessed(NamedTuple):
     Attributes:
         image: float32 ``(X, Y, Z)`` = the target shape, normalised.
         label: uint8 ``(X, Y, Z)``, or None when preprocessed without a label.
-        affine: ``(4, 4)`` NIfTI (RAS) affine of the output grid, for :func:`write_nifti`.
+        affine: ``(4, 4)`` NIfTI (RAS) affine of the output grid, for ``diffseg.io.write_nifti``.
     """
 
     image: np.ndarray
@@ -252,7 +251,9 @@ def remap_labels(label: np.ndarray, values: Sequence[int] | None) -> np.ndarray:
     return np.searchsorted(table, label.astype(np.int64)).astype(np.uint8)
 
 
-def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "legacy") -> sitk.Image:
+def resample(
+    img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: str = "reference"
+) -> sitk.Image:
     """Resample to ``spacing`` (mm) covering the same extent; linear for images, nearest for labels.
 
     The size is ``round(size * old / new)`` per axis (numpy rounding, half to even), the direction
@@ -262,12 +263,13 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool, mode: st
         img: the image.
         spacing: the target spacing ``(sx, sy, sz)`` in mm, in SimpleITK index order.
         is_label: nearest-neighbour interpolation (else linear).
-        mode: ``reference``: as ImgX-DiffSeg v0.1.0: the output origin is
-            ``origin + 0.5 * (new - old)`` added per *physical* axis (the direction cosines are not
-            applied, so for flipped axes the half-voxel shift goes the other way), the output keeps
-            the input's pixel type (an integer image's interpolated values are truncated toward 0),
-            and an image already at ``spacing`` is still resampled. ``legacy``: the origin is kept,
-            images come out float32, and an image already at ``spacing`` is returned as it is.
+        mode: ``reference`` (the default, as ``PreprocessOptions``'s), as ImgX-DiffSeg v0.1.0: the
+            output origin is ``origin + 0.5 * (new - old)`` added per *physical* axis (the direction
+            cosines are not applied, so for flipped axes the half-voxel shift goes the other way),
+            the output keeps the input's pixel type (an integer image's interpolated values are
+            truncated toward 0), and an image already at ``spacing`` is still resampled. ``legacy``:
+            the origin is kept, images come out float32, and an image already at ``spacing`` is
+            returned as it is.
     """
     old_sp = np.array(img.GetSpacing())
     new_sp = np.array(spacing, float)
@@ -313,15 +315,16 @@ def _clip_range(clip: Sequence[float]) -> tuple[float, float]:
 
 
 def normalize_intensity(
-    image: np.ndarray, modality: str, clip: Sequence[float] | None = None, method: str = "legacy"
+    image: np.ndarray, modality: str, clip: Sequence[float] | None = None, method: str = "reference"
 ) -> np.ndarray:
     """Normalise an image ``(X, Y, Z)`` to float32.
 
-    ``method="reference"`` (ImgX-DiffSeg v0.1.0): CT is clipped to ``clip`` = [lo, hi] HU when given
-    (``sitk.Clamp``), then z-scored with the sample standard deviation (``sitk.Normalize``) and
-    rescaled so the minimum is 0 and the maximum 1 (``sitk.RescaleIntensity``); the z-score does not
-    change the result of the rescaling, it is kept to follow the reference step by step. A constant
-    volume gives zeros. Statistics are over every voxel given, padding included.
+    ``method="reference"`` (the default, as ``PreprocessOptions``'s; ImgX-DiffSeg v0.1.0): CT is
+    clipped to ``clip`` = [lo, hi] HU when given (``sitk.Clamp``), then z-scored with the sample
+    standard deviation (``sitk.Normalize``) and rescaled so the minimum is 0 and the maximum 1
+    (``sitk.RescaleIntensity``); the z-score does not change the result of the rescaling, it is kept
+    to follow the reference step by step. A constant volume gives zeros. Statistics are over every
+    voxel given, padding included.
 
     ``method="legacy"``: CT: clip to ``clip`` (default the 0.5/99.5 percentiles) and map linearly to
     [-1, 1]. MR (anything else): clip to the 0.5/99.5 percentiles (robust to hot spots), then z-score.
@@ -533,59 +536,3 @@ def preprocess_scan(
         for g in grids
     ]
     return (volumes[0] if channels == 1 else np.stack(volumes, axis=-1)), grids[0]
-
-
-def write_nifti(
-    path: str | Path, array: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None
-) -> None:
-    """Write ``array`` ``(X, Y, Z)`` or ``(X, Y, Z, C)`` atomically as NIfTI, voxel size ``spacing`` (mm).
-
-    ``affine`` is the grid's NIfTI (RAS) affine (``Preprocessed.affine``, :func:`grid_affine`,
-    :func:`read_affine`). Without it the array is taken as LPS-ordered at the origin (phantoms, and
-    data of the legacy pipeline): ``diag(-sx, -sy, sz)``, so that SimpleITK (``predict``) and viewers
-    read the file in the orientation of the arrays.
-    """
-    sx, sy, sz = (float(s) for s in spacing)
-    if affine is None:
-        affine = np.diag([-sx, -sy, sz, 1.0])
-    affine = np.asarray(affine, float)
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    # After set_qform, which sets them from the affine's columns; a channel axis has no size.
-    img.header.set_zooms((sx, sy, sz, *([1.0] * (array.ndim - 3))))
-    with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
-
-
-def read_affine(path: str | Path) -> np.ndarray:
-    """The NIfTI (RAS) affine ``(4, 4)`` of a file, to write another array on the same grid."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        return np.asarray(nib.load(str(path)).affine, float)
-    except Exception as err:  # nibabel raises many types for corrupt files
-        raise DataError(f"{path}: cannot read the NIfTI header: {type(err).__name__}: {err}") from None
-
-
-def load_nifti(path: str | Path) -> tuple[Any, np.ndarray]:
-    """``(nibabel image, its voxels)`` of a NIfTI file; a ``DataError`` naming it if missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-        return img, np.asarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for corrupt files
-        raise DataError(
-            f"{path}: cannot read image (unreadable or truncated file): {type(err).__name__}: {err}"
-        ) from None
-
-
-def read_nifti(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI written by :func:`write_nifti`: ``(X, Y, Z)`` or ``(X, Y, Z, C)``, spacing (mm)."""
-    img, arr = load_nifti(path)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return arr, zooms  # type: ignore[return-value]

@@ -14,7 +14,7 @@ def _say(text: str) -> None:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from diffseg.evaluate.test_split import evaluate_run
+    from diffseg.evaluate.testset import evaluate_run
     from diffseg.gpu.backend import report
 
     report(None, _say)

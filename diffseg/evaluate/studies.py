@@ -32,7 +32,7 @@ import pandas as pd
 from diffseg.data import load_dataset
 from diffseg.errors import DataError
 from diffseg.evaluate.inference import Segmenter, vote_and_entropy
-from diffseg.evaluate.test_split import IDENTITY, case_metrics
+from diffseg.evaluate.testset import IDENTITY, case_metrics
 from diffseg.evaluate.uncertainty import entropy_histogram, merge_histograms
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
 from diffseg.progress import Progress

@@ -20,11 +20,15 @@ is used.
 Every implementation reads the same parameters (``kernel`` ``(*[k]*d, Cin, Cout)`` and
 ``bias`` ``(Cout,)``, exactly as ``flax.linen.Conv``), so checkpoints are portable.
 
-Layouts: ``"xyz"`` is the library's channels-last ``(B, X, Y, Z, C)``; ``"zxy"`` is
-``(B, Z, X, Y, C)``, used inside the U-Net with "fold"/"tiled" so that folding depth is a free
-reshape instead of a transpose per convolution. "onednn" takes either; the U-Net gives it "xyz",
-where oneDNN picks its fast kernels (with depth first and only 2 slices deep, it fell back to a
-slower GEMM-based weight gradient). The kernel is always stored in (X, Y, Z) order.
+Layouts, this module's business alone: ``"xyz"`` (``CHANNELS_LAST``) is the library's
+channels-last ``(B, X, Y, Z, C)``; ``"zxy"`` is ``(B, Z, X, Y, C)``, used between the convolutions of
+a network with "fold"/"tiled" so that folding depth is a free reshape instead of a transpose per
+convolution. "onednn" takes either; networks give it "xyz", where oneDNN picks its fast kernels
+(with depth first and only 2 slices deep, it fell back to a slower GEMM-based weight gradient).
+The kernel is always stored in (X, Y, Z) order. A network reads none of this: it asks
+``network_layout(impl, spatial_dims)`` for an opaque value, brings its channels-last input into it
+with ``to_layout`` and its output back with ``from_layout``, and hands the value unread to
+``Conv`` and ``PatchConv``.
 """
 
 from __future__ import annotations
@@ -273,9 +277,33 @@ def _onednn_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Ar
 conv3d_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
+CHANNELS_LAST = "xyz"  # (B, X, Y[, Z], C): what networks take and return
+_DEPTH_FIRST = "zxy"  # (B, Z, X, Y, C): 3D only, for the depth-folding convolutions
+LAYOUTS = (CHANNELS_LAST, _DEPTH_FIRST)
+
+
+def network_layout(impl: str, spatial_dims: int) -> str:
+    """The layout a network keeps between its convolutions for a resolved ``impl`` (opaque to it).
+
+    Depth first for the pure-XLA 3D convolutions ("fold", "tiled"), which fold depth with a free
+    reshape there; channels-last otherwise.
+    """
+    return _DEPTH_FIRST if spatial_dims == 3 and impl in ("fold", "tiled") else CHANNELS_LAST
+
+
+def to_layout(x: jax.Array, layout: str) -> jax.Array:
+    """Channels-last ``(B, X, Y[, Z], C)`` -> ``layout`` (``network_layout``'s value)."""
+    return jnp.moveaxis(x, 3, 1) if layout == _DEPTH_FIRST else x
+
+
+def from_layout(x: jax.Array, layout: str) -> jax.Array:
+    """``layout`` (``network_layout``'s value) -> channels-last ``(B, X, Y[, Z], C)``."""
+    return jnp.moveaxis(x, 1, 3) if layout == _DEPTH_FIRST else x
+
+
 def _kernel_in_data_order(kernel: jax.Array, layout: str) -> jax.Array:
     """The kernel in the data's axis order, as oneDNN and XLA take it ((Z, X, Y, I, O) in "zxy")."""
-    return kernel if layout == "xyz" else jnp.transpose(kernel, (2, 0, 1, 3, 4))
+    return kernel if layout == CHANNELS_LAST else jnp.transpose(kernel, (2, 0, 1, 3, 4))
 
 
 # Below this many pixels per plane, XLA's own float32 2D convolution beats oneDNN's (its
@@ -297,7 +325,7 @@ def conv_nd(
     *,
     strides: int = 1,
     impl: str = "auto",
-    layout: str = "xyz",
+    layout: str = CHANNELS_LAST,
 ) -> jax.Array:
     """Channels-last SAME convolution plus optional bias, dispatching on ``impl``.
 
@@ -314,9 +342,9 @@ def conv_nd(
     """
     d = x.ndim - 2
     impl = resolve_impl(impl, d, x.dtype)
-    if layout not in ("xyz", "zxy"):
-        raise ValueError(f"layout must be 'xyz' or 'zxy', got {layout!r}")
-    if layout == "zxy" and d != 3:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == _DEPTH_FIRST and d != 3:
         raise ValueError("layout 'zxy' is for 3D inputs only")
     ksize = kernel.shape[:d]
     odd_stride1 = strides == 1 and all(k % 2 == 1 for k in ksize)
@@ -336,12 +364,12 @@ def conv_nd(
         out = conv3d_onednn(x.astype(f32), k.astype(f32), b.astype(f32))
         return (out[:, 0] if d == 2 else out).astype(x.dtype)
     elif d == 3 and impl in ("fold", "tiled") and odd_stride1:
-        xz = x if layout == "zxy" else jnp.moveaxis(x, 3, 1)
+        xz = x if layout == _DEPTH_FIRST else jnp.moveaxis(x, 3, 1)
         if impl == "fold" or xz.shape[2] * xz.shape[3] < TILED_MIN_PLANE:
             out = conv3d_fold(xz, kernel)
         else:
             out = conv3d_tiled(xz, kernel)
-        out = out if layout == "zxy" else jnp.moveaxis(out, 1, 3)
+        out = out if layout == _DEPTH_FIRST else jnp.moveaxis(out, 1, 3)
     else:
         out = _xla_conv(x, _kernel_in_data_order(kernel, layout), (strides,) * d)
     return out if bias is None else out + bias
@@ -361,7 +389,7 @@ class Conv(nn.Module):
     strides: int = 1
     use_bias: bool = True
     impl: str = "auto"
-    layout: str = "xyz"
+    layout: str = CHANNELS_LAST  # network_layout's value
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()

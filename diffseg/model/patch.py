@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffseg.model.conv import _kernel_in_data_order
+from diffseg.model.conv import CHANNELS_LAST, _kernel_in_data_order
 
 
 def _check(x: jax.Array, kernel: jax.Array, what: str) -> tuple[int, int]:
@@ -96,7 +96,8 @@ class PatchConv(nn.Module):
 
     Parameters ``kernel`` ``(*[f]*d, Cin, Cout)`` (kept in (X, Y[, Z]) order whatever the
     ``layout``) and, with ``use_bias``, ``bias`` ``(Cout,)``: flax.linen.Conv's names and shapes.
-    x ``(B, *S, Cin)`` in ``layout`` ("xyz" or, 3D only, "zxy") → ``(B, *S/f, Cout)`` in ``dtype``.
+    x ``(B, *S, Cin)`` in ``layout`` (``diffseg.model.conv``'s; channels-last by default) →
+    ``(B, *S/f, Cout)`` in ``dtype``.
     """
 
     features: int
@@ -104,7 +105,7 @@ class PatchConv(nn.Module):
     factor: int = 2
     use_bias: bool = True
     transpose: bool = False  # True: the transposed convolution (see PatchConvTranspose)
-    layout: str = "xyz"
+    layout: str = CHANNELS_LAST  # diffseg.model.conv.network_layout's value
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()

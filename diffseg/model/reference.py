@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffseg.model.conv import Conv, resolve_impl
+from diffseg.model.conv import CHANNELS_LAST, Conv, from_layout, network_layout, resolve_impl, to_layout
 from diffseg.model.patch import PatchConv, PatchConvTranspose
 from diffseg.model.slices import fold_depth, repeat_per_slice, unfold_depth
 from diffseg.model.unet import sinusoidal_embedding
@@ -87,7 +87,7 @@ class ConvNormAct(nn.Module):
     features: int
     spatial_dims: int
     impl: str = "xla"
-    layout: str = "xyz"
+    layout: str = CHANNELS_LAST  # diffseg.model.conv.network_layout's value
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -109,7 +109,7 @@ class ResBlock(nn.Module):
     spatial_dims: int
     time_conditioning: str = "reference"
     impl: str = "xla"
-    layout: str = "xyz"
+    layout: str = CHANNELS_LAST  # diffseg.model.conv.network_layout's value
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -138,7 +138,7 @@ class Down(nn.Module):
 
     features: int
     spatial_dims: int
-    layout: str = "xyz"
+    layout: str = CHANNELS_LAST  # diffseg.model.conv.network_layout's value
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -233,10 +233,9 @@ class ReferenceUNet(nn.Module):
             temb = nn.gelu(sinusoidal_embedding(t, 4 * self.channels[0]))
 
         impl = resolve_impl(self.conv_impl, d, self.dtype)
-        # Depth-first inside the network for the pure-XLA 3D convolutions (as in ``UNet``).
-        layout = "zxy" if d == 3 and impl in ("fold", "tiled") else "xyz"
-        if layout == "zxy":
-            x = jnp.moveaxis(x, 3, 1)
+        # Between convolutions the arrays are in the backend's layout (diffseg.model.conv's choice).
+        layout = network_layout(impl, d)
+        x = to_layout(x, layout)
         x = x.astype(self.dtype)
 
         def wrap(cls: Any) -> Any:
@@ -261,6 +260,5 @@ class ReferenceUNet(nn.Module):
             h = wrap(ResBlock)(widths[level], **res, name=f"dec{level}")(h, temb)
         out = wrap(Conv)(self.num_classes, 1, **kw, impl=impl, kernel_init=haiku_init, name="head")(h)
         out = out.astype(jnp.float32)
-        if layout == "zxy":
-            out = jnp.moveaxis(out, 1, 3)
+        out = from_layout(out, layout)
         return unfold_depth(out, depth) if depth is not None else out

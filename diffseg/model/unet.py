@@ -9,9 +9,9 @@ step is injected as scale/shift after the first normalisation of every residual 
 The 2D network takes slices ``(B, X, Y, C)`` or volumes ``(B, X, Y, Z, C)``; volumes are run
 slice by slice (depth folded into the batch, ``diffseg.model.slices``) and folded back.
 
-With the pure-XLA CPU convolutions ("fold", "tiled") the 3D network runs internally in a
-depth-first layout ``(B, Z, X, Y, C)`` so that ``diffseg.model.conv`` can fold depth with a free
-reshape; the parameters and the input/output layout ``(B, X, Y, Z, C)`` do not depend on this.
+Between its convolutions the network keeps the layout ``diffseg.model.conv.network_layout``
+chooses for the backend; the parameters and the input/output layout ``(B, X, Y, Z, C)`` do not
+depend on it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffseg.model.conv import Conv, resolve_impl
+from diffseg.model.conv import Conv, from_layout, network_layout, resolve_impl, to_layout
 from diffseg.model.slices import fold_depth, repeat_per_slice, unfold_depth
 
 
@@ -75,7 +75,7 @@ class ResBlock(nn.Module):
     features: int
     spatial_dims: int
     impl: str
-    layout: str
+    layout: str  # diffseg.model.conv.network_layout's value
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -160,10 +160,9 @@ class UNet(nn.Module):
             temb = nn.Dense(self.time_embed_dim, dtype=self.dtype, name="time_mlp2")(nn.silu(temb))
 
         impl = resolve_impl(self.conv_impl, d, self.dtype)
-        # Depth-first inside the network when the fold/tiled convolution is used (see module doc).
-        layout = "zxy" if d == 3 and impl in ("fold", "tiled") else "xyz"
-        if layout == "zxy":
-            x = jnp.moveaxis(x, 3, 1)
+        # Between convolutions the arrays are in the backend's layout (diffseg.model.conv's choice).
+        layout = network_layout(impl, d)
+        x = to_layout(x, layout)
         x = x.astype(self.dtype)
         kw = dict(spatial_dims=d, impl=impl, layout=layout, dtype=self.dtype)
 
@@ -179,6 +178,5 @@ class UNet(nn.Module):
             h = jnp.concatenate([h, skips[i]], axis=-1)
             h = ResBlock(self.channels[i], **kw, name=f"up{i}")(h, temb)
         out = Conv(self.num_classes, 1, **kw, name="head")(h).astype(jnp.float32)
-        if layout == "zxy":
-            out = jnp.moveaxis(out, 1, 3)
+        out = from_layout(out, layout)
         return unfold_depth(out, depth) if depth is not None else out

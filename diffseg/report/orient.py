@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from diffseg.data.preprocess import load_nifti
 from diffseg.errors import DataError
+from diffseg.io import load_nifti
 
 # Array axes of the displayed volume: rows (A -> P), columns (R -> L), slices (I -> S).
 DISPLAY_AXES = ("P", "L", "S")

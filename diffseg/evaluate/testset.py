@@ -17,10 +17,16 @@ import numpy as np
 import pandas as pd
 
 from diffseg.data import load_dataset
-from diffseg.data.preprocess import read_affine, read_nifti, write_nifti
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import segmentation_metrics
-from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
+from diffseg.io import (
+    atomic_write_json,
+    atomic_write_text,
+    read_affine,
+    read_nifti,
+    remove_temporaries,
+    write_nifti,
+)
 from diffseg.progress import Progress
 
 COLUMNS = [
