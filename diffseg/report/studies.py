@@ -31,7 +31,7 @@ from diffseg.errors import DataError  # noqa: E402
 from diffseg.evaluate.uncertainty import auroc_from_histogram, error_rate_bins  # noqa: E402
 from diffseg.matrix import cells, study_runs, table_names  # noqa: E402
 from diffseg.report.figures import save  # noqa: E402
-from diffseg.report.tables import COLUMNS, METRICS, MetricsCache, _fmt, _ttest, per_case  # noqa: E402
+from diffseg.report.tables import COLUMNS, METRICS, MetricsCache, mean_std, per_case, ttest_cases  # noqa: E402
 
 
 def _read(path: Path, required: Sequence[str]) -> pd.DataFrame:
@@ -76,7 +76,7 @@ def sampling_steps_table(config: Mapping[str, Any], runs_dir: str | Path) -> pd.
             row["seconds"] = float(m.groupby("uid")["seconds"].first().mean())
             row["n"] = int(len(cases))
             compared = reference is not None and k != configured
-            row["p_value"] = _ttest(cases["dice"], reference)[1] if compared else float("nan")
+            row["p_value"] = ttest_cases(cases["dice"], reference)[1] if compared else float("nan")
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -95,9 +95,9 @@ def sampling_steps_markdown(table: pd.DataFrame, digits: int = 3) -> str:
                     str(r["dataset"]),
                     f"`{r['run']}`",
                     f"{int(r['steps'])}{own}",
-                    _fmt(r["DS"], r["DS_std"], digits),
-                    _fmt(r["NSD"], r["NSD_std"], digits),
-                    _fmt(r["HD"], r["HD_std"], 2),
+                    mean_std(r["DS"], r["DS_std"], digits),
+                    mean_std(r["NSD"], r["NSD_std"], digits),
+                    mean_std(r["HD"], r["HD_std"], 2),
                     f"{r['seconds']:.3g}",
                     str(int(r["n"])),
                     p,
@@ -172,7 +172,7 @@ def uncertainty_table(config: Mapping[str, Any], runs_dir: str | Path) -> pd.Dat
                 "dice_one": float(one.mean()),
                 "dice_vote": float(vote.mean()),
                 "vote_gain": float((vote - one).mean()),
-                "p_vote": _ttest(vote, one)[1],
+                "p_vote": ttest_cases(vote, one)[1],
                 "spearman_r": r,
                 "spearman_p": p,
                 "auroc": auroc_from_histogram(histogram),

@@ -82,8 +82,11 @@ def summarise(metrics: pd.DataFrame) -> dict[str, Any]:
     return row
 
 
-def _ttest(da: pd.Series, db: pd.Series) -> tuple[float, float, int]:
-    """Paired t-test of two per-case Dice series (index ``uid``), cases matched by uid."""
+def ttest_cases(da: pd.Series, db: pd.Series) -> tuple[float, float, int]:
+    """Paired t-test of two per-case series (index ``uid``), cases matched by uid.
+
+    Returns ``(t statistic, p value, number of paired cases)``; NaN when fewer than 2 pairs.
+    """
     joined = pd.concat({"a": da, "b": db}, axis=1, join="inner").dropna()
     if len(joined) < 2:
         return float("nan"), float("nan"), int(len(joined))
@@ -96,7 +99,7 @@ def paired_ttest(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, int]:
 
     Returns ``(t statistic, p value, number of paired cases)``; NaN when fewer than 2 pairs.
     """
-    return _ttest(per_case(a)["dice"], per_case(b)["dice"])
+    return ttest_cases(per_case(a)["dice"], per_case(b)["dice"])
 
 
 def seed_cases(frames: list[pd.DataFrame], where: str = "") -> pd.DataFrame:
@@ -151,7 +154,7 @@ def compare_seeds(
     a - b) and ``p_seed{s}`` (that seed's paired test), and ``same_sign``: whether every seed's
     difference has the same sign (and none is 0).
     """
-    t, p, n = _ttest(seed_cases(a, where)["dice"], seed_cases(b, where)["dice"])
+    t, p, n = ttest_cases(seed_cases(a, where)["dice"], seed_cases(b, where)["dice"])
     out: dict[str, Any] = {"t": t, "p_value": p, "n": n}
     if len(a) > 1:
         diffs = []
@@ -229,14 +232,14 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         vals = [str(r[k]) for k in keys]
-        vals += [_fmt(r[c], r[f"{c}_std"], digits) for c in COLUMNS.values()]
+        vals += [mean_std(r[c], r[f"{c}_std"], digits) for c in COLUMNS.values()]
         p = r["p_value"]
         misses = f"{r['misses']:.1f}" if seeded else str(int(r["misses"]))
         vals += [misses, str(int(r["n"])), "" if pd.isna(p) else f"{p:.3g}"]
         if seeded:
             same = r.get("same_sign")
             vals += [
-                _fmt(r["DS_seed_std"], float("nan"), digits),
+                mean_std(r["DS_seed_std"], float("nan"), digits),
                 "" if pd.isna(same) else ("yes" if same else "no"),
                 ", ".join("" if pd.isna(r[c]) else f"{r[c]:.3g}" for c in p_seeds) if pd.notna(p) else "",
             ]
@@ -244,7 +247,8 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(mean: float, std: float, digits: int) -> str:
+def mean_std(mean: float, std: float, digits: int) -> str:
+    """A markdown cell ``mean (std)``; ``n/a`` for a missing mean, no brackets for a missing std."""
     if pd.isna(mean):
         return "n/a"
     return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ({std:.{digits}f})")
