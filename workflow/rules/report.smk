@@ -191,6 +191,8 @@ rule sampling_steps_report:
         runs=lambda w: f"{RESULTS}/runs",
     log:
         f"{RESULTS}/logs/report/sampling_steps.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/sampling_steps.tsv"
     conda:
         "../envs/diffseg.yaml"
     shell:
@@ -215,6 +217,8 @@ rule uncertainty_report:
         runs=lambda w: f"{RESULTS}/runs",
     log:
         f"{RESULTS}/logs/report/uncertainty.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/uncertainty.tsv"
     conda:
         "../envs/diffseg.yaml"
     shell:
@@ -235,6 +239,8 @@ rule seeds_figure:
         runs=lambda w: f"{RESULTS}/runs",
     log:
         f"{RESULTS}/logs/report/seeds.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/seeds.tsv"
     conda:
         "../envs/diffseg.yaml"
     shell:
