@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from diffseg.choices import RUN_CHOICES
 from diffseg.errors import ConfigError
 
 BASE: dict[str, Any] = {
@@ -273,9 +274,9 @@ def check_run_section(value: Any, path: str, base: Mapping[str, Any] = BASE, rel
 
 
 def _check_leaf(value: Any, rel: str, base_value: Any, where: str) -> None:
-    """A run-config value: its key's type, and one of its choices where it has them (``CHOICES``)."""
+    """A run-config value: its key's type, and one of its choices where it has them (``RUN_CHOICES``)."""
     _check_value(value, VALUE_TYPES.get(rel) or _infer_kinds(base_value), where)
-    allowed = CHOICES.get(tuple(rel.split(".")))
+    allowed = RUN_CHOICES.get(tuple(rel.split(".")))
     if allowed is not None and value not in allowed:
         raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -534,23 +535,8 @@ def resolve_run_config(
     return cfg
 
 
-# The diffusion names are diffseg.diffusion's Prediction and Variance enums, repeated here so that
-# config stays free of jax (the Snakefile imports it); tests/test_diffusion.py checks they agree.
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "arch"): ("reference", "legacy"),
-    ("model", "time_conditioning"): ("reference", "after_norm"),
-    ("diffusion", "prediction"): ("x0", "epsilon"),
-    ("diffusion", "variance"): ("fixed_large", "beta_tilde"),
-    ("train", "sampling"): ("epoch", "uniform"),
-    ("train", "platform"): ("any", "gpu", "tpu", "cpu"),
-    ("evaluate", "nsd_empty"): ("nan", "zero"),
-    ("train", "bf16_inputs"): ("reference", "float32"),
-    ("loss", "dice_mean"): ("per_sample", "pooled"),
-}
-
-
 def _check(cfg: Mapping[str, Any], run: str) -> None:
-    for (section, key), allowed in CHOICES.items():
+    for (section, key), allowed in RUN_CHOICES.items():
         if cfg[section][key] not in allowed:
             raise ConfigError(
                 f"run {run!r}: {section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}"

@@ -7,6 +7,7 @@ import pytest
 
 from diffseg.config import (
     BASE,
+    DIMS,
     SCHEMA_PATH,
     deep_merge,
     load_yaml,
@@ -342,3 +343,43 @@ def test_valid_shapes_pass_and_2d_never_halves_depth():
     resolve_run_config(config, "mine", "2d-diff")
     config["datasets"]["mine"]["shape"] = [32, 48, 16]
     resolve_run_config(config, "mine", "3d-diff", {"train.micro_batch": 4})
+
+
+def _enums(node, path=""):
+    """Every ``enum`` of the schema that lists a value's names: ``{path: [names]}`` (not propertyNames)."""
+    found = {}
+    if isinstance(node, dict):
+        for key, sub in node.items():
+            if key == "enum" and "propertyNames" not in path.split("."):
+                found[path] = sub
+            else:
+                found.update(_enums(sub, f"{path}.{key}" if path else str(key)))
+    elif isinstance(node, list):
+        for i, sub in enumerate(node):
+            found.update(_enums(sub, f"{path}[{i}]"))
+    return found
+
+
+def test_schema_enums_are_the_one_list_of_choices():
+    """The schema's enums of names are diffseg.choices' (same values, same order), and nothing else
+    in the schema lists names a check or the code must know."""
+    import yaml
+
+    from diffseg.choices import DATASET_CHOICES, PREPROCESS_CHOICES, RUN_CHOICES
+    from diffseg.data.phantom import CLASSES
+    from diffseg.data.preprocess import PreprocessOptions
+    from diffseg.data.sources import SOURCES
+    from diffseg.model import TIME_CONDITIONINGS
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    dataset = {f"definitions.dataset.properties.{k}": list(v) for k, v in DATASET_CHOICES.items()}
+    dims = {"definitions.dim": ["2d", "3d"]}  # RUN_NAME's dims, and DIMS' keys (below)
+    assert _enums(schema) == {**dataset, **dims}
+    assert list(DIMS) == dims["definitions.dim"]
+    # The code that acts on the names reads them from the same list.
+    assert SOURCES == DATASET_CHOICES["source"] and tuple(CLASSES) == DATASET_CHOICES["anatomy"]
+    assert PreprocessOptions() == PreprocessOptions(**{k: v[0] for k, v in PREPROCESS_CHOICES.items()})
+    assert TIME_CONDITIONINGS == RUN_CHOICES[("model", "time_conditioning")]
+    # Every run-config choice names a BASE key, whose default is one of its choices.
+    for (section, key), allowed in RUN_CHOICES.items():
+        assert BASE[section][key] in allowed, (section, key)

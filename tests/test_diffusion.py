@@ -184,10 +184,10 @@ def test_prediction_and_variance_names_are_checked_in_the_enums():
         Prediction("noise")
     with pytest.raises(ValueError, match="prediction must be one of"):
         GaussianDiffusion.linear().predict_x0(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0]), "v")
-    from diffseg.config import CHOICES  # the config's own check names the same values
+    from diffseg.choices import RUN_CHOICES  # the config's own check names the same values
 
-    assert CHOICES[("diffusion", "prediction")] == tuple(Prediction)
-    assert CHOICES[("diffusion", "variance")] == tuple(Variance)
+    assert RUN_CHOICES[("diffusion", "prediction")] == tuple(Prediction)
+    assert RUN_CHOICES[("diffusion", "variance")] == tuple(Variance)
 
 
 def test_sqrt_coefficients_are_float64_and_precomputed():

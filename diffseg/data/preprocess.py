@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import SimpleITK as sitk
 
+from diffseg.choices import PREPROCESS_CHOICES
 from diffseg.errors import ConfigError, DataError, fmt_mm, fmt_num, fmt_point, fmt_shape
 from diffseg.io import read_nifti
 
@@ -36,13 +37,6 @@ log = logging.getLogger(__name__)
 
 GEOMETRY_RTOL = 1e-3
 GEOMETRY_ATOL = 1e-3  # mm; the reference's check_image_and_label used atol 1e-3 (+ rtol 1e-5)
-# The choices of each preprocessing switch; the first is the default for datasets read from files.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "reorient": ("none", "LPS"),
-    "resample": ("reference", "legacy"),
-    "normalize": ("reference", "legacy"),
-    "crop": ("label_bbox", "centre"),
-}
 # RAS (NIfTI affines) <-> LPS (SimpleITK physical space): flip the first two world axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -78,7 +72,7 @@ class PreprocessOptions:
         """Options from a dataset entry; absent keys take ``default``; a bad value is a ``ConfigError``."""
         default = default or cls()
         values = {}
-        for key, choices in CHOICES.items():
+        for key, choices in PREPROCESS_CHOICES.items():
             value = cfg.get(key, getattr(default, key))
             if value not in choices:
                 raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(choices)}")
@@ -273,8 +267,8 @@ def resample(
     """
     old_sp = np.array(img.GetSpacing())
     new_sp = np.array(spacing, float)
-    if mode not in CHOICES["resample"]:
-        raise ConfigError(f"resample: {mode!r} is not one of {list(CHOICES['resample'])}")
+    if mode not in PREPROCESS_CHOICES["resample"]:
+        raise ConfigError(f"resample: {mode!r} is not one of {list(PREPROCESS_CHOICES['resample'])}")
     if mode == "legacy" and np.allclose(old_sp, new_sp, rtol=1e-6):
         return img
     size = np.maximum(1, np.round(np.array(img.GetSize()) * old_sp / new_sp)).astype(int)
@@ -329,8 +323,8 @@ def normalize_intensity(
     ``method="legacy"``: CT: clip to ``clip`` (default the 0.5/99.5 percentiles) and map linearly to
     [-1, 1]. MR (anything else): clip to the 0.5/99.5 percentiles (robust to hot spots), then z-score.
     """
-    if method not in CHOICES["normalize"]:
-        raise ConfigError(f"normalize: {method!r} is not one of {list(CHOICES['normalize'])}")
+    if method not in PREPROCESS_CHOICES["normalize"]:
+        raise ConfigError(f"normalize: {method!r} is not one of {list(PREPROCESS_CHOICES['normalize'])}")
     is_ct = modality.upper() == "CT"
     if method == "reference":
         x = image.astype(np.float64)

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffseg.choices import DATASET_CHOICES
 from diffseg.data.phantom import CLASSES, MODALITY
 from diffseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("phantom", "prostate_mr", "abdominal_ct", "msd")
+SOURCES = DATASET_CHOICES["source"]
 AMOS_CT_MAX_ID = 500  # AMOS ids above 500 are MR
 NIFTI = (".nii.gz", ".nii")
 INSTITUTION_FILE = "institution.txt"  # Zenodo 7013610, beside data.zip: "<uid> <institution>" lines

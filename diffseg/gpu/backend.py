@@ -14,10 +14,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffseg.config import CHOICES
+from diffseg.choices import RUN_CHOICES
 from diffseg.errors import ConfigError
 
-PLATFORMS = CHOICES[("train", "platform")]
+PLATFORMS = RUN_CHOICES[("train", "platform")]
 ALLOW_CPU_VAR = "DIFFSEG_ALLOW_CPU"
 INSTALL_HINT = (
     'install CUDA JAX in this environment: pip install -e ".[cuda12]" (pip), or after'
