@@ -1,7 +1,9 @@
 """Every config value that is one of a fixed set of names, listed once.
 
-This module imports nothing: ``diffseg.config`` (which the Snakefile imports) reads it, and so do
-the modules that act on the names. What else names them is checked against it by tests: the
+The run config's names are ``Literal`` types: :mod:`diffseg.runconfig` annotates its fields with
+them and derives from those annotations both the check of a config value and ``RUN_CHOICES``. This
+module imports nothing but ``typing``: ``diffseg.config`` (which the Snakefile imports) reads it, and
+so do the modules that act on the names. What else names them is checked against it by tests: the
 workflow schema's enums (``tests/test_config.py``) and ``diffseg.diffusion``'s ``Prediction`` and
 ``Variance`` enums (``tests/test_diffusion.py``), which stay out of here so that the Snakefile's
 import does not pull in jax.
@@ -9,19 +11,24 @@ import does not pull in jax.
 
 from __future__ import annotations
 
-# Run-config keys (BASE's sections, diffseg.config) -> their allowed values; BASE holds the default.
-RUN_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("model", "arch"): ("reference", "legacy"),
-    ("model", "time_conditioning"): ("reference", "after_norm"),
-    ("diffusion", "prediction"): ("x0", "epsilon"),  # diffseg.diffusion.Prediction
-    ("diffusion", "variance"): ("fixed_large", "beta_tilde"),  # diffseg.diffusion.Variance
-    ("train", "sampling"): ("epoch", "uniform"),
-    ("train", "platform"): ("any", "gpu", "tpu", "cpu"),
-    ("evaluate", "nsd_empty"): ("nan", "zero"),
-    ("train", "bf16_inputs"): ("reference", "float32"),
-    ("loss", "dice_mean"): ("per_sample", "pooled"),
-}
+from typing import Literal, get_args
 
+# --- run config (diffseg.runconfig's field types) -------------------------------------------------
+Arch = Literal["reference", "legacy"]  # model.arch
+TimeConditioning = Literal["reference", "after_norm"]  # model.time_conditioning
+PredictionName = Literal["x0", "epsilon"]  # diffusion.prediction: diffseg.diffusion.Prediction
+VarianceName = Literal["fixed_large", "beta_tilde"]  # diffusion.variance: diffseg.diffusion.Variance
+DiceMean = Literal["per_sample", "pooled"]  # loss.dice_mean
+Sampling = Literal["epoch", "uniform"]  # train.sampling
+Bf16Inputs = Literal["reference", "float32"]  # train.bf16_inputs
+Platform = Literal["any", "gpu", "tpu", "cpu"]  # train.platform
+NsdEmpty = Literal["nan", "zero"]  # evaluate.nsd_empty
+Auto = Literal["auto"]  # "let diffseg choose" (model.remat, train.micro_batch, train.devices)
+
+TIME_CONDITIONINGS: tuple[str, ...] = get_args(TimeConditioning)
+PLATFORMS: tuple[str, ...] = get_args(Platform)
+
+# --- dataset entries (the schema's enums of definitions.dataset) ---------------------------------
 # A dataset entry's preprocessing switches (diffseg.data.preprocess.PreprocessOptions); the first
 # is the default for datasets read from files.
 PREPROCESS_CHOICES: dict[str, tuple[str, ...]] = {

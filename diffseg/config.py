@@ -1,6 +1,7 @@
 """Run configuration: one base, per-dimension and per-variant overrides, resolved once.
 
-The paper's method lives here, in code, once: ``BASE`` holds the paper's settings, ``DIMS``
+The paper's method lives in code, once: ``BASE`` holds the paper's settings (the defaults of
+``diffseg.runconfig``'s dataclasses, which also declare each key's type and names), ``DIMS``
 the 2D/3D switches and ``VARIANTS`` the six run variants of the paper. A YAML config
 (``config/config.yaml``) overrides any of them and may add new variants, so an ablation is a
 few lines of config. Resolution order (later wins)::
@@ -17,106 +18,19 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import numbers
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from diffseg.choices import RUN_CHOICES
 from diffseg.errors import ConfigError
+from diffseg.runconfig import RunConfig, check_value, defaults, show
 
-BASE: dict[str, Any] = {
-    "model": {
-        # "reference": ImgX-DiffSeg v0.1.0's U-Net (docs/FIDELITY.md); "legacy": diffseg's
-        # earlier U-Net (GroupNorm, SiLU, average pooling, concatenated skips).
-        "arch": "reference",
-        "spatial_dims": 3,
-        "channels": [32, 64, 128, 256],
-        # reference: t added just before an InstanceNorm, which removes it again (the
-        # reference's placement: the network ignores t); after_norm: added after it (t is used).
-        "time_conditioning": "reference",
-        "remat": False,  # rematerialise each block in the backward pass (less memory, more compute)
-        "time_embed_dim": 128,  # legacy network only; the reference's is 4 * channels[0]
-    },
-    "diffusion": {
-        "enabled": True,
-        "prediction": "x0",  # x0 | epsilon
-        # The reference's 1001-step linear schedule (num_timesteps_beta), so that 5 steps keep
-        # t = 1, 251, 501, 751, 1001 exactly as its code; the paper's text says T = 1000.
-        "num_timesteps": 1001,
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
-        "train_steps": 5,  # K used for training
-        "sample_steps": 5,  # K used for inference
-        "recycle": True,
-        # Sampling variance: fixed_large (sigma^2 = beta_k, the reference code) or beta_tilde
-        # (the posterior variance, the paper's text).
-        "variance": "fixed_large",
-        # epsilon prediction: x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) clipped to
-        # [-x0_limit, x0_limit]; 0 = unclipped, the reference's x_limit: 0 (1: diffseg <= 0.1's clip).
-        "x0_limit": 0.0,
-        # floor of the probabilities (x0_hat + 1) / 2 before their log, when x0_hat is not the
-        # network's own softmax (epsilon prediction): the reference's EPS.
-        "log_eps": 1.0e-5,
-    },
-    # dice_mean: per_sample (each sample's present classes, then the samples: the reference with
-    # one sample per core) or pooled (all (sample, class) pairs of the batch at once).
-    "loss": {"cross_entropy": True, "dice": True, "eps_l2_weight": 0.1, "dice_mean": "per_sample"},
-    "optim": {
-        "init_learning_rate": 1e-5,
-        "learning_rate": 1e-4,
-        "end_learning_rate": 1e-6,
-        "warmup_steps": 100,
-        # Cosine decay ends here (warm-up included, as optax counts it), then the rate is held:
-        # 10 000 of the 12 500 steps in the reference. null: decay over all train.steps.
-        "decay_steps": 10000,
-        "weight_decay": 1e-8,
-        "grad_clip": 1.0,
-    },
-    "train": {
-        "steps": 12500,
-        "batch_size": 8,  # volumes per step, in 2D too (the 2D network sees all their slices)
-        # Volumes per device per pass, gradients accumulated to batch_size: null = all at once;
-        # auto = the largest that fits the device (XLA's compiled memory analysis, 10 % headroom).
-        "micro_batch": None,
-        # Devices to train on: auto = the most local devices that split batch_size (and whole
-        # micro-batches) evenly, e.g. 2 of 3 GPUs for a batch of 8; or an integer, exactly that many.
-        "devices": "auto",
-        # Which volumes a step takes: epoch = each once per epoch in a fresh order (the
-        # reference's tf.data repeat/shuffle/batch); uniform = with replacement per step.
-        "sampling": "epoch",
-        "checkpoint_every": 500,
-        "log_every": 10,
-        "bf16": False,
-        # bf16 runs: reference = the image cast to bfloat16 before augmentation, the one-hot mask
-        # and the noise built in bfloat16 (as the reference); float32 = all float32 until the
-        # network's input casts it.
-        "bf16_inputs": "reference",
-        # Where it may train: any (what JAX finds), gpu, tpu or cpu; a run asking for gpu stops on
-        # a CPU-only machine rather than train there for days (DIFFSEG_ALLOW_CPU=1 lets it).
-        "platform": "any",
-        "seed": 0,
-        # The reference's prostate ranges; datasets.abdominal_ct.training sets AMOS's.
-        "augment": {
-            "enabled": True,
-            "max_rotation": [0.088, 0.088, 0.088],  # radians about X, Y, Z
-            "max_translation": [20, 20, 4],  # voxels
-            "max_scaling": [0.15, 0.15, 0.15],  # +- fraction per axis
-        },
-    },
-    "evaluate": {
-        "tolerance_mm": 1.0,
-        # NSD of a class empty in exactly one mask (a miss or a false positive): nan, so left out
-        # of the means as the reference averages it, or zero. Misses are counted either way.
-        "nsd_empty": "nan",
-        "batch_size": 1,
-        "window_overlap": 0.5,  # sliding windows of the training shape: the share neighbours overlap
-    },
-}
+# The defaults of every run-config key: diffseg.runconfig's dataclasses, as the plain mapping the
+# overrides below merge into (the reason for each value is written beside it there).
+BASE: dict[str, Any] = defaults()
 
 DIMS: dict[str, dict[str, Any]] = {
     "2d": {"model": {"spatial_dims": 2}},
@@ -141,80 +55,11 @@ RUN_NAME = re.compile(
 
 
 # --- Strict config -------------------------------------------------------------------------------
-# The run-config keys are BASE's (a key added to BASE is valid everywhere at once) and their types
-# are inferred from BASE's values, except where a value's type does not say everything:
-VALUE_TYPES: dict[str, tuple[str, ...]] = {
-    "model.remat": ("bool", "auto"),  # auto: off where the step fits without it (diffseg.train.plan)
-    "optim.decay_steps": ("integer", "null"),  # null: decay over all train.steps
-    "train.micro_batch": ("integer", "null", "auto"),  # null: the whole batch at once; auto: fit the device
-    "train.devices": ("integer", "auto"),  # auto: as many as split the batch evenly
-    "train.augment.max_rotation": ("number", "number list"),  # one number: every axis
-    "train.augment.max_translation": ("number", "number list"),
-    "train.augment.max_scaling": ("number", "number list"),
-}
-_DESCRIBE = {
-    "bool": "true or false",
-    "integer": "an integer",
-    "number": "a number",
-    "string": "a string",
-    "null": "null",
-    "auto": "auto",
-    "integer list": "a list of integers",
-    "number list": "a list of numbers",
-    "string list": "a list of strings",
-}
+# The run-config keys are BASE's (a key added to diffseg.runconfig is valid everywhere at once) and
+# their types and names are its annotations (diffseg.runconfig.KEY_TYPES).
 # The workflow-level keys and the dataset entries' keys (per source) are the schema's.
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 _RUN_CONFIG_REF = "#/definitions/overrides"  # the schema's marker of a run-config section
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    if kind == "any":
-        return True
-    if kind == "null":
-        return value is None
-    if kind == "auto":
-        return value == "auto"
-    if kind == "bool":
-        return isinstance(value, bool | np.bool_)
-    if isinstance(value, bool | np.bool_):
-        return False  # YAML's true is not the integer 1
-    if kind == "integer":
-        return isinstance(value, numbers.Integral)
-    if kind == "number":
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind == "string":
-        return isinstance(value, str)
-    if kind.endswith(" list"):
-        item = kind.removesuffix(" list")
-        return isinstance(value, list | tuple) and all(_is_kind(v, item) for v in value)
-    raise AssertionError(kind)
-
-
-def _infer_kinds(value: Any) -> tuple[str, ...]:
-    """The type of a BASE value: its kind (a list's from its items); None says nothing (any)."""
-    if value is None:
-        return ("any",)
-    for kind in ("bool", "integer", "number", "string"):
-        if _is_kind(value, kind):
-            return (kind,)
-    if isinstance(value, list | tuple):
-        for kind in ("integer list", "number list", "string list"):
-            if _is_kind(value, kind):
-                return (kind,)
-    return ("any",)
-
-
-def _show(value: Any) -> str:
-    """``str 'ten'``, ``int 3``, ``null``: a value for an error message (numpy scalars as Python's)."""
-    if value is None:
-        return "null"
-    if isinstance(value, np.generic):
-        value = value.item()
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _unknown(path: str, key: Any, valid: Any, what: str = "") -> ConfigError:
@@ -226,42 +71,18 @@ def _unknown(path: str, key: Any, valid: Any, what: str = "") -> ConfigError:
     return ConfigError(f"{path}: unknown key {key!r}{what}; {hint}")
 
 
-def _yaml_float(text: str) -> str:
-    """``1e-4`` -> ``1.0e-4``: how YAML 1.1 (PyYAML, Snakemake) reads the number as a float."""
-    mantissa, _, exponent = text.strip().lower().partition("e")
-    if exponent and "." not in mantissa:
-        mantissa += ".0"
-    if exponent and exponent[0] not in "+-":
-        exponent = "+" + exponent
-    return f"{mantissa}e{exponent}" if exponent else mantissa
-
-
-def _check_value(value: Any, kinds: tuple[str, ...], path: str) -> None:
-    if any(_is_kind(value, kind) for kind in kinds):
-        return
-    msg = f"{path} must be {' or '.join(_DESCRIBE.get(k, k) for k in kinds)}, got {_show(value)}"
-    if isinstance(value, str) and any(k in ("number", "integer") for k in kinds):
-        try:
-            float(value)
-        except ValueError:
-            pass
-        else:  # YAML 1.1 reads 1e-4 (no dot, unsigned exponent) as a string
-            msg += f" (YAML reads {value} as a string: write {_yaml_float(value)})"
-    raise ConfigError(msg)
-
-
 def check_run_section(value: Any, path: str, base: Mapping[str, Any] = BASE, rel: str = "") -> None:
     """Check run-config overrides (``training``, a variant, ``--set model=...``) against ``BASE``.
 
     Every key must be one of ``base``'s, a section a mapping and a value of its key's type
-    (``VALUE_TYPES``, else inferred from BASE's value); ``ConfigError`` names the full key path
+    (``diffseg.runconfig``'s annotation); ``ConfigError`` names the full key path
     (``path`` is where ``value`` lies, ``rel`` its place in the run config).
     """
     if value is None and not rel:
         return  # an empty override section (``variants: {mine: }``)
     what = f" {rel} keys" if rel else " run-config sections"
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{path} must be a mapping of{what}, got {_show(value)}")
+        raise ConfigError(f"{path} must be a mapping of{what}, got {show(value)}")
     for key, sub in value.items():
         where = f"{path}.{key}" if path else str(key)
         here = f"{rel}.{key}" if rel else str(key)
@@ -270,15 +91,12 @@ def check_run_section(value: Any, path: str, base: Mapping[str, Any] = BASE, rel
         if isinstance(base[key], Mapping):
             check_run_section(sub, where, base[key], here)
         else:
-            _check_leaf(sub, here, base[key], where)
+            _check_leaf(sub, here, where)
 
 
-def _check_leaf(value: Any, rel: str, base_value: Any, where: str) -> None:
-    """A run-config value: its key's type, and one of its choices where it has them (``RUN_CHOICES``)."""
-    _check_value(value, VALUE_TYPES.get(rel) or _infer_kinds(base_value), where)
-    allowed = RUN_CHOICES.get(tuple(rel.split(".")))
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"{where} must be one of {', '.join(allowed)}, got {value!r}")
+def _check_leaf(value: Any, rel: str, where: str) -> None:
+    """A run-config value: its key's type, and one of its names where it takes one."""
+    check_value(value, rel, where)
 
 
 def _check_dotted(dotted: str, value: Any, where: str) -> None:
@@ -294,7 +112,7 @@ def _check_dotted(dotted: str, value: Any, where: str) -> None:
     if isinstance(node, Mapping):
         check_run_section(value, f"{where} {dotted}", node, rel)
     else:
-        _check_leaf(value, rel, node, f"{where} {dotted}")
+        _check_leaf(value, rel, f"{where} {dotted}")
 
 
 @functools.cache
@@ -387,7 +205,7 @@ def validate_config(config: Mapping[str, Any], where: str | Path | None = None) 
     """
     prefix = f"{where}: " if where else ""
     if not isinstance(config, Mapping):
-        raise ConfigError(f"{prefix}expected a mapping at the top level, got {_show(config)}")
+        raise ConfigError(f"{prefix}expected a mapping at the top level, got {show(config)}")
     schema = load_schema()
     try:
         if schema is None:  # no schema: the run-config sections only
@@ -486,13 +304,13 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def resolve_run_config(
+def resolve_run(
     config: Mapping[str, Any],
     dataset: str,
     run: str,
     overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Resolve the full configuration of one run.
+) -> RunConfig:
+    """Resolve the full configuration of one run, checked once, as the typed frozen object.
 
     Args:
         config: the workflow config (``config/config.yaml`` loaded).
@@ -506,8 +324,8 @@ def resolve_run_config(
             run, its dataset or the resolved settings are not.
 
     Returns:
-        A plain dict with sections ``model, diffusion, loss, optim, train, evaluate`` and the
-        run's identity ``dataset, run, dim, variant, seed``.
+        The run's :class:`RunConfig`: sections ``model, diffusion, loss, optim, train, evaluate``
+        and the run's identity ``dataset, run, dim, variant, seed``.
     """
     validate_config(config)
     dim, variant, seed = parse_run_name(run)
@@ -530,31 +348,21 @@ def resolve_run_config(
     if seed is not None:
         cfg["train"]["seed"] = seed
     cfg.update(dataset=dataset, run=run, dim=dim, variant=variant, seed=cfg["train"]["seed"])
-    _check(cfg, run)
-    check_constraints(cfg, datasets[dataset] or {})
-    return cfg
+    typed = RunConfig.from_dict(cfg)  # every key, type, name and run-level rule
+    check_constraints(typed, datasets[dataset] or {})
+    return typed
 
 
-def _check(cfg: Mapping[str, Any], run: str) -> None:
-    for (section, key), allowed in RUN_CHOICES.items():
-        if cfg[section][key] not in allowed:
-            raise ConfigError(
-                f"run {run!r}: {section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}"
-            )
-    diff = cfg["diffusion"]
-    for key in ("train_steps", "sample_steps"):
-        if not 1 <= int(diff[key]) <= int(diff["num_timesteps"]):
-            raise ConfigError(f"run {run!r}: diffusion.{key}={diff[key]} must lie in [1, num_timesteps]")
-    if not (cfg["loss"]["cross_entropy"] or cfg["loss"]["dice"] or diff["prediction"] == "epsilon"):
-        raise ConfigError(f"run {run!r}: the loss is empty (no cross_entropy, dice or epsilon L2)")
-
-
-def network_multiple(run_cfg: Mapping[str, Any]) -> int:
-    """Each spatial axis the network halves must be a multiple of this: ``2**len(channels)`` for
-    the reference network (a strided convolution before every level), ``2**(len(channels) - 1)``
-    for the legacy one. In 2D only X and Y are halved."""
-    levels = len(run_cfg["model"]["channels"])
-    return 2 ** (levels if run_cfg["model"].get("arch", "reference") == "reference" else levels - 1)
+def resolve_run_config(
+    config: Mapping[str, Any],
+    dataset: str,
+    run: str,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`resolve_run` as the plain mapping the workflow saves as the run's ``config.yaml``
+    (and compares, as a rerun trigger): sections ``model, diffusion, loss, optim, train, evaluate``
+    and the run's identity ``dataset, run, dim, variant, seed``."""
+    return resolve_run(config, dataset, run, overrides).to_dict()
 
 
 def _nearest_multiple(n: int, factor: int) -> int:
@@ -567,45 +375,49 @@ def _nearest_divisors(n: int, value: int) -> str:
     return " or ".join(str(d) for d in divisors if abs(d - value) == best)
 
 
-def check_constraints(cfg: Mapping[str, Any], ds_cfg: Mapping[str, Any]) -> None:
+def check_constraints(cfg: RunConfig, ds_cfg: Mapping[str, Any]) -> None:
     """What a run's train and test jobs would assert, checked on the resolved config before any job.
 
     Each ``ConfigError`` names the key path, the value, the rule and the nearest valid value:
     the dataset's ``shape`` against the network's halvings, ``train.batch_size`` against
     ``train.micro_batch``, the step counts, and ``evaluate.window_overlap``.
     """
-    run, dataset, train = cfg.get("run"), cfg.get("dataset"), cfg["train"]
-    where = f"(run {run!r} of dataset {dataset!r})"
+    train = cfg.train
+    where = f"(run {cfg.run!r} of dataset {cfg.dataset!r})"
     for key in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        if int(train[key]) < 1:
-            raise ConfigError(f"train.{key} {train[key]} {where}: must be 1 or more; nearest: 1")
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key} {getattr(train, key)} {where}: must be 1 or more; nearest: 1")
     shape = ds_cfg.get("shape")
     if shape:
-        factor = network_multiple(cfg)
-        levels = len(cfg["model"]["channels"])
-        halvings = levels if cfg["model"].get("arch", "reference") == "reference" else levels - 1
-        halved = 2 if int(cfg["model"]["spatial_dims"]) == 2 else 3  # 2D: depth is never halved
+        factor, levels = cfg.network_multiple, len(cfg.model.channels)
+        halved = 2 if cfg.model.spatial_dims == 2 else 3  # 2D: depth is never halved
         if any(int(n) % factor for n in list(shape)[:halved]):
             nearest = [_nearest_multiple(int(n), factor) for n in list(shape)[:halved]] + list(shape)[halved:]
             axes = "X and Y" if halved == 2 else "every axis"
             raise ConfigError(
-                f"datasets.{dataset}.shape {list(shape)}: {axes} must be divisible by {factor} for the"
-                f" {halvings} halvings of the {halved}D network of run {run!r} (model.channels has {levels}"
-                f" levels); nearest: {nearest}"
+                f"datasets.{cfg.dataset}.shape {list(shape)}: {axes} must be divisible by {factor} for the"
+                f" {cfg.halvings} halvings of the {halved}D network of run {cfg.run!r} (model.channels has"
+                f" {levels} levels); nearest: {nearest}"
             )
-    batch, micro = int(train["batch_size"]), train.get("micro_batch")
+    batch, micro = train.batch_size, train.micro_batch
     if isinstance(micro, int) and not isinstance(micro, bool) and (micro < 1 or batch % micro):
         raise ConfigError(
             f"train.micro_batch {micro} {where}: must be a positive divisor of train.batch_size {batch}"
             f" (volumes per pass, gradients accumulated over the passes);"
             f" nearest: {_nearest_divisors(batch, micro)}"
         )
-    overlap = float(cfg["evaluate"]["window_overlap"])
+    overlap = float(cfg.evaluate.window_overlap)
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(
             f"evaluate.window_overlap {overlap} {where}: must lie in [0, 1) (the share neighbouring"
             f" windows overlap); nearest: {min(max(overlap, 0.0), 0.9)}"
         )
+
+
+def complete_run_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config read back from a run folder, with any BASE key it lacks (a folder saved before
+    the key existed) at BASE's value, as the code then behaved; so readers index it like a resolved one."""
+    return deep_merge(BASE, saved)
 
 
 def save_run_config(cfg: Mapping[str, Any], path: str | Path) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from diffseg.config import resolve_run_config
+from diffseg.config import resolve_run
 from diffseg.errors import ConfigError
 
 STUDIES = ("sampling_steps", "uncertainty")
@@ -62,7 +62,7 @@ def seed_runs(config: Mapping[str, Any], dataset: str, run: str, seeds: list[int
     """
     if seeds is None:
         return [run]
-    own = int(resolve_run_config(config, dataset, run)["seed"])
+    own = resolve_run(config, dataset, run).train.seed
     return [run if s == own else f"{run}-seed{s}" for s in seeds]
 
 
@@ -176,14 +176,14 @@ def study_runs(config: Mapping[str, Any], study: str) -> list[tuple[str, str]]:
     except (KeyError, TypeError):
         raise ConfigError(f"{study}: expected a mapping with dataset, dims and variants") from None
     for dataset, run in runs:  # a config mistake is one message at parse time, not a failed job
-        diffusion = resolve_run_config(config, dataset, run)["diffusion"]
-        if not diffusion["enabled"]:
+        diffusion = resolve_run(config, dataset, run).diffusion
+        if not diffusion.enabled:
             raise ConfigError(f"{study}.variants: {run!r} is not a diffusion run (it samples nothing)")
-        too_many = [k for k in sec.get("steps") or () if k > int(diffusion["num_timesteps"])]
+        too_many = [k for k in sec.get("steps") or () if k > diffusion.num_timesteps]
         if too_many:
             raise ConfigError(
                 f"{study}.steps: {too_many} exceed {run!r}'s diffusion.num_timesteps "
-                f"({diffusion['num_timesteps']})"
+                f"({diffusion.num_timesteps})"
             )
     return runs
 

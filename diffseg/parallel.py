@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffseg.errors import ConfigError
+from diffseg.runconfig import RunConfig, RunConfigLike
 
 
 def data_mesh(devices: Sequence[Any] | None = None) -> Mesh:
@@ -54,7 +55,7 @@ def _rule(batch_size: int, micro_batch: Any) -> str:
     return rule
 
 
-def training_devices(run_cfg: dict[str, Any], devices: Sequence[Any] | None = None) -> tuple[list[Any], str]:
+def training_devices(run_cfg: RunConfigLike, devices: Sequence[Any] | None = None) -> tuple[list[Any], str]:
     """The devices a run trains on, and one line saying which and, when not all, why.
 
     ``devices``: those available (default ``jax.local_devices()``). ``train.devices``:
@@ -68,11 +69,10 @@ def training_devices(run_cfg: dict[str, Any], devices: Sequence[Any] | None = No
     the batch, no count at all that fits ``train.micro_batch``) is a ``ConfigError`` naming
     ``train.devices`` (or ``train.micro_batch``), the value, the rule and the nearest valid value.
     """
+    run_cfg = RunConfig.of(run_cfg)
     available = list(devices) if devices is not None else jax.local_devices()
-    train_cfg = run_cfg["train"]
-    wanted = train_cfg.get("devices", "auto")
-    batch_size = int(train_cfg["batch_size"])
-    micro_batch = train_cfg.get("micro_batch")
+    train = run_cfg.train
+    wanted, batch_size, micro_batch = train.devices, train.batch_size, train.micro_batch
     valid = [n for n in range(1, len(available) + 1) if _fits(n, batch_size, micro_batch)]
     rule = _rule(batch_size, micro_batch)
     here = f"{len(available)} device(s) here ({_names(available)})"

@@ -247,22 +247,71 @@ def test_values_of_the_right_type_pass():
         resolve_run_config(STRICT, "ph", "3d-diff", {"model.remat": "yes"})
 
 
-def test_a_key_added_to_base_is_valid_at_once(monkeypatch):
-    cfg = _patched("training.train.prefetch", 2)
-    with pytest.raises(ConfigError, match="unknown key 'prefetch'"):
-        validate_config(cfg)
-    monkeypatch.setitem(BASE["train"], "prefetch", 1)  # a type inferred from BASE's value
-    validate_config(cfg)
-    with pytest.raises(ConfigError, match="training.train.prefetch must be an integer"):
-        validate_config(_patched("training.train.prefetch", "all"))
-    # null in BASE: the table gives the type (micro_batch: an integer, null or auto)
+def test_every_run_config_key_is_checked_by_its_one_declaration():
+    """BASE, the config check and RunConfig read one declaration (diffseg.runconfig): each key's
+    default passes the check, and a value of another type, or a name not in its Literal, is refused
+    with what the annotation allows."""
+    from diffseg.runconfig import DESCRIBE, KEY_TYPES
+
+    assert {k for k in KEY_TYPES} == set(_leaf_paths(BASE))
+    for key, (kinds, names) in KEY_TYPES.items():
+        default = BASE
+        for part in key.split("."):
+            default = default[part]
+        validate_config(_patched(f"training.{key}", default))
+        wrong = 3 if "string" in kinds or "auto" in kinds and "integer" not in kinds else "all"
+        if "integer" in kinds and "auto" in kinds:
+            wrong = 2.5
+        expected = " or ".join(DESCRIBE[k] for k in kinds)
+        with pytest.raises(ConfigError, match=f"training.{key} must be {expected}, got"):
+            validate_config(_patched(f"training.{key}", wrong))
+        if names:
+            with pytest.raises(ConfigError, match=f"training.{key} must be one of {', '.join(names)}"):
+                validate_config(_patched(f"training.{key}", "not-a-name"))
     validate_config(_patched("training.train.micro_batch", "auto"))
     with pytest.raises(ConfigError, match="training.train.micro_batch must be an integer or null or auto"):
         validate_config(_patched("training.train.micro_batch", "all"))
-    monkeypatch.setitem(BASE["evaluate"], "window_overlap", 0.5)  # a type inferred from the value
-    validate_config(_patched("training.evaluate.window_overlap", 0.25))
-    with pytest.raises(ConfigError, match="window_overlap must be a number"):
-        validate_config(_patched("training.evaluate.window_overlap", [0.5]))
+    with pytest.raises(ConfigError, match="unknown key 'prefetch'"):
+        validate_config(_patched("training.train.prefetch", 2))
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaf_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def test_run_config_is_typed_frozen_and_round_trips():
+    """The resolved mapping builds a frozen RunConfig whose to_dict() is that mapping, key for key
+    (so the saved config.yaml and the parameters' fingerprint do not depend on the class)."""
+    import dataclasses
+
+    import yaml
+
+    from diffseg.runconfig import RunConfig
+
+    cfg = resolve_run_config(CONFIG, "toy", "3d-diff-k10-seed2")
+    typed = RunConfig.from_dict(cfg)
+    assert typed.to_dict() == cfg
+    assert yaml.safe_dump(typed.to_dict(), sort_keys=False) == yaml.safe_dump(cfg, sort_keys=False)
+    assert typed.train.steps == 7 and typed.diffusion.sample_steps == 10 and typed.model.channels == (4, 8)
+    assert (typed.run, typed.seed, typed.train.seed) == ("3d-diff-k10-seed2", 2, 2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        typed.train.steps = 8  # type: ignore[misc]
+    assert typed.replace("diffusion.sample_steps", 1).diffusion.sample_steps == 1
+    assert typed.diffusion.sample_steps == 10  # the original is unchanged
+    with pytest.raises(ConfigError, match=r"diffusion.sample_steps=2000 must lie in \[1, num_timesteps\]"):
+        typed.replace("diffusion.sample_steps", 2000)
+    # A hand-edited config.yaml: the file, the key and the problem.
+    bad = {**cfg, "train": {**cfg["train"], "batch_size": "8"}}
+    with pytest.raises(ConfigError, match=r"x.yaml: train.batch_size must be an integer, got str '8'"):
+        RunConfig.from_dict(bad, where="x.yaml")
+    missing = {**cfg, "loss": {k: v for k, v in cfg["loss"].items() if k != "dice"}}
+    with pytest.raises(ConfigError, match="loss.dice: missing"):
+        RunConfig.from_dict(missing)
+    with pytest.raises(ConfigError, match="model.depth: unknown key"):
+        RunConfig.from_dict({**cfg, "model": {**cfg["model"], "depth": 3}})
 
 
 def test_shipped_and_test_configs_validate_here_and_in_snakemake():
@@ -365,11 +414,12 @@ def test_schema_enums_are_the_one_list_of_choices():
     in the schema lists names a check or the code must know."""
     import yaml
 
-    from diffseg.choices import DATASET_CHOICES, PREPROCESS_CHOICES, RUN_CHOICES
+    from diffseg.choices import DATASET_CHOICES, PREPROCESS_CHOICES
     from diffseg.data.phantom import CLASSES
     from diffseg.data.preprocess import PreprocessOptions
     from diffseg.data.sources import SOURCES
     from diffseg.model import TIME_CONDITIONINGS
+    from diffseg.runconfig import RUN_CHOICES
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     dataset = {f"definitions.dataset.properties.{k}": list(v) for k, v in DATASET_CHOICES.items()}

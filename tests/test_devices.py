@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 from diffseg.cli import main
-from diffseg.config import resolve_run_config, save_run_config
+from diffseg.config import complete_run_config, resolve_run_config, save_run_config
 from diffseg.errors import ConfigError
 from diffseg.io import read_nifti
 from diffseg.parallel import training_devices
+from diffseg.runconfig import RunConfig, TrainConfig
 from diffseg.train.loop import config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +31,10 @@ def _gpus(n: int) -> list[SimpleNamespace]:
     return [SimpleNamespace(platform="gpu", id=i) for i in range(n)]
 
 
-def _cfg(batch_size: int = 8, devices="auto", micro_batch=None) -> dict:
-    return {"train": {"batch_size": batch_size, "devices": devices, "micro_batch": micro_batch}}
+def _cfg(batch_size: int = 8, devices="auto", micro_batch=None) -> RunConfig:
+    """A run config with these train keys, built unchecked (the constructor) so that
+    ``training_devices``' own checks are reached."""
+    return RunConfig(train=TrainConfig(batch_size=batch_size, devices=devices, micro_batch=micro_batch))
 
 
 # -- the choice ------------------------------------------------------------------------------
@@ -69,7 +72,8 @@ def test_auto_says_which_devices_and_why_not_all():
 
 
 def test_a_missing_key_is_auto():
-    chosen, _ = training_devices({"train": {"batch_size": 8}}, _gpus(6))  # an older run's config
+    old = complete_run_config({"train": {"batch_size": 8}})  # an older run's config, as loaded
+    chosen, _ = training_devices(old, _gpus(6))
     assert len(chosen) == 4
 
 
@@ -103,6 +107,11 @@ def test_an_integer_that_does_not_fit_names_the_key_the_rule_and_the_nearest(
 def test_devices_must_be_auto_or_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="train.devices must be auto or a positive integer"):
         training_devices(_cfg(8, bad), _gpus(2))
+    cfg = resolve_run_config(TINY, "toy", "3d-diff")
+    cfg["train"]["devices"] = bad  # a config.yaml edited by hand: refused when the run builds its config
+    match = "must be an integer or auto" if not isinstance(bad, int) or isinstance(bad, bool) else "positive"
+    with pytest.raises(ConfigError, match=match):
+        training_devices(cfg, _gpus(2))
 
 
 def test_a_micro_batch_that_fits_no_count_is_named():
@@ -149,7 +158,7 @@ TRAIN = """
     from pathlib import Path
     import jax, numpy as np
     from diffseg.cli import main
-    from diffseg.config import resolve_run_config, save_run_config
+    from diffseg.config import complete_run_config, resolve_run_config, save_run_config
     from tests.test_train import TINY, write_toy_data  # a tiny network, 6 cases of 16 x 16 x 8
 
     root, devices, overrides = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])

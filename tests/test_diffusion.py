@@ -184,7 +184,7 @@ def test_prediction_and_variance_names_are_checked_in_the_enums():
         Prediction("noise")
     with pytest.raises(ValueError, match="prediction must be one of"):
         GaussianDiffusion.linear().predict_x0(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.array([0]), "v")
-    from diffseg.choices import RUN_CHOICES  # the config's own check names the same values
+    from diffseg.runconfig import RUN_CHOICES  # the config's own check names the same values
 
     assert RUN_CHOICES[("diffusion", "prediction")] == tuple(Prediction)
     assert RUN_CHOICES[("diffusion", "variance")] == tuple(Variance)

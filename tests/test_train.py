@@ -234,7 +234,7 @@ def test_train_run_writes_the_output_contract(toy_data, tmp_path):
     assert {"step", "mean_dice", "config_hash", "data_fingerprint", "run_id"} <= set(best)
     assert best["mean_dice"] == valid["mean_dice"].max()
     model, params, cfg, info = load_trained(tmp_path)
-    assert info["num_classes"] == 3 and cfg["run"] == "3d-diff"
+    assert info["num_classes"] == 3 and cfg.run == "3d-diff"
     assert jax.tree.leaves(params)
 
 

@@ -19,6 +19,7 @@ from numpy.testing import assert_allclose
 from diffseg.config import resolve_run_config
 from diffseg.errors import ConfigError
 from diffseg.parallel import batch_sharding, data_mesh
+from diffseg.runconfig import RunConfig
 from diffseg.runs import build_model
 from diffseg.train.feed import BatchFeeder, batch_indices
 from diffseg.train.step import build_optimizer, check_micro_batch, init_state, make_train_step
@@ -102,7 +103,7 @@ def test_micro_batch_must_divide_the_per_device_batch():
         with pytest.raises(ConfigError, match="train.micro_batch"):
             check_micro_batch(cfg, 1, bad)
     with pytest.raises(ConfigError, match="auto"):
-        check_micro_batch({"train": {**cfg["train"], "micro_batch": "auto"}}, 1)
+        check_micro_batch(RunConfig.from_dict(cfg).replace("train.micro_batch", "auto"), 1)
 
 
 def test_feeder_draws_from_seed_and_step_and_resumes():

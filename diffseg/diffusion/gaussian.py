@@ -18,14 +18,16 @@ broadcast over the trailing axes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffseg.runconfig import DiffusionConfig, as_section
 
 
 class _Choice(StrEnum):
@@ -53,8 +55,9 @@ class Variance(_Choice):
 
 
 # The floor of the probabilities (x0 + 1) / 2 before their log (``x0_to_logits``): the reference's
-# ``EPS`` (1e-5). It bounds the epsilon run's per-voxel cross-entropy at -log(1e-5) = 11.5.
-LOG_EPS = 1e-5
+# ``EPS`` (1e-5), the run config's diffusion.log_eps default. It bounds the epsilon run's per-voxel
+# cross-entropy at -log(1e-5) = 11.5.
+LOG_EPS: float = DiffusionConfig.log_eps
 
 
 def mask_to_x0(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -167,16 +170,20 @@ class GaussianDiffusion:
         )
 
     @classmethod
-    def from_config(cls, diffusion_cfg: dict, num_steps: int | None = None) -> GaussianDiffusion:
-        """Build from a run config's ``diffusion`` section; ``num_steps`` defaults to ``train_steps``."""
+    def from_config(
+        cls, diffusion_cfg: DiffusionConfig | Mapping[str, Any], num_steps: int | None = None
+    ) -> GaussianDiffusion:
+        """Build from a run config's ``diffusion`` section (a mapping: its keys over
+        ``DiffusionConfig``'s defaults); ``num_steps`` defaults to ``train_steps``."""
+        cfg = as_section(DiffusionConfig, diffusion_cfg)
         return cls.linear(
-            num_timesteps=int(diffusion_cfg["num_timesteps"]),
-            num_steps=int(num_steps if num_steps is not None else diffusion_cfg["train_steps"]),
-            beta_start=float(diffusion_cfg["beta_start"]),
-            beta_end=float(diffusion_cfg["beta_end"]),
-            variance=diffusion_cfg.get("variance", Variance.FIXED_LARGE),
-            x0_limit=float(diffusion_cfg.get("x0_limit", 0.0)),
-            log_eps=float(diffusion_cfg.get("log_eps", LOG_EPS)),
+            num_timesteps=cfg.num_timesteps,
+            num_steps=cfg.train_steps if num_steps is None else int(num_steps),
+            beta_start=float(cfg.beta_start),
+            beta_end=float(cfg.beta_end),
+            variance=cfg.variance,
+            x0_limit=float(cfg.x0_limit),
+            log_eps=float(cfg.log_eps),
         )
 
     @property

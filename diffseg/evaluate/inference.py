@@ -26,25 +26,27 @@ import numpy as np
 
 from diffseg.diffusion import GaussianDiffusion, Prediction
 from diffseg.parallel import batch_sharding, data_mesh, replicated
+from diffseg.runconfig import RunConfig, RunConfigLike
 
 
-def make_logits_fn(model: Any, run_cfg: dict[str, Any]) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+def make_logits_fn(model: Any, run_cfg: RunConfigLike) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """``logits(params, image (B, *S, 1), key) -> (B, *S, C)`` float32 for the run's model."""
-    diff_cfg = run_cfg["diffusion"]
-    if not diff_cfg["enabled"]:
+    run_cfg = RunConfig.of(run_cfg)
+    diff_cfg = run_cfg.diffusion
+    if not diff_cfg.enabled:
         return lambda params, image, key: model.apply(params, image).astype(jnp.float32)
-    diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=int(diff_cfg["sample_steps"]))
+    diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=diff_cfg.sample_steps)
 
     def logits(params, image, key):
         shape = (*image.shape[:-1], model.num_classes)
         denoise = lambda x_t, t: model.apply(params, image, x_t, t)
-        return diffusion.sample(denoise, shape, key, diff_cfg["prediction"])
+        return diffusion.sample(denoise, shape, key, diff_cfg.prediction)
 
     return logits
 
 
 def make_window_logits_fn(
-    model: Any, run_cfg: dict[str, Any]
+    model: Any, run_cfg: RunConfigLike
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """``logits(params, image (B, *S, 1), keys (B,)) -> (B, *S, C)``: one key per batch element.
 
@@ -53,11 +55,12 @@ def make_window_logits_fn(
     batch. With JAX's partitionable threefry (the default), element 0 with key ``k`` draws the
     same noise as ``sample`` with ``k`` over the whole batch.
     """
-    diff_cfg = run_cfg["diffusion"]
-    if not diff_cfg["enabled"]:
+    run_cfg = RunConfig.of(run_cfg)
+    diff_cfg = run_cfg.diffusion
+    if not diff_cfg.enabled:
         return lambda params, image, keys: model.apply(params, image).astype(jnp.float32)
-    diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=int(diff_cfg["sample_steps"]))
-    prediction = Prediction(diff_cfg["prediction"])
+    diffusion = GaussianDiffusion.from_config(diff_cfg, num_steps=diff_cfg.sample_steps)
+    prediction = Prediction(diff_cfg.prediction)
     split = jax.vmap(jax.random.split)
 
     def logits(params, image, keys):
@@ -124,19 +127,20 @@ class Segmenter:
         self,
         model: Any,
         params: Any,
-        run_cfg: dict[str, Any],
+        run_cfg: RunConfigLike,
         batch_size: int | None = None,
         window: Sequence[int] | None = None,
         overlap: float | None = None,
     ):
+        run_cfg = RunConfig.of(run_cfg)
         self.model, self.run_cfg = model, run_cfg
         self.mesh = data_mesh()
         self.params = params
-        eval_cfg = run_cfg["evaluate"]
-        wanted = batch_size or int(eval_cfg["batch_size"])
+        eval_cfg = run_cfg.evaluate
+        wanted = batch_size or eval_cfg.batch_size
         self.batch_size = -(-wanted // self.mesh.size) * self.mesh.size
         self.window = None if window is None else tuple(int(n) for n in window)
-        self.overlap = float(eval_cfg.get("window_overlap", 0.5) if overlap is None else overlap)
+        self.overlap = float(eval_cfg.window_overlap if overlap is None else overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"window overlap must be in [0, 1), got {self.overlap}")
         self._logits = jax.jit(make_window_logits_fn(model, run_cfg))

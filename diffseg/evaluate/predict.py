@@ -107,7 +107,7 @@ def predict_scan(
 
     # The U-Net halves each axis once per level: pad up to a multiple of that (2D: X and Y only).
     factor = input_multiple(run_cfg)
-    axes = 3 if int(run_cfg["model"]["spatial_dims"]) == 3 else 2
+    axes = 3 if run_cfg.model.spatial_dims == 3 else 2
     pads = [(0, (-n) % factor if a < axes else 0) for a, n in enumerate(volume.shape[:3])]
     channel_volumes = [volume] if volume.ndim == 3 else [volume[..., c] for c in range(volume.shape[3])]
     padded = [np.pad(v, pads, constant_values=float(v.min())) for v in channel_volumes]

@@ -18,7 +18,6 @@ K (per case), unless the checkpoint changed.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -46,15 +45,15 @@ class _TestSplit:
 
         self.run_dir = Path(run_dir)
         self.model, self.params, self.run_cfg, _ = load_trained(self.run_dir)
-        if not self.run_cfg["diffusion"]["enabled"]:
+        if not self.run_cfg.diffusion.enabled:
             raise DataError(f"{self.run_dir}: not a diffusion run; the {out} study samples a diffusion model")
         best = json.loads((self.run_dir / "best.json").read_text())
         self.identity = {k: best.get(k) for k in IDENTITY}
         dataset = load_dataset(data_dir)
         self.info = dataset.info
         self.uids, self.images, self.labels = dataset.split("test")
-        self.tolerance = float(self.run_cfg["evaluate"]["tolerance_mm"])
-        self.nsd_empty = str(self.run_cfg["evaluate"].get("nsd_empty", "nan"))
+        self.tolerance = float(self.run_cfg.evaluate.tolerance_mm)
+        self.nsd_empty = self.run_cfg.evaluate.nsd_empty
         self.out_dir = self.run_dir / out
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_temporaries(self.out_dir)
@@ -67,8 +66,7 @@ class _TestSplit:
     def segmenter(self, sample_steps: int | None = None) -> Segmenter:
         cfg = self.run_cfg
         if sample_steps is not None:
-            cfg = copy.deepcopy(cfg)
-            cfg["diffusion"]["sample_steps"] = int(sample_steps)
+            cfg = cfg.replace("diffusion.sample_steps", int(sample_steps))
         return Segmenter(self.model, self.params, cfg, window=self.info["shape"])
 
     def metrics(self, pred: np.ndarray, label: np.ndarray) -> pd.DataFrame:
@@ -92,9 +90,9 @@ def sampling_steps_run(
     """
     split = _TestSplit(run_dir, data_dir, "sampling_steps", seed)
     key = jax.random.key(seed)
-    configured = int(split.run_cfg["diffusion"]["sample_steps"])
+    configured = split.run_cfg.diffusion.sample_steps
     progress = Progress(
-        len(steps) * len(split.uids), f"sampling steps {split.run_cfg.get('run', '')}", unit="case"
+        len(steps) * len(split.uids), f"sampling steps {split.run_cfg.run or ''}", unit="case"
     )
     frames = []
     for k in (int(k) for k in steps):
@@ -150,7 +148,7 @@ def uncertainty_run(
     key = jax.random.key(seed)
     segmenter = split.segmenter()
     num_classes = int(split.info["num_classes"])
-    progress = Progress(len(split.uids), f"uncertainty {split.run_cfg.get('run', '')}", unit="case")
+    progress = Progress(len(split.uids), f"uncertainty {split.run_cfg.run or ''}", unit="case")
     rows, histograms = [], []
     for i, (uid, image, label) in enumerate(zip(split.uids, split.images, split.labels, strict=True)):
         part = split.out_dir / f"part-{uid}.json"

@@ -84,9 +84,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
 
     segmenter = Segmenter(model, params, run_cfg, window=info["shape"])  # windows of the training shape
     key = jax.random.key(seed)
-    tolerance = float(run_cfg["evaluate"]["tolerance_mm"])
+    tolerance = float(run_cfg.evaluate.tolerance_mm)
     frames = []
-    progress = Progress(len(uids), f"test {run_cfg.get('run', '')}", unit="case")
+    progress = Progress(len(uids), f"test {run_cfg.run or ''}", unit="case")
     for i, (uid, image, label) in enumerate(zip(uids, images, labels, strict=True)):
         path = out_dir / f"{uid}.nii.gz"
         if path.is_file():
@@ -95,7 +95,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, seed: int = 0) -> pd
             pred = segmenter.segment(image, jax.random.fold_in(key, i))
             # On the prepared label's own grid, so it overlays the case in a viewer.
             write_nifti(path, pred, info["spacing"], read_affine(data_dir / "labels" / f"{uid}.nii.gz"))
-        df = case_metrics(pred, label, info, tolerance, str(run_cfg["evaluate"].get("nsd_empty", "nan")))
+        df = case_metrics(pred, label, info, tolerance, run_cfg.evaluate.nsd_empty)
         df.insert(0, "uid", uid)
         frames.append(df)
         progress.update(1)

@@ -14,10 +14,9 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffseg.choices import RUN_CHOICES
 from diffseg.errors import ConfigError
+from diffseg.runconfig import RunConfig, RunConfigLike
 
-PLATFORMS = RUN_CHOICES[("train", "platform")]
 ALLOW_CPU_VAR = "DIFFSEG_ALLOW_CPU"
 INSTALL_HINT = (
     'install CUDA JAX in this environment: pip install -e ".[cuda12]" (pip), or after'
@@ -75,20 +74,19 @@ def bf16_warning(devices: Sequence[Any], bf16: bool) -> str | None:
     )
 
 
-def check_platform(run_cfg: Mapping[str, Any], backend: str, env: Mapping[str, str] | None = None) -> None:
+def check_platform(run_cfg: RunConfigLike, backend: str, env: Mapping[str, str] | None = None) -> None:
     """``ConfigError`` when the run asks for ``train.platform`` X and JAX's backend is another.
 
     ``DIFFSEG_ALLOW_CPU=1`` lets a run that asks for an accelerator train on the CPU.
     """
+    run_cfg = RunConfig.of(run_cfg)
     env = os.environ if env is None else env
-    wanted = str((run_cfg.get("train") or {}).get("platform", "any"))
-    if wanted not in PLATFORMS:
-        raise ConfigError(f"train.platform: {wanted!r} is not one of {', '.join(PLATFORMS)}")
+    wanted = run_cfg.train.platform
     if wanted in ("any", backend):
         return
     if backend == "cpu" and env.get(ALLOW_CPU_VAR, "") not in ("", "0"):
         return
-    run = run_cfg.get("run", "this run")
+    run = run_cfg.run or "this run"
     raise ConfigError(
         f"train.platform: {wanted}: run {run!r} asks for a {wanted.upper()}, but JAX found only the"
         f" {backend.upper()} here. To use the {wanted.upper()}, {INSTALL_HINT}. To train on the"
@@ -97,7 +95,7 @@ def check_platform(run_cfg: Mapping[str, Any], backend: str, env: Mapping[str, s
     )
 
 
-def report(run_cfg: Mapping[str, Any] | None, say: Any) -> None:
+def report(run_cfg: RunConfig | None, say: Any) -> None:
     """Say the backend and devices (and any bf16 warning); check ``train.platform`` when given a run."""
     import jax
 
@@ -105,6 +103,6 @@ def report(run_cfg: Mapping[str, Any] | None, say: Any) -> None:
     devices = jax.local_devices()
     say(describe_devices(devices, backend))
     if run_cfg is not None:
-        warning = bf16_warning(devices, bool((run_cfg.get("train") or {}).get("bf16")))
+        warning = bf16_warning(devices, run_cfg.train.bf16)
         if warning:
             say(f"warning: {warning}")

@@ -38,13 +38,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffseg.choices import RUN_CHOICES
+from diffseg.choices import TIME_CONDITIONINGS
 from diffseg.model.conv import CHANNELS_LAST, Conv, from_layout, network_layout, resolve_impl, to_layout
 from diffseg.model.patch import PatchConv, PatchConvTranspose
 from diffseg.model.slices import fold_depth, repeat_per_slice, unfold_depth
 from diffseg.model.unet import sinusoidal_embedding
-
-TIME_CONDITIONINGS = RUN_CHOICES[("model", "time_conditioning")]
 
 
 def haiku_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:

@@ -8,13 +8,14 @@ from typing import Any
 
 import jax
 
-from diffseg.config import load_yaml
+from diffseg.config import complete_run_config, load_yaml
 from diffseg.errors import DataError
+from diffseg.runconfig import RunConfig
 from diffseg.runs.checkpoint import restore_best
 from diffseg.runs.model import build_model, init_params
 
 
-def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+def load_trained(run_dir: str | Path) -> tuple[Any, Any, RunConfig, dict[str, Any]]:
     """A trained run's ``(model, best params, run config, dataset info)``.
 
     The parameters are replicated on this process's local devices, whatever devices the run
@@ -24,7 +25,8 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, dict[str, Any], dict[st
     for name in ("config.yaml", "dataset.json"):
         if not (run_dir / name).is_file():
             raise DataError(f"{run_dir / name}: missing; is {run_dir} a trained run directory?")
-    run_cfg = load_yaml(run_dir / "config.yaml")
+    config_path = run_dir / "config.yaml"
+    run_cfg = RunConfig.from_dict(complete_run_config(load_yaml(config_path)), where=str(config_path))
     info = json.loads((run_dir / "dataset.json").read_text())
     model = build_model(run_cfg, int(info["num_classes"]))
     channels = int(info.get("channels", 1))

@@ -12,46 +12,45 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from diffseg.config import network_multiple
 from diffseg.model import ReferenceUNet, UNet
+from diffseg.runconfig import RunConfig, RunConfigLike
 
 
-def compute_dtype(run_cfg: dict[str, Any]) -> Any:
+def compute_dtype(run_cfg: RunConfigLike) -> Any:
     """bfloat16 when ``train.bf16`` (parameters stay float32), else float32."""
-    return jnp.bfloat16 if run_cfg["train"]["bf16"] else jnp.float32
+    run_cfg = RunConfig.of(run_cfg)
+    return jnp.bfloat16 if run_cfg.train.bf16 else jnp.float32
 
 
-def build_model(run_cfg: dict[str, Any], num_classes: int, conv_impl: str = "auto") -> ReferenceUNet | UNet:
+def build_model(
+    run_cfg: RunConfigLike, num_classes: int, conv_impl: str = "auto"
+) -> ReferenceUNet | UNet:
     """The run's U-Net: conditional on (x_t, t) when diffusion is enabled, else a plain segmenter.
 
     ``model.arch``: ``reference`` (ImgX-DiffSeg v0.1.0's network, the default) or ``legacy``.
     ``conv_impl`` overrides the convolution backend (``diffseg plan`` compiles with ``xla`` so
     that XLA counts the convolutions' FLOPs).
     """
-    model_cfg = run_cfg["model"]
+    run_cfg = RunConfig.of(run_cfg)
+    model_cfg = run_cfg.model
     common = dict(
         num_classes=num_classes,
-        channels=tuple(int(c) for c in model_cfg["channels"]),
-        spatial_dims=int(model_cfg["spatial_dims"]),
-        conditional=bool(run_cfg["diffusion"]["enabled"]),
+        channels=model_cfg.channels,
+        spatial_dims=model_cfg.spatial_dims,
+        conditional=run_cfg.diffusion.enabled,
         dtype=compute_dtype(run_cfg),
         conv_impl=conv_impl,
     )
-    arch = model_cfg.get("arch", "reference")
-    if arch == "reference":
-        return ReferenceUNet(
-            **common,
-            time_conditioning=str(model_cfg.get("time_conditioning", "reference")),
-            remat=bool(model_cfg.get("remat", False)),
-        )
-    if arch == "legacy":
-        return UNet(**common, time_embed_dim=int(model_cfg["time_embed_dim"]))
-    raise ValueError(f"model.arch must be 'reference' or 'legacy', got {arch!r}")
+    if model_cfg.arch == "legacy":
+        return UNet(**common, time_embed_dim=model_cfg.time_embed_dim)
+    # remat "auto" builds the rematted network; diffseg.train.plan chooses between the two.
+    return ReferenceUNet(**common, time_conditioning=model_cfg.time_conditioning, remat=bool(model_cfg.remat))
 
 
-def input_multiple(run_cfg: dict[str, Any]) -> int:
-    """Each axis the network halves must be a multiple of this (``diffseg.config.network_multiple``)."""
-    return network_multiple(run_cfg)
+def input_multiple(run_cfg: RunConfigLike) -> int:
+    """Each axis the network halves must be a multiple of this (``RunConfig.network_multiple``)."""
+    run_cfg = RunConfig.of(run_cfg)
+    return run_cfg.network_multiple
 
 
 def init_params(model: Any, volume_shape: tuple[int, ...], key: jax.Array, channels: int = 1) -> Any:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffseg.config import apply_overrides, load_yaml, parse_overrides
+from diffseg.config import apply_overrides, complete_run_config, load_yaml, parse_overrides
 from diffseg.gpu.slots import add_gpus_argument
+from diffseg.runconfig import RunConfig
 
 
 def _say(text: str) -> None:
@@ -19,7 +20,8 @@ def _train(args: argparse.Namespace) -> int:
     from diffseg.gpu.backend import check_platform, report
     from diffseg.train.loop import TrainingInterrupted, train_run
 
-    run_cfg = apply_overrides(load_yaml(args.run_config), parse_overrides(args.set))
+    saved = apply_overrides(load_yaml(args.run_config), parse_overrides(args.set))
+    run_cfg = RunConfig.from_dict(complete_run_config(saved), where=args.run_config)  # checked once
     report(run_cfg, _say)
     check_platform(run_cfg, jax.default_backend())  # before any data is read or step compiled
     try:

@@ -41,6 +41,7 @@ from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
 from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
 from diffseg.progress import Progress
+from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import RunCheckpoints, abstract, build_model
 from diffseg.train.feed import BatchFeeder
 from diffseg.train.plan import choose_micro_batch
@@ -64,8 +65,12 @@ def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) 
 NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform", "devices")}
 
 
-def config_hash(run_cfg: dict[str, Any]) -> str:
-    """What the trained parameters of a step depend on (not logging, evaluation or run length)."""
+def config_hash(run_cfg: RunConfigLike) -> str:
+    """What the trained parameters of a step depend on (not logging, evaluation or run length).
+
+    Computed on the plain mapping (:meth:`RunConfig.to_dict`), as saved in ``config.yaml``."""
+    if isinstance(run_cfg, RunConfig):
+        run_cfg = run_cfg.to_dict()
     keys = ("model", "diffusion", "loss", "optim", "train", "dataset")
     chosen = {k: run_cfg.get(k) for k in keys}
     for section, names in NOT_HASHED.items():
@@ -159,7 +164,9 @@ def validate(
     return float(np.nanmean(scores))
 
 
-def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path) -> dict[str, Any]:
+def train_run(
+    run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path
+) -> dict[str, Any]:
     """Train one run to ``train.steps``, resuming its checkpoints when they fit; returns ``best.json``'s dict.
 
     Checkpoints are resumed when the run's :func:`config_hash` and data fingerprint match, and
@@ -171,12 +178,12 @@ def train_run(run_cfg: dict[str, Any], data_dir: str | Path, run_dir: str | Path
     However the run ends (the last step, a signal, a non-finite stop, an error), what it opened
     is closed on the way out.
     """
+    run_cfg = RunConfig.of(run_cfg)
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_cfg = run_cfg["train"]
-    total, every = int(train_cfg["steps"]), int(train_cfg["checkpoint_every"])
+    total, every = run_cfg.train.steps, run_cfg.train.checkpoint_every
     if total < 1 or every < 1:
-        raise ConfigError(f"run {run_cfg.get('run')!r}: train.steps and train.checkpoint_every must be >= 1")
+        raise ConfigError(f"run {run_cfg.run!r}: train.steps and train.checkpoint_every must be >= 1")
     devices, device_note = training_devices(run_cfg)  # before any work: a bad train.devices fails fast
     with contextlib.ExitStack() as opened:  # the one exit: closes what the run opened, last first
         run = _resume_or_start(run_cfg, data_dir, run_dir, devices, device_note, opened)
@@ -196,7 +203,7 @@ class _Run:
     step of the latest checkpoint this process knows of (None before any).
     """
 
-    cfg: dict[str, Any]
+    cfg: RunConfig
     run_dir: Path
     checkpoints: RunCheckpoints
     state: dict[str, Any]
@@ -215,11 +222,11 @@ class _Run:
 
     @property
     def total(self) -> int:
-        return int(self.cfg["train"]["steps"])
+        return self.cfg.train.steps
 
 
 def _resume_or_start(
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfig,
     data_dir: Path,
     run_dir: Path,
     devices: list[Any],
@@ -233,7 +240,7 @@ def _resume_or_start(
     """
     dataset = load_dataset(data_dir)
     fingerprint = data_fingerprint(data_dir)
-    identity = {"dataset": run_cfg.get("dataset"), "run": run_cfg.get("run")}
+    identity = {"dataset": run_cfg.dataset, "run": run_cfg.run}
     chash = config_hash(run_cfg)
     remove_temporaries(run_dir)  # atomic writers' temporaries left by a killed job
     checkpoints = RunCheckpoints(run_dir)  # removes orbax's temporaries
@@ -248,7 +255,7 @@ def _resume_or_start(
     print(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
     mesh = data_mesh(devices)
     copies = replicated(mesh)
-    key_init, key_steps, key_valid = jax.random.split(jax.random.key(int(run_cfg["train"]["seed"])), 3)
+    key_init, key_steps, key_valid = jax.random.split(jax.random.key(run_cfg.train.seed), 3)
     state = jax.device_put(init_state(model, tx, dataset.shape, key_init, dataset.channels), copies)
     logs = _fresh_logs(chash, fingerprint, identity)
     if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
@@ -259,7 +266,7 @@ def _resume_or_start(
         state, saved_logs = checkpoints.restore(abstract(state), copies)
         logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
         print(
-            f"resuming {run_dir} from step {int(state['step'])} of {int(run_cfg['train']['steps'])}"
+            f"resuming {run_dir} from step {int(state['step'])} of {run_cfg.train.steps}"
             f" (session {logs['session']})",
             file=sys.stderr,
             flush=True,
@@ -273,7 +280,7 @@ def _resume_or_start(
 
 def _resume_decision(
     checkpoints: RunCheckpoints,
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfig,
     run_dir: Path,
     data_dir: Path,
     chash: str,
@@ -287,7 +294,7 @@ def _resume_decision(
     latest = checkpoints.latest_step()
     saved = checkpoints.restore_logs() if latest is not None else None
     owner = _owner(saved, run_dir) if latest is not None else None
-    mine = (run_cfg.get("dataset"), run_cfg.get("run"))
+    mine = (run_cfg.dataset, run_cfg.run)
     if owner is not None and None not in owner and owner != mine:
         raise ConfigError(
             f"{run_dir}: holds the checkpoints of run {owner[1]!r} of dataset {owner[0]!r}, not"
@@ -301,7 +308,7 @@ def _resume_decision(
         return saved, "the run's config changed since its checkpoints were written"
     if saved.get("data_fingerprint") != fingerprint:
         return saved, f"the prepared data in {data_dir} changed since its checkpoints were written"
-    total = int(run_cfg["train"]["steps"])
+    total = run_cfg.train.steps
     if int(saved.get("step", 0)) > total:
         raise ConfigError(
             f"{run_dir}: trained to step {saved['step']}, beyond train.steps={total}; set train.steps"
@@ -310,10 +317,10 @@ def _resume_decision(
     return saved, None
 
 
-def _write_run_files(run_dir: Path, run_cfg: dict[str, Any], info: dict[str, Any], fingerprint: str) -> None:
+def _write_run_files(run_dir: Path, run_cfg: RunConfig, info: dict[str, Any], fingerprint: str) -> None:
     """``dataset.json`` (the data's description, for ``predict``) and ``config.yaml`` (when it differs)."""
     atomic_write_json(run_dir / "dataset.json", {**info, "fingerprint": fingerprint})
-    config_text = yaml.safe_dump(dict(run_cfg), sort_keys=False)
+    config_text = yaml.safe_dump(run_cfg.to_dict(), sort_keys=False)
     config_path = run_dir / "config.yaml"  # the workflow writes it first: keep its mtime if equal
     if not config_path.is_file() or yaml.safe_load(config_path.read_text()) != yaml.safe_load(config_text):
         atomic_write_text(config_path, config_text)
@@ -355,7 +362,7 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     """Steps ``state["step"] + 1 .. train.steps``: train; log every ``log_every`` step; validate
     and save every ``checkpoint_every`` and the last; at SIGTERM/SIGINT save, then raise
     :class:`TrainingInterrupted`."""
-    train_cfg, total = run.cfg["train"], run.total
+    train_cfg, total = run.cfg.train, run.total
     # The data stay on the host; each step's volumes are sent ahead of the step (train/feed.py).
     choice = choose_micro_batch(run.model, run.tx, run.cfg, run.num_classes, run.mesh, run.shape)
     if choice.how == "auto":
@@ -363,17 +370,17 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     step_fn = make_train_step(choice.model, run.tx, run.cfg, run.num_classes, run.mesh, choice.micro_batch)
     start = int(run.state["step"])
     feeder = BatchFeeder(
-        *run.train_data, int(train_cfg["batch_size"]), int(train_cfg["seed"]), batch_sharding(run.mesh),
-        start, total, sampling=str(train_cfg["sampling"]),
+        *run.train_data, train_cfg.batch_size, train_cfg.seed, batch_sharding(run.mesh),
+        start, total, sampling=train_cfg.sampling,
     )  # fmt: skip
     opened.callback(feeder.close)
     batches = iter(feeder)
     segmenter = Segmenter(run.model, run.state["params"], run.cfg)  # compiled once, reused at each validation
-    log_every, every = max(1, int(train_cfg["log_every"])), int(train_cfg["checkpoint_every"])
+    log_every, every = max(1, train_cfg.log_every), train_cfg.checkpoint_every
     now = time.perf_counter()
     clock = _Clock(now, float(run.logs["seconds"]), now, start, int(run.state["skipped"]))
     run.saved_step = start or None
-    progress = Progress(total, f"train {run.cfg.get('run', '')}", initial=start)
+    progress = Progress(total, f"train {run.cfg.run or ''}", initial=start)
     opened.callback(progress.close)
     stop = opened.enter_context(_StopOnSignal())
     for step in range(start + 1, total + 1):

@@ -5,10 +5,13 @@ Shapes: ``logits`` and ``onehot`` are ``(batch, *spatial, classes)``; class 0 is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from diffseg.runconfig import LossConfig, as_section
 
 
 def cross_entropy(logits: jax.Array, onehot: jax.Array) -> jax.Array:
@@ -49,11 +52,15 @@ def dice_loss(
     return jnp.mean(per_sample)
 
 
-def segmentation_loss(logits: jax.Array, onehot: jax.Array, loss_cfg: dict[str, Any]) -> jax.Array:
-    """Cross-entropy and/or foreground Dice as switched on in the run config's ``loss`` section."""
+def segmentation_loss(
+    logits: jax.Array, onehot: jax.Array, loss_cfg: LossConfig | Mapping[str, Any]
+) -> jax.Array:
+    """Cross-entropy and/or foreground Dice as switched on in the run config's ``loss`` section
+    (a mapping: its keys over ``LossConfig``'s defaults)."""
+    loss_cfg = as_section(LossConfig, loss_cfg)
     loss = jnp.zeros((), jnp.float32)
-    if loss_cfg["cross_entropy"]:
+    if loss_cfg.cross_entropy:
         loss = loss + cross_entropy(logits, onehot)
-    if loss_cfg["dice"]:
-        loss = loss + dice_loss(logits, onehot, mean=str(loss_cfg.get("dice_mean", "per_sample")))
+    if loss_cfg.dice:
+        loss = loss + dice_loss(logits, onehot, mean=loss_cfg.dice_mean)
     return loss

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from diffseg.config import resolve_run_config
+from diffseg.config import resolve_run
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.errors import ConfigError
 from diffseg.gpu.memory import HEADROOM, MEM_FRACTION_VAR, allocator_bytes, memory_fraction, step_budget
 from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
+from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import build_model, count_parameters, init_params
 from diffseg.train.step import build_optimizer, check_micro_batch, init_state, make_train_step
 
@@ -131,7 +132,7 @@ def _abstract(tree: Any, sharding: Any) -> Any:
 def step_memory(
     model: Any,
     tx: Any,
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfigLike,
     num_classes: int,
     mesh: Any,
     volume_shape: tuple[int, ...],
@@ -143,10 +144,11 @@ def step_memory(
     device, ``diffseg.gpu.targets.target_mesh``); XLA's FLOPs and bytes per device
     (``argument``: the state and the step's ``B`` volumes ``(B, X, Y, Z)``; ``temp``: what one
     micro-batch pass needs; ``total`` counts the donated, aliased state once)."""
+    run_cfg = RunConfig.of(run_cfg)
     step = make_train_step(model, tx, run_cfg, num_classes, mesh, micro_batch)
     whole = replicated(mesh)
     state = _abstract(jax.eval_shape(lambda: init_state(model, tx, volume_shape, jax.random.key(0))), whole)
-    batch = int(run_cfg["train"]["batch_size"])
+    batch = run_cfg.train.batch_size
     split = batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.float32, sharding=split)
     labels = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.uint8, sharding=split)
@@ -229,7 +231,7 @@ def _row(plan: dict[str, Any]) -> str:
 def choose_micro_batch(
     model: Any,
     tx: Any,
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfigLike,
     num_classes: int,
     mesh: Any,
     volume_shape: tuple[int, ...],
@@ -250,11 +252,12 @@ def choose_micro_batch(
     search needs: one volume per pass gives a linear guess (fixed bytes + m × one volume's
     temporaries) for the largest m, which is then compiled to check, and lowered until it fits.
     """
-    micro = run_cfg["train"].get("micro_batch")
-    remat_value = run_cfg["model"].get("remat", False)
+    run_cfg = RunConfig.of(run_cfg)
+    micro = run_cfg.train.micro_batch
+    remat_value = run_cfg.model.remat
     rematted = _remat_options(model, remat_value)
     nets = [model.clone(remat=r) if hasattr(model, "remat") else model for r in rematted]
-    per_device = check_micro_batch({"train": {**run_cfg["train"], "micro_batch": None}}, mesh.size)
+    per_device = check_micro_batch(run_cfg.replace("train.micro_batch", None), mesh.size)
     if micro == "auto":
         candidates = _divisors_desc(per_device)
     else:
@@ -320,7 +323,7 @@ def _flops_how(passes: int, lowered: bool) -> str:
 
 
 def xla_plan(
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfigLike,
     num_classes: int,
     volume_shape: tuple[int, ...],
     device_memory: int | None = None,
@@ -330,6 +333,7 @@ def xla_plan(
     """The run's step as training would build it (micro-batch and remat resolved for a card of
     ``device_memory`` bytes, for a ``diffseg.gpu.targets.GpuTarget``, or for this machine),
     compiled, never run; XLA's FLOPs and bytes per device."""
+    run_cfg = RunConfig.of(run_cfg)
     model = build_model(run_cfg, num_classes, conv_impl="xla")
     tx, _ = build_optimizer(run_cfg)
     budget, options = None, None
@@ -369,7 +373,7 @@ def plan(
     says which training's ``auto`` would take on that card."""
     if device_memory is not None and target is not None:
         raise ConfigError("--device-memory and --target: give one (a target knows its memory)")
-    run_cfg = resolve_run_config(config, dataset, run, overrides)
+    run_cfg = resolve_run(config, dataset, run, overrides)
     ds_cfg = config["datasets"][dataset]
     results = config.get("results", "results")
     classes = dataset_classes(dataset, ds_cfg, results)
@@ -380,21 +384,21 @@ def plan(
     model = build_model(run_cfg, num_classes)
     params = jax.eval_shape(lambda: init_params(model, shape, jax.random.key(0)))
     n_params = count_parameters(params)
-    diff_cfg, train_cfg = run_cfg["diffusion"], run_cfg["train"]
-    batch, dims = int(train_cfg["batch_size"]), int(run_cfg["model"]["spatial_dims"])
+    diff_cfg, train_cfg = run_cfg.diffusion, run_cfg.train
+    batch, dims = train_cfg.batch_size, run_cfg.model.spatial_dims
     facts: dict[str, Any] = {
         "dataset": dataset, "run": run, "classes": num_classes, "parameters": n_params,
         "volumes_per_step": batch, "volume_shape": list(shape),
         "slices_per_step": batch * shape[2] if dims == 2 else None,
     }  # fmt: skip
     lines = [f"# diffseg plan: {dataset}/{run}", "", "## resolved run config", ""]
-    lines += yaml.safe_dump(dict(run_cfg), sort_keys=False).rstrip().splitlines()
-    arch = run_cfg["model"].get("arch", "reference")
-    kind = "diffusion (image + noisy mask, step t)" if diff_cfg["enabled"] else "segmentation"
+    lines += yaml.safe_dump(run_cfg.to_dict(), sort_keys=False).rstrip().splitlines()
+    arch = run_cfg.model.arch
+    kind = "diffusion (image + noisy mask, step t)" if diff_cfg.enabled else "segmentation"
     lines += ["", "## network", "", f"architecture: {arch} U-Net, {dims}D, {kind}"]
-    lines += [f"channels: {list(run_cfg['model']['channels'])}, classes: {num_classes} (with background)"]
-    if diff_cfg["enabled"] and arch == "reference":
-        tc = run_cfg["model"]["time_conditioning"]
+    lines += [f"channels: {list(run_cfg.model.channels)}, classes: {num_classes} (with background)"]
+    if diff_cfg.enabled and arch == "reference":
+        tc = run_cfg.model.time_conditioning
         note = " (the reference's placement: the output does not depend on t)" if tc == "reference" else ""
         lines.append(f"time conditioning: {tc}{note}")
     lines += [f"parameters: {n_params}", "", "## one training step", ""]
@@ -405,17 +409,17 @@ def plan(
         )
     else:
         lines.append(f"consumes: {batch} volumes of {'×'.join(map(str, shape))}")
-    if diff_cfg["enabled"]:
+    if diff_cfg.enabled:
         d = GaussianDiffusion.from_config(diff_cfg)
         passes = "1 forward + 1 backward pass"
-        if diff_cfg["recycle"]:
+        if diff_cfg.recycle:
             passes = "2 forward passes (recycling: one without gradient) + 1 backward"
         lines.append(
             f"diffusion: K = {d.num_steps} training steps, t = {[int(t) for t in d.timesteps]}; {passes}"
         )
-        facts["forward_passes"] = 2 if diff_cfg["recycle"] else 1
-    precision = "bfloat16 compute, float32 parameters" if train_cfg["bf16"] else "float32"
-    lines.append(f"precision: {precision}; steps: {train_cfg['steps']}")
+        facts["forward_passes"] = 2 if diff_cfg.recycle else 1
+    precision = "bfloat16 compute, float32 parameters" if train_cfg.bf16 else "float32"
+    lines.append(f"precision: {precision}; steps: {train_cfg.steps}")
     if target is not None:
         cc = ".".join(map(str, target.compute_capability))
         facts["target"] = {
@@ -425,7 +429,7 @@ def plan(
             "spec_file": str(target.source) if target.source else None,
         }  # fmt: skip
         facts["versions"] = {"jax": jax.__version__, "cuda_plugin": _plugin_version()}
-        if train_cfg["bf16"] and not target.has_bf16:
+        if train_cfg.bf16 and not target.has_bf16:
             facts["bf16_warning"] = True
             lines.append(
                 f"warning: {target.name} (compute capability {cc}) has no bf16 tensor cores:"
@@ -445,12 +449,8 @@ def plan(
             for t in choice.tried
         ]
         m, passes = xla["micro_batch"], xla["passes"]
-        how = (
-            "train.micro_batch: auto"
-            if run_cfg["train"].get("micro_batch") == "auto"
-            else "train.micro_batch"
-        )
-        remat_how = "model.remat: auto" if run_cfg["model"].get("remat") == "auto" else "model.remat"
+        how = "train.micro_batch: auto" if train_cfg.micro_batch == "auto" else "train.micro_batch"
+        remat_how = "model.remat: auto" if run_cfg.model.remat == "auto" else "model.remat"
         if target is not None:
             compiled_for = (
                 f"{target.name} ({target.description}, compute capability {cc}, {_gib(target.memory_bytes)})"

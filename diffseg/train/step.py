@@ -38,32 +38,33 @@ from diffseg.data import augment_batch
 from diffseg.diffusion import GaussianDiffusion, Prediction, mask_to_x0
 from diffseg.errors import ConfigError
 from diffseg.parallel import batch_sharding
+from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import init_params
 from diffseg.train.losses import segmentation_loss
 
 State = dict[str, Any]  # {"params", "opt_state", "step", "skipped"}
 
 
-def build_optimizer(run_cfg: dict[str, Any]) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(run_cfg: RunConfigLike) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up, cosine decay to ``optim.decay_steps`` then held, after clipping.
 
     ``decay_steps`` counts the warm-up (optax's convention, as the reference's 10 000 of
     12 500 steps); ``None`` decays over all of ``train.steps``.
     """
-    optim, steps = run_cfg["optim"], int(run_cfg["train"]["steps"])
-    decay = optim.get("decay_steps")
-    decay = steps if decay is None else int(decay)
-    warmup = min(int(optim["warmup_steps"]), max(decay - 1, 0))
+    run_cfg = RunConfig.of(run_cfg)
+    optim = run_cfg.optim
+    decay = run_cfg.train.steps if optim.decay_steps is None else optim.decay_steps
+    warmup = min(optim.warmup_steps, max(decay - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=float(optim["init_learning_rate"]),
-        peak_value=float(optim["learning_rate"]),
+        init_value=float(optim.init_learning_rate),
+        peak_value=float(optim.learning_rate),
         warmup_steps=warmup,
         decay_steps=max(decay, warmup + 1),
-        end_value=float(optim["end_learning_rate"]),
+        end_value=float(optim.end_learning_rate),
     )
     tx = optax.chain(
-        optax.clip_by_global_norm(float(optim["grad_clip"])),
-        optax.adamw(schedule, weight_decay=float(optim["weight_decay"])),
+        optax.clip_by_global_norm(float(optim.grad_clip)),
+        optax.adamw(schedule, weight_decay=float(optim.weight_decay)),
     )
     return tx, schedule
 
@@ -139,14 +140,15 @@ def noisy_input(
 
 
 def make_loss_fn(
-    model: Any, run_cfg: dict[str, Any], num_classes: int
+    model: Any, run_cfg: RunConfigLike, num_classes: int
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
     """``loss(params, image (n,X,Y,Z,1), label (n,X,Y,Z), keys (n,)) -> scalar`` for the run's variant.
 
     ``keys`` holds one PRNG key per sample; the loss is the mean over the ``n`` samples.
     """
-    diff_cfg, loss_cfg = run_cfg["diffusion"], run_cfg["loss"]
-    if not diff_cfg["enabled"]:
+    run_cfg = RunConfig.of(run_cfg)
+    diff_cfg, loss_cfg = run_cfg.diffusion, run_cfg.loss
+    if not diff_cfg.enabled:
 
         def seg_loss(params, image, label, keys):
             del keys
@@ -156,8 +158,8 @@ def make_loss_fn(
         return seg_loss
 
     diffusion = GaussianDiffusion.from_config(diff_cfg)
-    prediction, recycle = Prediction(diff_cfg["prediction"]), bool(diff_cfg["recycle"])
-    eps_l2_weight = float(loss_cfg["eps_l2_weight"])
+    prediction, recycle = Prediction(diff_cfg.prediction), diff_cfg.recycle
+    eps_l2_weight = float(loss_cfg.eps_l2_weight)
 
     def diffusion_loss(params, image, label, keys):
         pairs = jax.vmap(jax.random.split)(keys)  # (n, 2): position k, noise
@@ -178,19 +180,19 @@ def make_loss_fn(
     return diffusion_loss
 
 
-def check_micro_batch(run_cfg: dict[str, Any], devices: int, micro_batch: Any = None) -> int:
+def check_micro_batch(run_cfg: RunConfigLike, devices: int, micro_batch: Any = None) -> int:
     """Volumes per device per pass, validated: ``micro_batch`` (else ``train.micro_batch``; null =
     the whole per-device batch) must divide ``train.batch_size / devices``. ``auto`` must have been
     resolved first (``diffseg.train.plan.choose_micro_batch``)."""
-    train_cfg = run_cfg["train"]
-    batch_size = int(train_cfg["batch_size"])
+    run_cfg = RunConfig.of(run_cfg)
+    batch_size = run_cfg.train.batch_size
     if batch_size % devices:
         raise ConfigError(
             f"train.batch_size={batch_size} is not divisible by the {devices} devices;"
             " train.devices: auto trains on as many as divide it"
         )
     per_device = batch_size // devices
-    value = train_cfg.get("micro_batch") if micro_batch is None else micro_batch
+    value = run_cfg.train.micro_batch if micro_batch is None else micro_batch
     if value is None:
         return per_device
     if value == "auto":
@@ -203,12 +205,12 @@ def check_micro_batch(run_cfg: dict[str, Any], devices: int, micro_batch: Any = 
     return int(value)
 
 
-def training_input_dtype(run_cfg: dict[str, Any]) -> Any:
+def training_input_dtype(run_cfg: RunConfigLike) -> Any:
     """The dtype of a training sample's image, mask and noise: bfloat16 in a bf16 run with
     ``train.bf16_inputs: reference`` (the reference casts the image before augmentation and builds
     the one-hot mask and the noise in its dtype), else float32 (cast at the network's input)."""
-    train = run_cfg["train"]
-    early = bool(train.get("bf16")) and train.get("bf16_inputs", "reference") == "reference"
+    run_cfg = RunConfig.of(run_cfg)
+    early = run_cfg.train.bf16 and run_cfg.train.bf16_inputs == "reference"
     return jnp.bfloat16 if early else jnp.float32
 
 
@@ -220,7 +222,7 @@ def _all_finite(tree: Any) -> jax.Array:
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfigLike,
     num_classes: int,
     mesh: Mesh,
     micro_batch: int | None = None,
@@ -234,11 +236,12 @@ def make_train_step(
     many passes the gradient is accumulated over; the result does not depend on it. ``loss`` is
     the batch's mean loss (NaN or inf when the update was skipped).
     """
+    run_cfg = RunConfig.of(run_cfg)
     devices = mesh.size
     m = check_micro_batch(run_cfg, devices, micro_batch)
-    batch_size = int(run_cfg["train"]["batch_size"])
+    batch_size = run_cfg.train.batch_size
     passes = batch_size // (devices * m)
-    augment_cfg = dict(run_cfg["train"]["augment"])
+    augment_cfg = run_cfg.train.augment.to_dict()
     input_dtype = training_input_dtype(run_cfg)
     loss_fn = make_loss_fn(model, run_cfg, num_classes)
     grad_fn = jax.value_and_grad(loss_fn)
