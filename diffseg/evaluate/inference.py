@@ -205,7 +205,7 @@ class Segmenter:
 
 
 def segment(
-    model: Any, params: Any, images: np.ndarray, run_cfg: dict[str, Any], key: jax.Array
+    model: Any, params: Any, images: np.ndarray, run_cfg: RunConfigLike, key: jax.Array
 ) -> np.ndarray:
     """Label maps ``(N, X, Y, Z)`` uint8 of normalised volumes ``(N, X, Y, Z)`` or ``(N, X, Y, Z, C)``."""
     segmenter = Segmenter(model, params, run_cfg)

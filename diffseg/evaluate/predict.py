@@ -27,6 +27,7 @@ from diffseg.errors import DataError
 from diffseg.evaluate.inference import Segmenter, vote_and_entropy
 from diffseg.io import atomic_path
 from diffseg.progress import Progress
+from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import input_multiple
 
 
@@ -72,7 +73,7 @@ def _write(image: sitk.Image, path: Path) -> None:
 def predict_scan(
     model: Any,
     params: Any,
-    run_cfg: dict[str, Any],
+    run_cfg: RunConfigLike,
     info: dict[str, Any],
     image_path: str | Path | Sequence[str | Path],
     out_path: str | Path,
@@ -89,6 +90,7 @@ def predict_scan(
         The mask ``(X, Y, Z)`` on the input's (first file's) grid, in the training files' label
         values (uint8, or uint16 for values above 255).
     """
+    run_cfg = RunConfig.of(run_cfg)
     paths = [Path(image_path)] if isinstance(image_path, str | Path) else [Path(p) for p in image_path]
     out_path = Path(out_path)
     if samples < 1:
