@@ -217,10 +217,10 @@ class RunConfig:
         """A copy with one key changed (``"diffusion.sample_steps"``), checked like ``from_dict``."""
         data = self.to_dict()
         *parents, last = dotted.split(".")
-        node = data
+        node: Any = data
         for key in parents:
-            node = node[key]
-        if last not in node:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
             raise ConfigError(f"{dotted}: not a key of the run config")
         node[last] = value
         return RunConfig.from_dict(data)

@@ -433,3 +433,22 @@ def test_schema_enums_are_the_one_list_of_choices():
     # Every run-config choice names a BASE key, whose default is one of its choices.
     for (section, key), allowed in RUN_CHOICES.items():
         assert BASE[section][key] in allowed, (section, key)
+
+
+def test_library_callers_may_pass_a_partial_mapping():
+    """``RunConfig.of`` and the sections' ``as_section`` read a mapping as overrides of the defaults,
+    checked: what ``build_model({...})`` or ``GaussianDiffusion.from_config({...})`` receive."""
+    from diffseg.runconfig import DiffusionConfig, RunConfig, as_section
+
+    cfg = RunConfig.of({"model": {"channels": [8, 16]}, "train": {"bf16": True}})
+    assert cfg.model.channels == (8, 16) and cfg.train.bf16
+    assert cfg.train.batch_size == BASE["train"]["batch_size"]
+    assert RunConfig.of(cfg) is cfg  # built once: a RunConfig passes through
+    with pytest.raises(ConfigError, match="model.channels must be a list of integers"):
+        RunConfig.of({"model": {"channels": 8}})
+    diff = as_section(DiffusionConfig, {"num_timesteps": 1000, "prediction": "epsilon"})
+    assert (diff.num_timesteps, diff.prediction, diff.train_steps) == (1000, "epsilon", 5)
+    with pytest.raises(ConfigError, match="diffusion.variance must be one of fixed_large, beta_tilde"):
+        as_section(DiffusionConfig, {"variance": "large"})
+    with pytest.raises(ConfigError, match="train.nope: not a key"):
+        cfg.replace("train.nope", 1)
