@@ -2,7 +2,8 @@
 
 The cluster (``tests/slurm/cluster.py``: munge, MariaDB, slurmdbd, slurmctld, slurmd, a fake GPU)
 is started by this module and stopped after it. The run goes to both tables; then ``sacct``
-must show that the compute jobs (data, train, test) went through SLURM with the CPUs and
+must show that the compute jobs (data, train, test, and the sampling-steps and uncertainty
+studies, which ask for the test stage's resources) went through SLURM with the CPUs and
 memory their rules ask for, that the local rules (run configs, tables, statistics, figures)
 did not, and that the GPU requests became the plugin's ``--gpus`` option (``ReqTRES`` and
 ``scontrol show job``); the jobs themselves run on the CPU.
@@ -49,13 +50,18 @@ TINY = {
         "test": {"threads": 1, "mem_mb": 1200, "runtime": 10, "gpu": 1, "gpu_model": "fake"},
     },
 }  # fmt: skip
-# rule -> (AllocCPUS, ReqMem, the GPU in ReqTRES or None)
+# compute: stage -> (AllocCPUS, ReqMem, the GPU in ReqTRES or None)
 EXPECTED = {
     "data": (1, "700M", None),
     "train": (2, "1500M", "gres/gpu=1"),
     "test": (1, "1200M", "gres/gpu:fake=1"),
 }
-LOCAL = ("download", "run_config", "table", "stats", "figure2", "figure3", "curves", "data_figure")
+# compute rule -> the compute: stage whose resources it asks for (the studies evaluate like test)
+STAGE_OF = {"data": "data", "train": "train", "test": "test", "sampling_steps": "test", "uncertainty": "test"}
+LOCAL = (
+    "download", "run_config", "table", "stats", "figure2", "figure3", "curves", "data_figure", "cost",
+    "sampling_steps_report", "uncertainty_report", "seeds_figure",
+)  # fmt: skip
 
 
 def _unavailable(reason: str) -> None:
@@ -142,10 +148,10 @@ def test_tiny_workflow_on_slurm(cluster, tmp_path):
     jobs["rule"] = jobs["Comment"].map(rule_of)
     assert jobs["JobName"].nunique() == 1  # the plugin names every job of a run by its run id
     assert (jobs["State"] == "COMPLETED").all(), jobs[["rule", "State"]]
-    assert sorted(jobs["rule"]) == ["data"] + ["test"] * 3 + ["train"] * 3
+    assert sorted(jobs["rule"]) == sorted(["data", "sampling_steps", "uncertainty"] + ["test", "train"] * 3)
     assert not set(jobs["rule"]) & set(LOCAL)
     for _, job in jobs.iterrows():
-        cpus, mem, gpu = EXPECTED[job["rule"]]
+        cpus, mem, gpu = EXPECTED[STAGE_OF[job["rule"]]]
         assert int(job["AllocCPUS"]) == cpus, job.to_dict()
         assert job["ReqMem"] == mem, job.to_dict()
         tres = job["ReqTRES"].split(",")
@@ -205,9 +211,9 @@ def test_every_computing_rule_has_a_benchmark_and_local_rules_are_local():
         name = block.split(":")[0]
         if "\n    shell:" in block:
             assert "\n    benchmark:\n" in block, f"rule {name} computes and has no benchmark:"
-        if name in EXPECTED:
+        if name in STAGE_OF:
             assert name not in local
-            assert f'cpus_per_task=compute("{name}", "threads")' in block, name
+            assert f'cpus_per_task=compute("{STAGE_OF[name]}", "threads")' in block, name
 
 
 def _dry_run(tmp_path: Path, cfg: dict, *args: str) -> str:
