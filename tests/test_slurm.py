@@ -4,9 +4,9 @@ The cluster (``tests/slurm/cluster.py``: munge, MariaDB, slurmdbd, slurmctld, sl
 is started by this module and stopped after it. The run goes to both tables; then ``sacct``
 must show that the compute jobs (data, train, test, and the sampling-steps and uncertainty
 studies, which ask for the test stage's resources) went through SLURM with the CPUs and
-memory their rules ask for, that the local rules (run configs, tables, statistics, figures)
-did not, and that the GPU requests became the plugin's ``--gpus`` option (``ReqTRES`` and
-``scontrol show job``); the jobs themselves run on the CPU.
+memory their rules ask for, that the local rules (run configs, tables, statistics, figures, cost,
+the studies' reports) did not, and that the GPU requests became the plugin's ``--gpus`` option
+(``ReqTRES`` and ``scontrol show job``); the jobs themselves run on the CPU.
 
 A second run is preempted: its train job gets SIGTERM through ``scancel``, checkpoints, fails,
 and Snakemake's retry resumes it to the parameters of an uninterrupted run (issue 15 item 2).
@@ -207,13 +207,18 @@ def test_every_computing_rule_has_a_benchmark_and_local_rules_are_local():
     local = {name.strip().rstrip(",") for block in smk.split("localrules:\n")[1:]
              for name in block.split("\n\n")[0].split("\n") if name.strip()}  # fmt: skip
     assert set(LOCAL) <= local
+    computing = set()
     for block in smk.split("\nrule ")[1:]:
         name = block.split(":")[0]
         if "\n    shell:" in block:
             assert "\n    benchmark:\n" in block, f"rule {name} computes and has no benchmark:"
+            if name not in local:
+                computing.add(name)
         if name in STAGE_OF:
             assert name not in local
             assert f'cpus_per_task=compute("{STAGE_OF[name]}", "threads")' in block, name
+    # A new cluster job must say whose compute: resources it takes (and be expected above).
+    assert computing == set(STAGE_OF), computing ^ set(STAGE_OF)
 
 
 def _dry_run(tmp_path: Path, cfg: dict, *args: str) -> str:
