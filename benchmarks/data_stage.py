@@ -327,8 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "benchmark": "data_stage",
             "command": " ".join(["python benchmarks/data_stage.py", *given]),
-            "raw": {"size": args.size, "spacing": args.raw_spacing, "dtype": "int16",
-                    "classes": args.classes},  # fmt: skip
+            "raw": {
+                "size": args.size,
+                "spacing": args.raw_spacing,
+                "dtype": "int16",
+                "classes": args.classes,
+            },  # fmt: skip
             "target": {"spacing": args.spacing, "shape": args.shape},
             "machine": machine(),
             "load_average_end": [round(x, 2) for x in os.getloadavg()],

@@ -89,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         calls: dict[str, Callable[[], Any]] = {
             "SimpleITK ReadImage (.nii.gz)": lambda: sitk.ReadImage(path),
             "SimpleITK Resample (linear, to 1.5 mm)": lambda: sitk.Resample(
-                image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), [1.5] * 3,
-                image.GetDirection(), 0, image.GetPixelID(),
+                image,
+                size,
+                sitk.Transform(),
+                sitk.sitkLinear,
+                image.GetOrigin(),
+                [1.5] * 3,
+                image.GetDirection(),
+                0,
+                image.GetPixelID(),
             ),  # fmt: skip
             "zlib compress (level 1)": lambda: zlib.compress(raw, 1),
             "zlib decompress": lambda: zlib.decompress(packed),

@@ -2,7 +2,7 @@
 
 Each plan lists every micro-batch with and without rematerialisation, compiled by XLA's GPU
 compiler for one card (``tried``: bytes per device). A card's cell is the choice that
-``micro_batch: auto`` and ``remat: auto`` make under its budget (``diffseg.gpu.memory``: the card ×
+``micro_batch: auto`` and ``remat: auto`` make under its budget (``diffseg.accelerators.memory``: the card ×
 JAX's allocator share × (1 − headroom)): remat off if any micro-batch fits without it, the
 largest that fits. Only a card's own plan is used: XLA plans the same step differently for
 different compute capabilities (an A100's plan is ~40 % above an H100's), so a plan is never

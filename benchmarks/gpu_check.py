@@ -7,9 +7,9 @@ on random volumes of the dataset's shape and class count, so no data is needed. 
 
 - seconds per step (median of ``--steps`` after ``--warmup``) and the FLOP/s achieved, from XLA's
   FLOP count of the same compiled step; against the card's peak dense bf16 (or fp16) tensor
-  FLOP/s where the card is known (``diffseg.gpu.targets``), the model FLOP utilisation;
+  FLOP/s where the card is known (``diffseg.accelerators.targets``), the model FLOP utilisation;
 - the device's peak memory in use (accelerators report it) against XLA's plan of the step
-  (``total_bytes``) and the budget ``diffseg.gpu.memory`` allows.
+  (``total_bytes``) and the budget ``diffseg.accelerators.memory`` allows.
 
     python benchmarks/gpu_check.py --configfile config/paper.yaml --dataset prostate_mr --run 3d-diff
     python benchmarks/gpu_check.py --configfile config/config.yaml --dataset phantom_pelvis --run 3d-diff \\
@@ -39,7 +39,7 @@ from diffseg.train.step import build_optimizer, init_state, make_train_step
 def peak_tflops(device_kind: str, bf16: bool) -> float | None:
     """The card's peak dense tensor TFLOP/s for the run's precision, when the card is known."""
     try:
-        from diffseg.gpu.targets import peak_tflops_for_device
+        from diffseg.accelerators.targets import peak_tflops_for_device
     except ImportError:  # pragma: no cover - the targets module ships with diffseg
         return None
     return peak_tflops_for_device(device_kind, bf16)

@@ -74,7 +74,7 @@ fi
 
 devices() {
   if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
-  "$PY" -c "import jax; from diffseg.gpu.backend import describe_devices as d; print(d(jax.local_devices(), jax.default_backend()))"
+  "$PY" -c "import jax; from diffseg.accelerators.backend import describe_devices as d; print(d(jax.local_devices(), jax.default_backend()))"
 }
 stage devices devices
 
@@ -82,7 +82,7 @@ stage devices devices
 if [ -z "$TARGET" ]; then
   TARGET=$("$PY" -c "
 import jax
-from diffseg.gpu.targets import target_for_device
+from diffseg.accelerators.targets import target_for_device
 t = target_for_device(jax.local_devices()[0].device_kind)
 print(t.name if t else '')" 2> /dev/null || true)
 fi

@@ -69,11 +69,11 @@ def compilation_cache(min_seconds: float | None = None) -> None:
 
 def claim_devices(args: argparse.Namespace) -> None:
     """Before JAX starts: this job's own GPUs (``--gpus N``, set by the workflow), and the memory
-    share JAX's allocator takes of them (``diffseg.gpu.memory``)."""
+    share JAX's allocator takes of them (``diffseg.accelerators.memory``)."""
     import os
 
-    from diffseg.gpu.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
-    from diffseg.gpu.slots import claim_gpus
+    from diffseg.accelerators.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
+    from diffseg.accelerators.slots import claim_gpus
 
     if getattr(args, "target", None):
         # A plan for a named card compiles for it with XLA's GPU compiler and runs nothing: no

@@ -11,9 +11,7 @@ from diffseg.diffusion import GaussianDiffusion, Prediction, Variance, logits_to
 def test_five_step_schedule_matches_design():
     d = GaussianDiffusion.linear(num_timesteps=1000, num_steps=5)
     np.testing.assert_array_equal(d.timesteps, [1, 251, 500, 750, 1000])
-    np.testing.assert_allclose(
-        d.alphas_cumprod, [0.9999, 0.5214, 0.07859, 0.003351, 4.036e-5], rtol=2e-4
-    )
+    np.testing.assert_allclose(d.alphas_cumprod, [0.9999, 0.5214, 0.07859, 0.003351, 4.036e-5], rtol=2e-4)
     assert d.betas.dtype == np.float64 and d.alphas_cumprod.dtype == np.float64
     # beta_k = 1 - abar_k / abar_{k-1}, abar_{-1} = 1
     np.testing.assert_allclose(d.betas[0], 1e-4)

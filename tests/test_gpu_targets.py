@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffseg.accelerators.targets import KNOWN_TARGETS, get_target, parse_text_proto
 from diffseg.config import resolve_run_config
 from diffseg.errors import ConfigError
-from diffseg.gpu.targets import KNOWN_TARGETS, get_target, parse_text_proto
 from diffseg.parallel import data_mesh
 from diffseg.runs import build_model, init_params
 from diffseg.train.plan import card_budget, plan, step_memory
@@ -98,7 +98,7 @@ def test_a_users_spec_file_is_a_target_and_a_malformed_one_names_the_file(tmp_pa
 
 def test_a_spec_file_the_plugin_cannot_parse_is_an_error_naming_it(tmp_path):
     _plugin()
-    from diffseg.gpu.targets import target_mesh
+    from diffseg.accelerators.targets import target_mesh
 
     path = tmp_path / "typo.txtpb"
     path.write_text(CARD_24GB.replace("core_count: 128", "core_cuont: 128"))
@@ -111,7 +111,7 @@ def test_a_spec_file_the_plugin_cannot_parse_is_an_error_naming_it(tmp_path):
 def test_the_gpu_compiler_plans_a_small_step_for_an_h100_below_the_cpu_compilers_plan():
     """The GPU plan of a step (no GPU here) is positive and smaller than the CPU compiler's."""
     _plugin()
-    from diffseg.gpu.targets import COMPILER_OPTIONS, target_mesh
+    from diffseg.accelerators.targets import COMPILER_OPTIONS, target_mesh
 
     shape = (32, 32, 16)  # at 16×16×8 the GPU's fixed costs (workspaces) still outweigh the CPU's copies
     cfg = resolve_run_config({**TINY, "datasets": {"toy": {**TINY["datasets"]["toy"], "shape": list(shape)}}},

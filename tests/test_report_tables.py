@@ -15,8 +15,7 @@ from diffseg.report import stats, tables
 CFG = {
     "tables": {
         "table1": {"datasets": ["ds"], "dims": ["3d"], "cells": {"N": "seg", "Y": "diff"}},
-        "table2": {"dataset": "ds", "dims": ["3d"],
-                   "ablations": {"dice": {"N": "diff-nodice", "Y": "diff"}}},
+        "table2": {"dataset": "ds", "dims": ["3d"], "ablations": {"dice": {"N": "diff-nodice", "Y": "diff"}}},
     },
     "stats": {"alpha": 0.01},
 }
@@ -35,21 +34,42 @@ def write(runs, run, rows):
 def runs(tmp_path):
     r = tmp_path / "runs"
     # seg: case a classes (1.0, 0.5) -> 0.75; case b (0.0 missed, 0.8) -> 0.4; case c (0.6, 0.6)
-    write(r, "3d-seg", [
-        ("a", 1, 1.0, 0.9, 2.0, 1.0, False, 0.10), ("a", 2, 0.5, 0.3, 4.0, 3.0, False, 0.01),
-        ("b", 1, 0.0, 0.0, np.nan, np.nan, True, 0.12), ("b", 2, 0.8, 0.7, 6.0, 2.0, False, 0.02),
-        ("c", 1, 0.6, 0.5, 3.0, 1.0, False, 0.08), ("c", 2, 0.6, 0.5, 5.0, 1.0, False, 0.03),
-    ])
-    write(r, "3d-diff", [
-        ("a", 1, 0.9, 0.9, 2.0, 1.0, False, 0.10), ("a", 2, 0.7, 0.3, 4.0, 3.0, False, 0.01),
-        ("b", 1, 0.5, 0.4, 3.0, 2.0, False, 0.12), ("b", 2, 0.7, 0.7, 6.0, 2.0, False, 0.02),
-        ("c", 1, 0.7, 0.5, 3.0, 1.0, False, 0.08), ("c", 2, 0.6, 0.5, 5.0, 1.0, False, 0.03),
-    ])
-    write(r, "3d-diff-nodice", [
-        ("a", 1, 0.2, 0.1, 9.0, 5.0, False, 0.10), ("a", 2, 0.1, 0.1, 9.0, 5.0, False, 0.01),
-        ("b", 1, 0.3, 0.2, 9.0, 5.0, False, 0.12), ("b", 2, 0.2, 0.1, 9.0, 5.0, False, 0.02),
-        ("c", 1, 0.4, 0.1, 9.0, 5.0, False, 0.08), ("c", 2, 0.1, 0.1, 9.0, 5.0, False, 0.03),
-    ])
+    write(
+        r,
+        "3d-seg",
+        [
+            ("a", 1, 1.0, 0.9, 2.0, 1.0, False, 0.10),
+            ("a", 2, 0.5, 0.3, 4.0, 3.0, False, 0.01),
+            ("b", 1, 0.0, 0.0, np.nan, np.nan, True, 0.12),
+            ("b", 2, 0.8, 0.7, 6.0, 2.0, False, 0.02),
+            ("c", 1, 0.6, 0.5, 3.0, 1.0, False, 0.08),
+            ("c", 2, 0.6, 0.5, 5.0, 1.0, False, 0.03),
+        ],
+    )
+    write(
+        r,
+        "3d-diff",
+        [
+            ("a", 1, 0.9, 0.9, 2.0, 1.0, False, 0.10),
+            ("a", 2, 0.7, 0.3, 4.0, 3.0, False, 0.01),
+            ("b", 1, 0.5, 0.4, 3.0, 2.0, False, 0.12),
+            ("b", 2, 0.7, 0.7, 6.0, 2.0, False, 0.02),
+            ("c", 1, 0.7, 0.5, 3.0, 1.0, False, 0.08),
+            ("c", 2, 0.6, 0.5, 5.0, 1.0, False, 0.03),
+        ],
+    )
+    write(
+        r,
+        "3d-diff-nodice",
+        [
+            ("a", 1, 0.2, 0.1, 9.0, 5.0, False, 0.10),
+            ("a", 2, 0.1, 0.1, 9.0, 5.0, False, 0.01),
+            ("b", 1, 0.3, 0.2, 9.0, 5.0, False, 0.12),
+            ("b", 2, 0.2, 0.1, 9.0, 5.0, False, 0.02),
+            ("c", 1, 0.4, 0.1, 9.0, 5.0, False, 0.08),
+            ("c", 2, 0.1, 0.1, 9.0, 5.0, False, 0.03),
+        ],
+    )
     return r
 
 
@@ -80,8 +100,17 @@ def test_table2_and_markdown(runs):
 def test_table5_is_an_ablation_table_with_its_own_tests(runs):
     """A further ablation table (table5: what the reference code changed) is built, tested and
     needed like table2, from config alone."""
-    cfg = {**CFG, "tables": {**CFG["tables"], "table5": {
-        "dataset": "ds", "dims": ["3d"], "ablations": {"time": {"reference": "diff", "after_norm": "seg"}}}}}
+    cfg = {
+        **CFG,
+        "tables": {
+            **CFG["tables"],
+            "table5": {
+                "dataset": "ds",
+                "dims": ["3d"],
+                "ablations": {"time": {"reference": "diff", "after_norm": "seg"}},
+            },
+        },
+    }
     t = tables.build_table(cfg, "table5", runs)
     assert list(t["setting"]) == ["reference", "after_norm"] and list(t["run"]) == ["3d-diff", "3d-seg"]
     assert np.isnan(t.iloc[0]["p_value"])
@@ -99,8 +128,11 @@ def test_runs_needed_and_experiments():
     exp = {"datasets": ["ds"], "dims": ["2d"], "variants": ["diff"], "seeds": [1, 2]}
     cfg = {**CFG, "experiments": [exp]}
     assert matrix.runs_needed(cfg) == [
-        ("ds", "2d-diff-seed1"), ("ds", "2d-diff-seed2"),
-        ("ds", "3d-diff"), ("ds", "3d-diff-nodice"), ("ds", "3d-seg"),
+        ("ds", "2d-diff-seed1"),
+        ("ds", "2d-diff-seed2"),
+        ("ds", "3d-diff"),
+        ("ds", "3d-diff-nodice"),
+        ("ds", "3d-seg"),
     ]
     with pytest.raises(ConfigError, match="experiments\\[0\\]"):
         matrix.runs_needed({"experiments": [{"datasets": ["ds"]}]})
@@ -148,15 +180,74 @@ def test_cli_and_figure3(runs, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CFG))
     out = tmp_path / "table1.csv"
-    assert main(["table", "--which", "table1", "--config", str(cfg), "--runs", str(runs),
-                 "--out", str(out), "--markdown", str(tmp_path / "t1.md")]) == 0
+    assert (
+        main(
+            [
+                "table",
+                "--which",
+                "table1",
+                "--config",
+                str(cfg),
+                "--runs",
+                str(runs),
+                "--out",
+                str(out),
+                "--markdown",
+                str(tmp_path / "t1.md"),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_csv(out)) == 2 and (tmp_path / "t1.md").read_text().startswith("| dataset")
-    assert main(["stats", "--config", str(cfg), "--runs", str(runs), "--ttests", str(tmp_path / "t.csv"),
-                 "--spearman", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                "--config",
+                str(cfg),
+                "--runs",
+                str(runs),
+                "--ttests",
+                str(tmp_path / "t.csv"),
+                "--spearman",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
     assert len(pd.read_csv(tmp_path / "s.csv")) == 2
     png = tmp_path / "f3.png"
-    assert main(["figure", "--which", "figure3", "--config", str(cfg), "--results", str(runs.parent),
-                 "--out", str(png), str(tmp_path / "f3.pdf")]) == 0
+    assert (
+        main(
+            [
+                "figure",
+                "--which",
+                "figure3",
+                "--config",
+                str(cfg),
+                "--results",
+                str(runs.parent),
+                "--out",
+                str(png),
+                str(tmp_path / "f3.pdf"),
+            ]
+        )
+        == 0
+    )
     assert png.stat().st_size > 1000 and (tmp_path / "f3.pdf").exists()
-    assert main(["table", "--which", "table1", "--config", str(cfg), "--runs", str(tmp_path / "no"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "table",
+                "--which",
+                "table1",
+                "--config",
+                str(cfg),
+                "--runs",
+                str(tmp_path / "no"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )

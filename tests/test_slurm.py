@@ -243,7 +243,7 @@ def test_profiles_are_found_and_compute_becomes_resources(tmp_path):
     train = out.split("\nrule train:")[1].split("\n\n")[0]
     for res in ("cpus_per_task=3", "mem_mb=2000", "gpu=1", "gpu_model=a100"):
         assert res in train, train
-    # each job claims the GPUs it asked for (diffseg.gpu.slots)
+    # each job claims the GPUs it asked for (diffseg.accelerators.slots)
     out = _dry_run(tmp_path, cfg, "-p")
     trains = [line for line in out.splitlines() if line.startswith("Shell command: diffseg train")]
     assert trains and all(line.endswith(" --gpus 1 2> " + line.split(" 2> ")[1]) for line in trains), trains

@@ -25,22 +25,30 @@ TINY = {
     "results": "results",
     "datasets": {
         "tiny": {
-            "source": "phantom", "anatomy": "pelvis", "num_cases": 6, "seed": 0,
-            "spacing": [0.75, 0.75, 2.5], "shape": [32, 32, 8],
+            "source": "phantom",
+            "anatomy": "pelvis",
+            "num_cases": 6,
+            "seed": 0,
+            "spacing": [0.75, 0.75, 2.5],
+            "shape": [32, 32, 8],
             "split": {"train": 3, "valid": 1, "test": 2},
         }
     },
     "training": {
         "model": {"channels": [4, 8], "time_embed_dim": 8},
-        "train": {"steps": 4, "batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-                  "augment": {"enabled": False}},
+        "train": {
+            "steps": 4,
+            "batch_size": 2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "augment": {"enabled": False},
+        },
         "optim": {"warmup_steps": 1},
     },
     "variants": {"diff-k3": {"diffusion": {"train_steps": 3, "sample_steps": 3}}},
     "tables": {
         "table1": {"datasets": ["tiny"], "dims": ["2d", "3d"], "cells": {"N": "seg", "Y": "diff"}},
-        "table2": {"dataset": "tiny", "dims": ["3d"],
-                   "ablations": {"steps": {"3": "diff-k3", "5": "diff"}}},
+        "table2": {"dataset": "tiny", "dims": ["3d"], "ablations": {"steps": {"3": "diff-k3", "5": "diff"}}},
     },
     # The studies beyond the paper, small: two sampling-step counts, two samples per case.
     "sampling_steps": {"dataset": "tiny", "dims": ["3d"], "variants": ["diff"], "steps": [1, 5]},
@@ -56,15 +64,31 @@ def snakemake(tmp_path: Path, cfg: dict, *args: str, timeout: int = 120) -> subp
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path),
-           "--configfile", str(cfg_path), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(cfg_path),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
 def test_lint():
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     assert "Congratulations" in res.stdout + res.stderr
 
@@ -74,8 +98,13 @@ def test_run_matrix_from_tables(tmp_path):
     res = snakemake(tmp_path, TINY, "-n", "--cores", "2")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    trains = sorted({line.split("/")[3] for line in out.splitlines()
-                     if line.strip().startswith("output: results/runs/") and "best.json" in line})
+    trains = sorted(
+        {
+            line.split("/")[3]
+            for line in out.splitlines()
+            if line.strip().startswith("output: results/runs/") and "best.json" in line
+        }
+    )
     assert trains == ["2d-diff", "2d-seg", "3d-diff", "3d-diff-k3", "3d-seg"]
     # --configfile replaces the demo config: no phantom of config/config.yaml leaks in.
     assert "phantom_abdomen" not in out
@@ -84,8 +113,11 @@ def test_run_matrix_from_tables(tmp_path):
 
 
 def test_experiments_and_results_prefix(tmp_path):
-    cfg = {**TINY, "results": "out", "experiments": [
-        {"datasets": ["tiny"], "dims": ["2d"], "variants": ["diff"], "seeds": [1]}]}
+    cfg = {
+        **TINY,
+        "results": "out",
+        "experiments": [{"datasets": ["tiny"], "dims": ["2d"], "variants": ["diff"], "seeds": [1]}],
+    }
     res = snakemake(tmp_path, cfg, "-n", "--cores", "1")
     assert res.returncode == 0, res.stderr
     assert "out/runs/tiny/2d-diff-seed1/test/metrics.csv" in res.stdout
@@ -94,10 +126,23 @@ def test_experiments_and_results_prefix(tmp_path):
 
 @pytest.mark.parametrize(
     ("patch", "needle"),
-    [({"tabels": {}}, "tabels"), ({"stats": {"alpha": 2}}, "alpha"),
-     ({"datasets": {"tiny": {"source": "nifti"}}}, "nifti"),
-     ({"tables": {"table2": {"dataset": "tiny", "dims": ["3d"],
-                             "ablations": {"x": {"a": "diff-bogus", "b": "diff"}}}}}, "diff-bogus")],
+    [
+        ({"tabels": {}}, "tabels"),
+        ({"stats": {"alpha": 2}}, "alpha"),
+        ({"datasets": {"tiny": {"source": "nifti"}}}, "nifti"),
+        (
+            {
+                "tables": {
+                    "table2": {
+                        "dataset": "tiny",
+                        "dims": ["3d"],
+                        "ablations": {"x": {"a": "diff-bogus", "b": "diff"}},
+                    }
+                }
+            },
+            "diff-bogus",
+        ),
+    ],
 )
 def test_bad_config_names_the_key(tmp_path, patch, needle):
     res = snakemake(tmp_path, {**TINY, **patch}, "-n")
@@ -185,8 +230,17 @@ def test_workflow_wiring_and_report(tmp_path):
     # Table 2 over two seeds: 3d-diff (seed 0, its own) and 3d-diff-seed1, each cell.
     cfg = {**TINY, "tables": {**TINY["tables"], "table2": {**TINY["tables"]["table2"], "seeds": [0, 1]}}}
     cfg_path.write_text(yaml.safe_dump(cfg))
-    base = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
-            "--configfile", str(cfg_path)]
+    base = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(cfg_path),
+    ]
     env = {**os.environ, "PATH": env_path}
     res = subprocess.run([*base, "--cores", "2"], capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -216,8 +270,9 @@ def test_workflow_wiring_and_report(tmp_path):
     # Nothing left to do: the graph is stable after a full run.
     res = subprocess.run([*base, "-n", "--cores", "1"], capture_output=True, text=True, timeout=120, env=env)
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout[-3000:]
-    res = subprocess.run([*base, "--report", str(work / "report.html")], capture_output=True, text=True,
-                         timeout=240, env=env)
+    res = subprocess.run(
+        [*base, "--report", str(work / "report.html")], capture_output=True, text=True, timeout=240, env=env
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert (work / "report.html").stat().st_size > 10_000
     # A new ablation after a full run: the same invocation plans its runs, and only those.

@@ -218,15 +218,15 @@ class GaussianDiffusion:
 
     def x0_from_eps(self, x_t: jax.Array, k: jax.Array, eps: jax.Array) -> jax.Array:
         """Invert :meth:`q_sample` for ``x0`` given the noise."""
-        return (
-            x_t - self._take(self.sqrt_one_minus_alphas_cumprod, k, x_t) * eps
-        ) / self._take(self.sqrt_alphas_cumprod, k, x_t)
+        return (x_t - self._take(self.sqrt_one_minus_alphas_cumprod, k, x_t) * eps) / self._take(
+            self.sqrt_alphas_cumprod, k, x_t
+        )
 
     def eps_from_x0(self, x_t: jax.Array, k: jax.Array, x0: jax.Array) -> jax.Array:
         """Invert :meth:`q_sample` for the noise given ``x0``."""
-        return (
-            x_t - self._take(self.sqrt_alphas_cumprod, k, x_t) * x0
-        ) / self._take(self.sqrt_one_minus_alphas_cumprod, k, x_t)
+        return (x_t - self._take(self.sqrt_alphas_cumprod, k, x_t) * x0) / self._take(
+            self.sqrt_one_minus_alphas_cumprod, k, x_t
+        )
 
     # -- reverse process ------------------------------------------------------------------
 
@@ -237,9 +237,7 @@ class GaussianDiffusion:
             + self._take(self.posterior_mean_coef2, k, x_t) * x_t
         )
 
-    def p_sample_step(
-        self, x0_hat: jax.Array, x_t: jax.Array, k: jax.Array, noise: jax.Array
-    ) -> jax.Array:
+    def p_sample_step(self, x0_hat: jax.Array, x_t: jax.Array, k: jax.Array, noise: jax.Array) -> jax.Array:
         """One ancestral step ``x_{k-1} ~ N(mean(x0_hat, x_k), sigma^2_k)``; no noise at ``k = 0``."""
         mean = self.q_posterior_mean(x0_hat, x_t, k)
         std = self._take(self.sampling_std, k, x_t)  # exactly 0 at k = 0

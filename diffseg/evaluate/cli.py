@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffseg.gpu.slots import add_gpus_argument
+from diffseg.accelerators.slots import add_gpus_argument
 
 
 def _say(text: str) -> None:
@@ -14,8 +14,8 @@ def _say(text: str) -> None:
 
 
 def _test(args: argparse.Namespace) -> int:
+    from diffseg.accelerators.backend import report
     from diffseg.evaluate.testset import evaluate_run
-    from diffseg.gpu.backend import report
 
     report(None, _say)
 
@@ -38,8 +38,8 @@ def entropy_path(mask_path: Path) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from diffseg.accelerators.backend import report
     from diffseg.evaluate.predict import predict_scan
-    from diffseg.gpu.backend import report
     from diffseg.runs import load_trained
 
     report(None, _say)
@@ -52,8 +52,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _sampling_steps(args: argparse.Namespace) -> int:
+    from diffseg.accelerators.backend import report
     from diffseg.evaluate.studies import sampling_steps_run
-    from diffseg.gpu.backend import report
 
     report(None, _say)
     metrics = sampling_steps_run(args.run_dir, args.data, args.steps, seed=args.seed)
@@ -64,9 +64,9 @@ def _sampling_steps(args: argparse.Namespace) -> int:
 
 
 def _uncertainty(args: argparse.Namespace) -> int:
+    from diffseg.accelerators.backend import report
     from diffseg.evaluate.studies import uncertainty_run
     from diffseg.evaluate.uncertainty import auroc_from_histogram
-    from diffseg.gpu.backend import report
 
     report(None, _say)
     cases, histogram = uncertainty_run(args.run_dir, args.data, args.samples, seed=args.seed)

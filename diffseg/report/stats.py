@@ -168,4 +168,3 @@ def spearman(runs_dir: str | Path, models: list[tuple[str, str]], alpha: float =
         )
     columns = ["dataset", "run", "classes", "r", "p_value", "alpha", "significant"]  # also when empty
     return _with_bh(pd.DataFrame(rows, columns=columns), alpha)
-

@@ -22,9 +22,7 @@ def compute_dtype(run_cfg: RunConfigLike) -> Any:
     return jnp.bfloat16 if run_cfg.train.bf16 else jnp.float32
 
 
-def build_model(
-    run_cfg: RunConfigLike, num_classes: int, conv_impl: str = "auto"
-) -> ReferenceUNet | UNet:
+def build_model(run_cfg: RunConfigLike, num_classes: int, conv_impl: str = "auto") -> ReferenceUNet | UNet:
     """The run's U-Net: conditional on (x_t, t) when diffusion is enabled, else a plain segmenter.
 
     ``model.arch``: ``reference`` (ImgX-DiffSeg v0.1.0's network, the default) or ``legacy``.

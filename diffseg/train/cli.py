@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffseg.accelerators.slots import add_gpus_argument
 from diffseg.config import apply_overrides, complete_run_config, load_yaml, parse_overrides
-from diffseg.gpu.slots import add_gpus_argument
 from diffseg.runconfig import RunConfig
 
 
@@ -17,7 +17,7 @@ def _say(text: str) -> None:
 def _train(args: argparse.Namespace) -> int:
     import jax
 
-    from diffseg.gpu.backend import check_platform, report
+    from diffseg.accelerators.backend import check_platform, report
     from diffseg.train.loop import TrainingInterrupted, train_run
 
     saved = apply_overrides(load_yaml(args.run_config), parse_overrides(args.set))
@@ -34,14 +34,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from diffseg.gpu.backend import report
+    from diffseg.accelerators.backend import report
     from diffseg.train.plan import parse_bytes, plan
 
     report(None, _say)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     target = None
     if args.target:
-        from diffseg.gpu.targets import get_target
+        from diffseg.accelerators.targets import get_target
 
         target = get_target(args.target)
     facts, text = plan(

@@ -164,9 +164,7 @@ def validate(
     return float(np.nanmean(scores))
 
 
-def train_run(
-    run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path
-) -> dict[str, Any]:
+def train_run(run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path) -> dict[str, Any]:
     """Train one run to ``train.steps``, resuming its checkpoints when they fit; returns ``best.json``'s dict.
 
     Checkpoints are resumed when the run's :func:`config_hash` and data fingerprint match, and

@@ -20,9 +20,7 @@ def cross_entropy(logits: jax.Array, onehot: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(onehot * log_probs, axis=-1))
 
 
-def dice_loss(
-    logits: jax.Array, onehot: jax.Array, eps: float = 1e-6, mean: str = "per_sample"
-) -> jax.Array:
+def dice_loss(logits: jax.Array, onehot: jax.Array, eps: float = 1e-6, mean: str = "per_sample") -> jax.Array:
     """``1 - soft Dice`` averaged over the foreground classes present in each sample's label.
 
     ``mean``: ``per_sample`` (the default) averages each sample's present classes, then the

@@ -26,11 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from diffseg.accelerators.memory import (
+    HEADROOM,
+    MEM_FRACTION_VAR,
+    allocator_bytes,
+    memory_fraction,
+    step_budget,
+)
 from diffseg.config import resolve_run
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
 from diffseg.errors import ConfigError
-from diffseg.gpu.memory import HEADROOM, MEM_FRACTION_VAR, allocator_bytes, memory_fraction, step_budget
 from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
 from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import build_model, count_parameters, init_params
@@ -91,7 +97,8 @@ def device_memory_bytes(device: Any = None) -> int | None:
     """What XLA's allocator holds on ``device`` (default: the first local one).
 
     An accelerator's ``memory_stats()["bytes_limit"]`` (already the allocator's share of the card,
-    ``diffseg.gpu.memory``); on the CPU the machine's physical memory. ``None`` when neither is known.
+    ``diffseg.accelerators.memory``); on the CPU the machine's physical memory. ``None`` when
+    neither is known.
     """
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -141,7 +148,7 @@ def step_memory(
 ) -> dict[str, Any]:
     """Compile (never run) the train step with ``micro_batch`` volumes per device per pass, on
     abstract arrays placed on ``mesh`` (this machine's devices, or a GPU target's compile-only
-    device, ``diffseg.gpu.targets.target_mesh``); XLA's FLOPs and bytes per device
+    device, ``diffseg.accelerators.targets.target_mesh``); XLA's FLOPs and bytes per device
     (``argument``: the state and the step's ``B`` volumes ``(B, X, Y, Z)``; ``temp``: what one
     micro-batch pass needs; ``total`` counts the donated, aliased state once)."""
     run_cfg = RunConfig.of(run_cfg)
@@ -188,7 +195,7 @@ class MicroBatchChoice:
     micro_batch: int
     model: Any
     how: str  # "config" | "auto"
-    budget: int | None = None  # bytes a step may plan per device (diffseg.gpu.memory.step_budget)
+    budget: int | None = None  # bytes a step may plan per device (diffseg.accelerators.memory.step_budget)
     xla: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = field(default_factory=list)
 
@@ -246,7 +253,7 @@ def choose_micro_batch(
     step (never runs it) and takes, preferring remat off (it costs a second forward pass), the
     largest micro-batch dividing ``batch_size / devices`` whose plan fits ``budget`` bytes per
     device: by default the local device's (``device_budget``), or that of a card of
-    ``device_memory`` bytes (``card_budget``): one rule, ``diffseg.gpu.memory``. Remat is switched
+    ``device_memory`` bytes (``card_budget``): one rule, ``diffseg.accelerators.memory``. Remat is switched
     on only when no micro-batch fits without it. Nothing fitting is a ``ConfigError`` with the
     numbers. ``every`` compiles every candidate (``diffseg plan``'s table) instead of the few the
     search needs: one volume per pass gives a linear guess (fixed bytes + m × one volume's
@@ -331,14 +338,14 @@ def xla_plan(
     every: bool = False,
 ) -> tuple[MicroBatchChoice, dict[str, Any]]:
     """The run's step as training would build it (micro-batch and remat resolved for a card of
-    ``device_memory`` bytes, for a ``diffseg.gpu.targets.GpuTarget``, or for this machine),
+    ``device_memory`` bytes, for a ``diffseg.accelerators.targets.GpuTarget``, or for this machine),
     compiled, never run; XLA's FLOPs and bytes per device."""
     run_cfg = RunConfig.of(run_cfg)
     model = build_model(run_cfg, num_classes, conv_impl="xla")
     tx, _ = build_optimizer(run_cfg)
     budget, options = None, None
     if target is not None:
-        from diffseg.gpu.targets import COMPILER_OPTIONS, target_mesh
+        from diffseg.accelerators.targets import COMPILER_OPTIONS, target_mesh
 
         mesh, budget, options = target_mesh(target), card_budget(target.memory_bytes), COMPILER_OPTIONS
     else:
@@ -368,7 +375,7 @@ def plan(
 ) -> tuple[dict[str, Any], str]:
     """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints.
 
-    ``device_memory`` (a card's bytes) or ``target`` (a ``diffseg.gpu.targets.GpuTarget``, compiled
+    ``device_memory`` (a card's bytes) or ``target`` (a ``diffseg.accelerators.targets.GpuTarget``, compiled
     for with XLA's GPU compiler here) also plans every micro-batch, with and without remat, and
     says which training's ``auto`` would take on that card."""
     if device_memory is not None and target is not None:

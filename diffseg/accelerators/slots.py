@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 
+from diffseg.accelerators.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
 from diffseg.errors import ConfigError
-from diffseg.gpu.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
 
 POOL_VAR = "DIFFSEG_GPUS"
 LOCKS_VAR = "DIFFSEG_GPU_LOCKS"

@@ -2,7 +2,7 @@
 
 JAX's GPU allocator reserves a fixed share of the card at start-up
 (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 in JAX). diffseg's GPU jobs own their card (one job per
-card, ``diffseg.gpu.slots``), so they let the allocator take ``DEFAULT_MEM_FRACTION`` of it unless
+card, ``diffseg.accelerators.slots``), so they let the allocator take ``DEFAULT_MEM_FRACTION`` of it unless
 the user set the variable. A step is then planned to fill at most ``1 - HEADROOM`` of what the
 allocator holds, leaving room for fragmentation and library workspaces (cuDNN, cuBLAS).
 

@@ -36,7 +36,7 @@ class GpuTarget:
     """One card: what XLA's GPU compiler needs to plan for it, and its peak tensor throughput.
 
     ``memory_bytes`` is the card's memory (NVIDIA's "GB" for these cards is GiB, the HBM/GDDR
-    capacity; the driver keeps a few hundred MiB of it, well inside ``diffseg.gpu.memory.HEADROOM``).
+    capacity; the driver keeps a few hundred MiB of it, well inside ``diffseg.accelerators.memory.HEADROOM``).
     ``peak_bf16_tflops``/``peak_fp16_tflops``: dense (not 2:4 sparse) tensor-core TFLOP/s with
     float32 accumulation, the spec sheet's boost-clock figures; ``None`` where the card has none.
     """

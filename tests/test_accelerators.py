@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffseg.accelerators import memory
+from diffseg.accelerators.backend import bf16_warning, check_platform, describe_devices
+from diffseg.accelerators.slots import claim_gpus, gpu_pool, release_gpus
 from diffseg.config import load_yaml, resolve_run_config
 from diffseg.errors import ConfigError
-from diffseg.gpu import memory
-from diffseg.gpu.backend import bf16_warning, check_platform, describe_devices
-from diffseg.gpu.slots import claim_gpus, gpu_pool, release_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOLDER = r"""
 import os, sys, time
 from pathlib import Path
-from diffseg.gpu.slots import claim_gpus
+from diffseg.accelerators.slots import claim_gpus
 ids = claim_gpus(int(sys.argv[1]), poll_seconds=0.05)
 print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
 stop = Path(sys.argv[2])
