@@ -1,4 +1,5 @@
-"""README's GPU advice, from the GPU plans of the paper's steps (``diffseg plan --target ... --json``).
+"""The GPU advice of docs/ACCELERATORS.md, from the GPU plans of the paper's steps
+(``diffseg plan --target ... --json``).
 
 Each plan lists every micro-batch with and without rematerialisation, compiled by XLA's GPU
 compiler for one card (``tried``: bytes per device). A card's cell is the choice that
@@ -9,9 +10,9 @@ different compute capabilities (an A100's plan is ~40 % above an H100's), so a p
 scaled to another card. The one exception, said in its row: the H200 (compute capability 9.0, as
 the H100) takes the H100's plan under its own budget.
 
-    python benchmarks/gpu_advice.py   # prints the table between README's gpu-advice markers
+    python benchmarks/gpu_advice.py   # prints the table between DOC's gpu-advice markers
 
-tests/test_docs.py checks that README's table is this script's output.
+tests/test_docs.py checks that DOC's table (docs/ACCELERATORS.md) is this script's output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from diffseg.train.plan import card_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ACCELERATORS.md"  # its table sits between DOC's markers
 STEPS = {  # column title: the step's dataset and run
     "prostate 3D": "prostate_mr_3d-diff",
     "AMOS 3D": "abdominal_ct_3d-diff",

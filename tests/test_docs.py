@@ -54,6 +54,38 @@ def test_files_the_readme_names_exist():
     assert not missing, missing
 
 
+def test_the_readme_is_a_front_door():
+    """At most 220 lines (the details live in docs/), and its first screen names TPU beside CUDA."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 220, f"README.md has {len(lines)} lines: move details to docs/"
+    first = "\n".join(lines[:60])
+    assert "TPU" in first and 'pip install -e ".[tpu]"' in first and 'pip install -e ".[cuda12]"' in first
+    read_on = "\n".join(lines[lines.index("## Where to read on") :])
+    assert "[`docs/ACCELERATORS.md`](docs/ACCELERATORS.md)" in read_on
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
+def test_the_docs_links_resolve(path):
+    """Every relative link of README and docs/ names a file of this repository, and a `#anchor`
+    into a Markdown file names one of its headings."""
+    broken = []
+    for target in re.findall(r"\]\((?!https?:|mailto:)([^)\s]+)\)", path.read_text()):
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        if ROOT not in resolved.parents or not resolved.exists():
+            broken.append(target)
+        elif anchor and resolved.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", resolved.read_text(), flags=re.M)
+            if anchor not in {_github_anchor(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{path.relative_to(ROOT)}: {broken}"
+
+
 def test_the_readme_demo_table_is_generated_between_its_markers(tmp_path):
     import pandas as pd
 
@@ -150,16 +182,20 @@ def test_the_readme_ablation_plans_exactly_its_new_runs(tmp_path):
         assert f"results/runs/phantom_pelvis/{dim}-{variant}/best.json" in res.stdout
 
 
-def test_the_readme_gpu_advice_is_the_gpu_plans_table():
-    """README's GPU advice is `benchmarks/gpu_advice.py`'s table of the GPU plans kept in
-    benchmarks/results/, and the table's rule is the plan's own choice for each card planned."""
+def test_the_gpu_advice_is_the_gpu_plans_table():
+    """docs/ACCELERATORS.md's GPU advice is `benchmarks/gpu_advice.py`'s table of the GPU plans kept
+    in benchmarks/results/, and the table's rule is the plan's own choice for each card planned."""
     import importlib.util
     import json
 
     spec = importlib.util.spec_from_file_location("gpu_advice", ROOT / "benchmarks" / "gpu_advice.py")
     advice = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(advice)
-    text = (ROOT / "README.md").read_text()
+    assert advice.DOC == ROOT / "docs" / "ACCELERATORS.md"
+    text = advice.DOC.read_text()
+    for marker in ("gpu-advice", "tpu-advice"):  # one block each, begin before end (tpu: filled by its plans)
+        assert text.count(f"<!-- {marker}: begin -->\n") == 1 and text.count(f"<!-- {marker}: end -->") == 1
+        assert text.index(f"<!-- {marker}: begin -->") < text.index(f"<!-- {marker}: end -->")
     block = text.split("<!-- gpu-advice: begin -->\n")[1].split("<!-- gpu-advice: end -->")[0]
     assert advice.advice_table() in block, "regenerate with: python benchmarks/gpu_advice.py"
     plans = sorted((ROOT / "benchmarks" / "results").glob("plan_gpu_*.json"))
