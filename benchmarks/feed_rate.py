@@ -321,9 +321,10 @@ def use_devices(count: int) -> list[Any]:
     """The first ``count`` local devices, asking XLA for that many CPU devices if JAX has not started.
 
     Fewer when JAX already started with fewer (e.g. inside a test session): the result says so.
+    One device needs no flag (the CPU's default), so a caller's process is left as it was.
     """
     flag = f"--xla_force_host_platform_device_count={count}"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
+    if count > 1 and flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import jax
 

@@ -200,6 +200,7 @@ def test_feed_rate_tiny_writes_a_positive_finite_rate(tmp_path):
     out = tmp_path / "feed.json"
     argv = ["--tiny", "--steps", "3", "--warmup", "1", "--repeats", "2", "--cases", "4",
             "--datasets", "phantom_pelvis", "--step-seconds", "0.01", "--stall-steps", "2",
+            "--devices", "1",  # 8 would set XLA_FLAGS for the rest of this test process
             "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
     assert feed_rate.main(argv) == 0
     result = json.loads(out.read_text())
