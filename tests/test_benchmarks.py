@@ -189,3 +189,31 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert metrics.is_file() and (tmp_path / "workflow_train_log.csv").is_file()
     log = (tmp_path / "workflow/results/logs/train/phantom_pelvis/3d-diff.log").read_text()
     assert "backend cpu" in log  # each job says which backend and devices it got
+
+
+def test_feed_rate_tiny_writes_a_positive_finite_rate(tmp_path):
+    """benchmarks/feed_rate.py --tiny: phantoms prepared by `diffseg data`, training's feeder timed."""
+    import math
+
+    import feed_rate
+
+    out = tmp_path / "feed.json"
+    argv = ["--tiny", "--steps", "3", "--warmup", "1", "--repeats", "2", "--cases", "4",
+            "--datasets", "phantom_pelvis", "--step-seconds", "0.01", "--stall-steps", "2",
+            "--devices", "1",  # 8 would set XLA_FLAGS for the rest of this test process
+            "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    assert feed_rate.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "feed_rate" and result["paper_step_s"] == 3.168
+    assert len(result["load_average_start"]) == 3 and result["devices"]
+    pelvis = result["datasets"]["phantom_pelvis"]
+    assert pelvis["shape"] == feed_rate.TINY_SHAPES["phantom_pelvis"] and pelvis["train_volumes"] == 4
+    assert pelvis["batch_bytes"] == 8 * 32 * 32 * 16 * (4 + 1)
+    assert set(pelvis["stages"]) == set(pelvis["cold"]) == {"sample", "read", "transfer", "total"}
+    for part in (*pelvis["stages"].values(), pelvis["feed"]["seconds_per_batch"]):
+        assert 0 <= part["min_s"] <= part["median_s"] <= part["max_s"] and math.isfinite(part["max_s"])
+    rate = pelvis["feed"]["batches_per_s"]
+    assert len(pelvis["feed"]["rounds"]) == 2 and all(math.isfinite(v) and v > 0 for v in rate.values())
+    assert pelvis["stall"]["wait"]["n"] == 2
+    # A second run reuses the prepared data.
+    assert feed_rate.main(argv) == 0
