@@ -1,38 +1,45 @@
 #!/usr/bin/env bash
-# The GPU check: one unattended script, under 10 minutes on one GPU, for the short time a GPU is lent.
+# The device check: one unattended script, under 10 minutes on one GPU or a TPU VM, for the short
+# time an accelerator is lent.
 #
 #   benchmarks/gpu_check.sh                  # on a GPU machine: installs the CUDA extra, then measures
-#   benchmarks/gpu_check.sh --no-install     # CUDA JAX (and torch) already installed / no network
+#   benchmarks/gpu_check.sh --tpu            # on a TPU VM: installs the tpu extra, then measures
+#   benchmarks/gpu_check.sh --no-install     # CUDA/TPU JAX (and torch) already installed / no network
 #   benchmarks/gpu_check.sh --dry-run        # every stage at tiny sizes on whatever JAX finds (CPU)
+#   benchmarks/gpu_check.sh --dry-run --tpu  # the same, planning for a TPU slice where libtpu is installed
 #
 # Stages (each writes under OUT, default benchmarks/results/gpu_check/; a failing stage is reported
 # and the next one still runs, so one bad stage costs none of the others' figures):
 #   1. devices     nvidia-smi, and what JAX sees (backend, devices: diffseg's start-of-job line)
 #   2. plans       diffseg plan of the paper's 3D and 2D prostate steps compiled by XLA for this card
-#                  (the real device) and, where the CUDA plugin is installed, for the named target
-#                  without the device (--target), to compare the deviceless plan with the real one
+#                  or slice (the real devices) and, where the CUDA plugin (GPU) or libtpu (TPU) is
+#                  installed, for the named target without the device (--target), to compare the
+#                  deviceless plan with the real one
 #   3. steps       training's own step (micro-batch auto, bf16, recycling) on this device: s/step,
 #                  TFLOP/s, MFU against the card's peak, peak memory against the plan
 #                  (benchmarks/gpu_check.py), 3D and 2D
 #   4. pytorch     the same network and loss in PyTorch on the same device, at the paper's 3D and 2D
-#                  steps (benchmarks/train_step.py: JAX vs PyTorch speed ratio, FLOP utilisation)
-#   5. workflow    a short paper-shaped phantom run through Snakemake with the GPU profile (data,
-#                  train, test), each job claiming its own GPU
+#                  steps (benchmarks/train_step.py: JAX vs PyTorch speed ratio, FLOP utilisation);
+#                  GPU only
+#   5. workflow    a short paper-shaped phantom run through Snakemake with the GPU (TPU) profile
+#                  (data, train, test), each job claiming its own GPU (its TPU chips)
 # Then OUT/summary.txt holds the last line of each stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 INSTALL=1
+TPU=0
 OUT=benchmarks/results/gpu_check
 TARGET=${DIFFSEG_GPU_TARGET:-}
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1; INSTALL=0 ;;
+    --tpu) TPU=1 ;;
     --no-install) INSTALL=0 ;;
     --out) OUT=$2; shift ;;
     --target) TARGET=$2; shift ;;
-    *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --no-install, --out DIR, --target CARD)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (--dry-run, --tpu, --no-install, --out DIR, --target CARD)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -56,7 +63,8 @@ stage() {  # stage NAME COMMAND...: run, log to OUT/NAME.log, keep its last line
 }
 
 if [ "$INSTALL" -eq 1 ]; then
-  stage install "$PY" -m pip install -q -e ".[cuda12,benchmark]"
+  if [ "$TPU" -eq 1 ]; then EXTRAS="tpu"; else EXTRAS="cuda12,benchmark"; fi
+  stage install "$PY" -m pip install -q -e ".[$EXTRAS]"
 fi
 
 if [ "$DRY" -eq 1 ]; then
@@ -78,16 +86,22 @@ devices() {
 }
 stage devices devices
 
-# What this card is, for the deviceless plan: DIFFSEG_GPU_TARGET/--target, else a known card by name.
+# What this card or slice is, for the deviceless plan: DIFFSEG_GPU_TARGET/--target, else a known
+# card by name, or the known TPU slice of this many devices of this kind.
 if [ -z "$TARGET" ]; then
   TARGET=$("$PY" -c "
 import jax
 from diffseg.accelerators.targets import target_for_device
-t = target_for_device(jax.local_devices()[0].device_kind)
+d = jax.local_devices()
+t = target_for_device(d[0].device_kind, len(d))
 print(t.name if t else '')" 2> /dev/null || true)
 fi
-[ "$DRY" -eq 1 ] && [ -z "$TARGET" ] && TARGET=h100-80gb
-HAS_PLUGIN=$("$PY" -c "import importlib.util as u; print(int(u.find_spec('jax_plugins.xla_cuda12') is not None))" 2> /dev/null || echo 0)
+if [ "$DRY" -eq 1 ] && [ -z "$TARGET" ]; then
+  if [ "$TPU" -eq 1 ]; then TARGET=tpu-v3-8; else TARGET=h100-80gb; fi
+fi
+# The deviceless plan needs the target's compiler: jax's CUDA plugin for a card, libtpu for a slice.
+case "$TARGET" in tpu-*) COMPILER=libtpu ;; *) COMPILER=jax_plugins.xla_cuda12 ;; esac
+HAS_PLUGIN=$("$PY" -c "import importlib.util as u; print(int(u.find_spec('$COMPILER') is not None))" 2> /dev/null || echo 0)
 
 for run in 3d-diff 2d-diff; do
   stage "plan_$run" diffseg plan --configfile "$CONFIG" --dataset "$DATASET" --run "$run" "${SMALL[@]}" \
@@ -96,7 +110,7 @@ for run in 3d-diff 2d-diff; do
     stage "plan_${run}_target" diffseg plan --configfile "$CONFIG" --dataset "$DATASET" --run "$run" \
       "${SMALL[@]}" --target "$TARGET" --json "$OUT/plan_${run}_${TARGET}.json"
   else
-    echo "== plan_${run}_target: skipped (target '${TARGET}', CUDA plugin installed: $HAS_PLUGIN)" | tee -a "$SUMMARY"
+    echo "== plan_${run}_target: skipped (target '${TARGET}', its compiler $COMPILER installed: $HAS_PLUGIN)" | tee -a "$SUMMARY"
   fi
   stage "step_$run" "$PY" benchmarks/gpu_check.py --configfile "$CONFIG" --dataset "$DATASET" --run "$run" \
     "${SMALL[@]}" "${TIMED[@]}" --out "$OUT/step_${run}.json"
@@ -104,10 +118,14 @@ done
 
 HAS_TORCH=$("$PY" -c "import importlib.util as u; print(int(u.find_spec('torch') is not None))")
 TORCH=(); [ "$HAS_TORCH" = 1 ] || TORCH=(--skip-torch)
-stage pytorch_3d "$PY" benchmarks/train_step.py "${STEP3[@]}" --bf16 --recycle --skip-xla "${TORCH[@]}" \
-  "${REPEATS[@]}" --out "$OUT/train_step_3d.json"
-stage pytorch_2d "$PY" benchmarks/train_step.py "${STEP2[@]}" --bf16 --recycle --skip-xla "${TORCH[@]}" \
-  "${REPEATS[@]}" --out "$OUT/train_step_2d.json"
+if [ "$TPU" -eq 1 ]; then  # PyTorch's TPU route (torch_xla) is not the comparison diffseg makes
+  echo "== pytorch: skipped on a TPU" | tee -a "$SUMMARY"
+else
+  stage pytorch_3d "$PY" benchmarks/train_step.py "${STEP3[@]}" --bf16 --recycle --skip-xla "${TORCH[@]}" \
+    "${REPEATS[@]}" --out "$OUT/train_step_3d.json"
+  stage pytorch_2d "$PY" benchmarks/train_step.py "${STEP2[@]}" --bf16 --recycle --skip-xla "${TORCH[@]}" \
+    "${REPEATS[@]}" --out "$OUT/train_step_2d.json"
+fi
 
 # A short phantom run through the workflow with the GPU profile: the rehearsal's paper-shaped
 # pelvis phantom (the demo's in the dry run), 3D diff to its test metrics, each job on its own GPU.

@@ -21,7 +21,7 @@ VarianceName = Literal["fixed_large", "beta_tilde"]  # diffusion.variance: diffs
 DiceMean = Literal["per_sample", "pooled"]  # loss.dice_mean
 Sampling = Literal["epoch", "uniform"]  # train.sampling
 Bf16Inputs = Literal["reference", "float32"]  # train.bf16_inputs
-Platform = Literal["any", "gpu", "tpu", "cpu"]  # train.platform
+Platform = Literal["any", "accelerator", "gpu", "tpu", "cpu"]  # train.platform
 NsdEmpty = Literal["nan", "zero"]  # evaluate.nsd_empty
 Auto = Literal["auto"]  # "let diffseg choose" (model.remat, train.micro_batch, train.devices)
 

@@ -76,9 +76,10 @@ def claim_devices(args: argparse.Namespace) -> None:
     from diffseg.accelerators.slots import claim_gpus
 
     if getattr(args, "target", None):
-        # A plan for a named card compiles for it with XLA's GPU compiler and runs nothing: no
-        # GPU backend to start (without a GPU, the CUDA plugin would print a traceback), and no
-        # persistent cache (its entries are loaded executables, which need the card).
+        # A plan for a named card or TPU slice compiles for it with its own compiler and runs
+        # nothing: no accelerator backend to start (without a GPU, the CUDA plugin would print a
+        # traceback; on a TPU VM, it would take the chips), and no persistent cache (its entries
+        # are loaded executables, which need the hardware).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin's check needs a GPU
         os.environ["DIFFSEG_JAX_CACHE"] = "0"

@@ -142,8 +142,9 @@ class TrainConfig(Section):
     # the noise built in bfloat16 (as the reference); float32 = all float32 until the network's
     # input casts it.
     bf16_inputs: Bf16Inputs = "reference"
-    # Where it may train: any (what JAX finds), gpu, tpu or cpu; a run asking for gpu stops on a
-    # CPU-only machine rather than train there for days (DIFFSEG_ALLOW_CPU=1 lets it).
+    # Where it may train: any (what JAX finds), accelerator (a GPU or a TPU), gpu, tpu or cpu; a run
+    # asking for an accelerator stops on a CPU-only machine rather than train there for days
+    # (DIFFSEG_ALLOW_CPU=1 lets it).
     platform: Platform = "any"
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)

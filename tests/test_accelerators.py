@@ -115,8 +115,14 @@ def test_one_budget_rule():
     with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
         memory.memory_fraction({memory.MEM_FRACTION_VAR: "2"})
     card = 80 * 10**9
-    assert memory.allocator_bytes(card, {}) == int(card * 0.9)
-    assert memory.step_budget(memory.allocator_bytes(card, {})) == int(int(card * 0.9) * 0.9)
+    assert memory.usable_bytes(card, "gpu", {}) == int(card * 0.9)
+    assert memory.step_budget(memory.usable_bytes(card, "gpu", {})) == int(int(card * 0.9) * 0.9)
+    assert memory.budget_for(card, "gpu", {}).bytes == int(int(card * 0.9) * 0.9)
+    # a TPU is not preallocated: its budget is the HBM less the TPU's own headroom
+    assert memory.usable_bytes(card, "tpu", {memory.MEM_FRACTION_VAR: ".5"}) == card
+    assert memory.budget_for(card, "tpu").bytes == int(card * 0.95)
+    assert "JAX does not preallocate a TPU" in memory.budget_for(16 * 2**30, "tpu").explain()
+    assert "× 0.90 (JAX's allocator" in memory.budget_for(card, "gpu", {}).explain()
 
 
 class FakeGpu:
@@ -137,14 +143,51 @@ def test_backend_report_and_bf16_on_old_cards():
     assert bf16_warning([FakeGpu("8.0")], True) is None and bf16_warning([FakeGpu("7.5")], False) is None
 
 
-def test_a_run_that_asks_for_a_gpu_refuses_the_cpu():
+def test_a_run_that_asks_for_an_accelerator_refuses_the_cpu_and_takes_a_gpu_or_a_tpu():
     cfg = resolve_run_config(load_yaml(ROOT / "config/paper.yaml"), "prostate_mr", "3d-diff")
-    assert cfg["train"]["platform"] == "gpu"
-    with pytest.raises(ConfigError, match=r'pip install -e "\.\[cuda12\]"'):
+    assert cfg["train"]["platform"] == "accelerator"
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[cuda12\]".*pip install -e "\.\[tpu\]"'):
         check_platform(cfg, "cpu", env={})
     check_platform(cfg, "cpu", env={"DIFFSEG_ALLOW_CPU": "1"})
     check_platform(cfg, "gpu", env={})
+    check_platform(cfg, "tpu", env={})
     check_platform({**cfg, "train": {**cfg["train"], "platform": "any"}}, "cpu", env={})
+    tpu_only = {**cfg, "train": {**cfg["train"], "platform": "tpu"}}
+    with pytest.raises(ConfigError, match=r"asks for a TPU, but JAX found only the GPU.*\[tpu\]"):
+        check_platform(tpu_only, "gpu", env={})
+
+
+class FakeTpu:
+    platform, device_kind, num_cores = "tpu", "TPU v3", 1
+
+    def __init__(self, i: int):
+        self.id, self.coords = i, [i // 2 % 2, i // 4, 0]  # 2 cores per chip
+
+    def memory_stats(self):
+        return {"bytes_limit": int(15.48 * 2**30)}
+
+
+def test_backend_report_names_the_tpu_chips_cores_and_hbm():
+    text = describe_devices([FakeTpu(i) for i in range(8)], "tpu", env={"TPU_VISIBLE_CHIPS": "0,1,2,3"})
+    assert text.startswith("backend tpu: 8 device(s), TPU v3 (4 chip(s), 1 TensorCore(s) per device)")
+    assert "HBM per core 15.5 GiB" in text and "(TPU_VISIBLE_CHIPS=0,1,2,3)" in text
+
+
+def test_a_tpu_held_by_another_process_is_one_line(monkeypatch):
+    import jax
+
+    from diffseg.accelerators import backend
+
+    def busy():
+        raise RuntimeError(
+            "Unable to initialize backend 'tpu': ABORTED: The TPU is already in use by process with pid 4242."
+            " Not attempting to load libtpu.so in this process."
+        )
+
+    monkeypatch.setattr(jax, "default_backend", busy)
+    with pytest.raises(ConfigError, match=r"the TPU is held by another process.*compute\.\{stage\}\.tpu"):
+        backend.start_backend()
+    assert backend.tpu_busy(RuntimeError("Unable to initialize backend 'cuda'")) is None
 
 
 def test_diffseg_train_with_the_paper_config_stops_at_once_on_a_cpu(tmp_path):
@@ -158,6 +201,7 @@ def test_diffseg_train_with_the_paper_config_stops_at_once_on_a_cpu(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "backend cpu: 1 device(s)" in res.stderr
-    assert "asks for a GPU, but JAX found only the CPU" in res.stderr and "[cuda12]" in res.stderr
+    assert "asks for a GPU or a TPU, but JAX found only the CPU" in res.stderr
+    assert '".[cuda12]"' in res.stderr and '".[tpu]"' in res.stderr  # both install lines
     assert "Traceback" not in res.stderr and not (tmp_path / "run").exists()
     assert time.monotonic() - start < 60

@@ -33,6 +33,8 @@ def test_benchmark_and_device_lines_are_read_as_written(tmp_path):
     assert dash["s"] == 3.0 and math.isnan(dash["max_rss"]) and math.isnan(dash["cpu_time"])
     _log(tmp_path / "g.log", "backend gpu: 2 device(s), NVIDIA H100 80GB HBM3 (compute capability 9.0)")
     assert read_device(tmp_path / "g.log") == ("gpu: 2 × NVIDIA H100 80GB HBM3 (compute capability 9.0)", 2)
+    _log(tmp_path / "t.log", "backend tpu: 8 device(s), TPU v3 (4 chip(s), 1 TensorCore(s) per device)")
+    assert read_device(tmp_path / "t.log") == ("tpu: 8 × TPU v3 (4 chip(s), 1 TensorCore(s) per device)", 8)
     _log(tmp_path / "c.log", "backend cpu: 1 device(s), cpu")
     assert read_device(tmp_path / "c.log") == ("cpu: 1 × cpu", 0)
     assert read_device(tmp_path / "absent.log") == ("", 0)
@@ -57,13 +59,14 @@ def test_cost_table_per_run_and_the_cli(tmp_path, capsys):
     _log(res / "logs/train/ph/2d-seg.log", "backend cpu: 1 device(s), cpu")
     table = cost_table(res, [("ph", "3d-diff"), ("ph", "2d-seg")])
     diff, seg = table.iloc[0], table.iloc[1]
-    assert diff["train_s"] == 600.0 and diff["train_gpu_s"] == 600.0 and diff["train_s_per_step"] == 3.0
+    assert diff["train_s"] == 600.0 and diff["train_accel_s"] == 600.0 and diff["train_s_per_step"] == 3.0
     assert diff["train_sessions"] == 2 and diff["train_job_s"] == 600.0
     assert diff["test_cpu_s"] == 90.0 and diff["train_device"] == "gpu: 1 × NVIDIA H200"
     # a CPU run without train_log.csv: its training time is unknown, never the job's
-    assert seg["train_gpu_s"] == 0.0 and np.isnan(seg["train_s"]) and np.isnan(seg["train_s_per_step"])
+    assert seg["train_accel_s"] == 0.0 and np.isnan(seg["train_s"]) and np.isnan(seg["train_s_per_step"])
     assert seg["train_job_s"] == 300.0
-    assert np.isnan(seg["test_s"]) and np.isnan(seg["test_gpu_s"]) and seg["test_device"] == ""  # not tested
+    assert np.isnan(seg["test_s"]) and np.isnan(seg["test_accel_s"])  # not tested
+    assert seg["test_device"] == ""
     md = to_markdown(table)
     row = "| ph | `3d-diff` | 10.0 | 3.00 | 18.3 | 10.0 | 3.00 | 2 | 1.0 | 1.00 | gpu: 1 × NVIDIA H200 |"
     assert row in md

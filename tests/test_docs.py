@@ -183,12 +183,13 @@ def test_the_readme_ablation_plans_exactly_its_new_runs(tmp_path):
 
 
 def test_the_gpu_advice_is_the_gpu_plans_table():
-    """docs/ACCELERATORS.md's GPU advice is `benchmarks/gpu_advice.py`'s table of the GPU plans kept
+    """docs/ACCELERATORS.md's GPU advice is `benchmarks/accelerator_advice.py`'s table of the GPU plans kept
     in benchmarks/results/, and the table's rule is the plan's own choice for each card planned."""
     import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("gpu_advice", ROOT / "benchmarks" / "gpu_advice.py")
+    path = ROOT / "benchmarks" / "accelerator_advice.py"
+    spec = importlib.util.spec_from_file_location("accelerator_advice", path)
     advice = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(advice)
     assert advice.DOC == ROOT / "docs" / "ACCELERATORS.md"
@@ -197,7 +198,12 @@ def test_the_gpu_advice_is_the_gpu_plans_table():
         assert text.count(f"<!-- {marker}: begin -->\n") == 1 and text.count(f"<!-- {marker}: end -->") == 1
         assert text.index(f"<!-- {marker}: begin -->") < text.index(f"<!-- {marker}: end -->")
     block = text.split("<!-- gpu-advice: begin -->\n")[1].split("<!-- gpu-advice: end -->")[0]
-    assert advice.advice_table() in block, "regenerate with: python benchmarks/gpu_advice.py"
+    assert advice.advice_table() in block, "regenerate with: python benchmarks/accelerator_advice.py"
+    tpu_block = text.split("<!-- tpu-advice: begin -->\n")[1].split("<!-- tpu-advice: end -->")[0]
+    assert advice.tpu_advice_table() == tpu_block, (
+        "regenerate with: python benchmarks/accelerator_advice.py --tpu"
+    )
+    assert "Cloud TPU v3-8 | 8 | 15.2 GiB | 1 pass of 1" in tpu_block  # the paper's slice: a volume per core
     plans = sorted((ROOT / "benchmarks" / "results").glob("plan_gpu_*.json"))
     assert {card for _, card, _ in advice.CARDS} <= {p.stem.rsplit("_", 1)[1] for p in plans}
     for path in plans:

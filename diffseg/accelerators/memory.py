@@ -1,25 +1,33 @@
-"""How much of a device's memory a training step may plan to use: one rule for all callers.
+"""How much of a device's memory a training step may plan to use: one rule for all callers,
+parameterised by platform.
 
-JAX's GPU allocator reserves a fixed share of the card at start-up
-(``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 in JAX). diffseg's GPU jobs own their card (one job per
-card, ``diffseg.accelerators.slots``), so they let the allocator take ``DEFAULT_MEM_FRACTION`` of it unless
-the user set the variable. A step is then planned to fill at most ``1 - HEADROOM`` of what the
-allocator holds, leaving room for fragmentation and library workspaces (cuDNN, cuBLAS).
+- **GPU.** JAX's GPU allocator reserves a fixed share of the card at start-up
+  (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 in JAX). diffseg's GPU jobs own their card (one job per
+  card, ``diffseg.accelerators.slots``), so they let the allocator take ``DEFAULT_MEM_FRACTION``
+  of it unless the user set the variable. A step then plans to fill at most ``1 - HEADROOM["gpu"]``
+  of what the allocator holds: room for fragmentation and library workspaces (cuDNN, cuBLAS).
+- **TPU.** JAX does not preallocate a TPU: there is no allocator share, and the TPU compiler
+  assigns every buffer of a program at compile time (a program larger than the HBM does not
+  compile at all). What a step cannot use is libtpu's own reservation and the program's code, a
+  few percent of the HBM: a step plans to fill at most ``1 - HEADROOM["tpu"]`` of the HBM.
+- **CPU.** The machine's memory, with the GPU's headroom.
 
-On a real device the allocator's share is read back (``memory_stats()["bytes_limit"]``); for a card
-this machine does not have (``diffseg plan --target``), it is the card's memory times
-:func:`memory_fraction`. Both then go through :func:`step_budget`, so training's
-``micro_batch: auto`` and ``diffseg plan`` reach the same answer for the same card.
+On a real device the usable bytes are read back (``memory_stats()["bytes_limit"]``: a GPU's
+allocator share, a TPU core's HBM less the runtime's reservation); for hardware this machine does
+not have (``diffseg plan --target``/``--device-memory``), they come from the device's memory
+through :func:`usable_bytes`. Both then go through :func:`step_budget`, so training's
+``micro_batch: auto`` and ``diffseg plan`` reach the same answer for the same device.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 DEFAULT_MEM_FRACTION = 0.90  # JAX's own default is 0.75: a card shared by several processes
-HEADROOM = 0.10  # share of the allocator's memory a step leaves free
+HEADROOM = {"gpu": 0.10, "tpu": 0.05, "cpu": 0.10}  # share of the usable memory a step leaves free
 
 
 def memory_fraction(env: Mapping[str, str] | None = None) -> float:
@@ -37,11 +45,47 @@ def memory_fraction(env: Mapping[str, str] | None = None) -> float:
     return value
 
 
-def allocator_bytes(card_bytes: int, env: Mapping[str, str] | None = None) -> int:
-    """What JAX's allocator holds on a card of ``card_bytes`` in a diffseg job."""
-    return int(card_bytes * memory_fraction(env))
+def usable_share(platform: str = "gpu", env: Mapping[str, str] | None = None) -> float:
+    """The share of a device's memory a job can allocate: JAX's allocator share on a GPU, all of it
+    on a TPU (no preallocation) or a CPU."""
+    return memory_fraction(env) if platform == "gpu" else 1.0
 
 
-def step_budget(allocator_limit: int, headroom: float = HEADROOM) -> int:
-    """Bytes one training step may plan to use on a device whose allocator holds ``allocator_limit``."""
-    return int(allocator_limit * (1.0 - headroom))
+def usable_bytes(device_bytes: int, platform: str = "gpu", env: Mapping[str, str] | None = None) -> int:
+    """What a diffseg job can allocate on a device of ``device_bytes``: on a GPU, what JAX's
+    allocator holds; elsewhere the whole memory."""
+    return int(device_bytes * usable_share(platform, env))
+
+
+def step_budget(usable: int, platform: str = "gpu") -> int:
+    """Bytes one training step may plan to use on a device where a job can allocate ``usable``."""
+    return int(usable * (1.0 - HEADROOM[platform]))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A device's step budget and how it was reached: ``bytes = device × share × (1 − headroom)``."""
+
+    platform: str
+    device_bytes: int
+    share: float  # JAX's allocator share (GPU) or 1.0
+    headroom: float
+
+    @property
+    def bytes(self) -> int:
+        return step_budget(int(self.device_bytes * self.share), self.platform)
+
+    def explain(self) -> str:
+        """The rule in words and numbers, for a plan's text."""
+        gib = 2**30
+        text = f"{self.bytes / gib:.2f} GiB = {self.device_bytes / gib:.2f} GiB"
+        if self.platform == "gpu":
+            text += f" × {self.share:.2f} (JAX's allocator, {MEM_FRACTION_VAR})"
+        elif self.platform == "tpu":
+            text += " (HBM; JAX does not preallocate a TPU)"
+        return text + f" × {1 - self.headroom:.2f} (headroom)"
+
+
+def budget_for(device_bytes: int, platform: str = "gpu", env: Mapping[str, str] | None = None) -> Budget:
+    """The step budget of a device of ``device_bytes`` that this machine may not have."""
+    return Budget(platform, int(device_bytes), usable_share(platform, env), HEADROOM[platform])

@@ -1,28 +1,28 @@
-"""GPU cards this machine does not have: their facts, and XLA's GPU compiler aimed at them.
+"""Accelerators this machine does not have: GPU cards and TPU slices, their facts, and the compiler
+of each aimed at them (``diffseg plan --target``).
 
-XLA's GPU compiler can compile for a card without one present: the CUDA PJRT plugin makes a
-"compile-only" device from a ``GpuTargetConfigProto`` (text form) describing the card, and
-``jax.jit(...).lower(...).compile()`` on arrays sharded over that device returns the card's own
-memory plan (``memory_analysis()``). ``diffseg plan --target`` uses it; it needs the optional
-``gpu-plan`` extra (``pip install -e ".[gpu-plan]"``: jax's CUDA 12 plugin at jax's version).
+A target is what ``diffseg plan`` needs to plan a step without the hardware: the JAX devices it
+has (``devices``), the memory of each (``memory_bytes``), its peak dense throughput, and a mesh of
+compile-only devices (:func:`target_mesh`) on which ``jax.jit(...).lower(...).compile()`` returns
+that hardware's own memory plan and cost analysis. Two kinds, one interface:
 
-``KNOWN_TARGETS`` holds public spec-sheet facts of a few cards, from which the text proto is
-generated (only the fields the installed plugin accepts, :func:`target_topology`). A user's own
-card is a text-proto file (``--target path/to/card.txtpb``), passed to the plugin as written.
+- ``GpuTarget``: one card; XLA's GPU compiler through jax's CUDA plugin (``diffseg.accelerators.cuda``,
+  the ``gpu-plan`` extra). A user's own card is a text-proto file.
+- ``TpuTarget``: one TPU slice (a VM's chips); the TPU compiler in libtpu (``diffseg.accelerators.tpu``,
+  the ``tpu`` extra), which describes a slice by its topology without a TPU.
+
+``KNOWN_TARGETS`` holds public spec-sheet facts of a few of each.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffseg.errors import ConfigError
 
-GPU_PLAN_EXTRA = 'the gpu-plan extra: pip install -e ".[gpu-plan]" (jax\'s CUDA 12 plugin, no GPU needed)'
 # cuDNN major the jax CUDA 12 wheels are built against (9); XLA only gates a few fusions on it.
 DNN_VERSION = (9, 8, 0)
 GB = 10**9  # bandwidths are in decimal GB/s
@@ -57,6 +57,9 @@ class GpuTarget:
     peak_fp16_tflops: float | None = None
     source: Path | None = None  # a user's spec file (then its text is passed as written)
     spec_text: str | None = field(default=None, repr=False)
+    platform: ClassVar[str] = "gpu"
+    devices: ClassVar[int] = 1  # one card: a step's batch is not split
+    compiler: ClassVar[str] = "XLA's GPU compiler"
 
     @property
     def has_bf16(self) -> bool:
@@ -99,21 +102,24 @@ class GpuTarget:
         """The ``GpuTargetConfigProto`` in text form, without the fields named in ``skip``."""
         if self.spec_text is not None:
             return self.spec_text
-        return _render(self.fields(), skip)
+        from diffseg.accelerators.cuda import render_text_proto
 
+        return render_text_proto(self.fields(), skip)
 
-def _render(fields: list[tuple[str, Any]], skip: frozenset[str], indent: str = "") -> str:
-    lines = []
-    for name, value in fields:
-        if name in skip:
-            continue
-        if isinstance(value, list):
-            lines += [f"{indent}{name} {{", _render(value, skip, indent + "  ").rstrip("\n"), f"{indent}}}"]
-        elif isinstance(value, str):
-            lines.append(f'{indent}{name}: "{value}"')
-        else:
-            lines.append(f"{indent}{name}: {value}")
-    return "\n".join(lines) + "\n"
+    def summary(self) -> str:
+        """One line for a plan's heading: name, card, compute capability, memory."""
+        cc = ".".join(map(str, self.compute_capability))
+        return f"{self.name} ({self.description}, compute capability {cc}, {self.memory_bytes / GiB:.2f} GiB)"
+
+    def facts(self) -> dict[str, Any]:
+        """The target as a plan's JSON records it."""
+        return {
+            "name": self.name, "platform": self.platform, "description": self.description,
+            "devices": self.devices, "memory_bytes": self.memory_bytes,
+            "compute_capability": list(self.compute_capability), "has_bf16": self.has_bf16,
+            "peak_bf16_tflops": self.peak_bf16_tflops, "peak_fp16_tflops": self.peak_fp16_tflops,
+            "spec_file": str(self.source) if self.source else None,
+        }  # fmt: skip
 
 
 # NVIDIA's data sheets and CUDA programming guide (per compute capability: shared memory per SM
@@ -128,7 +134,7 @@ _A100 = dict(
     shared_memory_per_block_optin=163 * KiB, l2_cache_size=40 * MiB, clock_rate_ghz=1.41,
     peak_bf16_tflops=312.0, peak_fp16_tflops=312.0,
 )  # fmt: skip
-KNOWN_TARGETS: dict[str, GpuTarget] = {
+KNOWN_GPUS: dict[str, GpuTarget] = {
     t.name: t
     for t in (
         GpuTarget("h100-80gb", "NVIDIA H100 80GB HBM3", 80 * GiB, memory_bandwidth=3350 * GB, **_HOPPER),
@@ -150,130 +156,131 @@ KNOWN_TARGETS: dict[str, GpuTarget] = {
     )
 }  # fmt: skip
 
-# --- a user's spec file ----------------------------------------------------------------------------
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|([A-Za-z_][A-Za-z0-9_.]*)|("(?:[^"\\]|\\.)*")|([-+0-9.eE]+)|([{}:<>]))')
+@dataclass(frozen=True)
+class TpuTarget:
+    """One TPU slice: the topology libtpu's compiler plans for, and each JAX device's memory and peak.
 
+    ``topology`` is libtpu's name for the slice's chips (``"v3:2x2"``: 4 chips); ``chip_config``
+    says how a chip's TensorCores appear to JAX: ``None`` is one device per TensorCore (v2, v3,
+    v5e, v6e: one core per chip from v5e on), ``"megacore"`` one device per chip (v4, v5p: two
+    cores fused). ``memory_bytes``, ``peak_bf16_tflops`` and ``hbm_gb_s`` are per JAX device, from
+    Google's published per-chip figures divided by the devices per chip.
+    """
 
-def _tokens(text: str, path: Path) -> Iterator[str]:
-    pos = 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            return
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            line = text.count("\n", 0, pos) + 1
-            raise ConfigError(f"{path}: line {line}: cannot read {text[pos:].strip()[:20]!r} (a text proto)")
-        pos = m.end()
-        if m.group(1) is None:
-            yield m.group(0).strip()
+    name: str
+    description: str
+    topology: str
+    chips: int
+    devices: int
+    memory_bytes: int
+    peak_bf16_tflops: float
+    hbm_gb_s: float
+    chip_config: str | None = None
+    device_kind: str = ""  # what JAX calls one device of it, e.g. "TPU v3"
+    platform: ClassVar[str] = "tpu"
+    compiler: ClassVar[str] = "the TPU compiler (libtpu)"
+    has_bf16: ClassVar[bool] = True
+    peak_fp16_tflops: ClassVar[None] = None  # TPUs have no fp16 matrix units; float32 runs as bf16 passes
+    source: ClassVar[None] = None
 
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name of the slice, e.g. ``v3-8`` (what ``TPU_ACCELERATOR_TYPE`` holds on its VM)."""
+        return self.name.removeprefix("tpu-")
 
-def parse_text_proto(text: str, path: Path) -> dict[str, Any]:
-    """A protobuf text-format message as nested dicts (a repeated field keeps its last value);
-    only the syntax is checked here, the field names by the plugin. Errors name ``path``."""
-    tokens = list(_tokens(text, path))
-    pos = 0
+    def summary(self) -> str:
+        """One line for a plan's heading: name, chips, devices and HBM per device."""
+        cores = "TensorCores" if self.chip_config is None else "megacore devices"
+        return (
+            f"{self.name} ({self.description}: {self.chips} chips, {self.devices} {cores},"
+            f" {self.memory_bytes / GiB:.2f} GiB HBM each)"
+        )
 
-    def message(closing: str | None) -> dict[str, Any]:
-        nonlocal pos
-        out: dict[str, Any] = {}
-        while pos < len(tokens):
-            tok = tokens[pos]
-            if tok == closing:
-                pos += 1
-                return out
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tok):
-                raise ConfigError(f"{path}: expected a field name, got {tok!r}")
-            pos += 1
-            nxt = tokens[pos] if pos < len(tokens) else None
-            if nxt == ":":
-                pos += 1
-                nxt = tokens[pos] if pos < len(tokens) else None
-            if nxt in ("{", "<"):
-                pos += 1
-                out[tok] = message("}" if nxt == "{" else ">")
-            elif nxt is None or nxt in "{}<>:":
-                raise ConfigError(f"{path}: field {tok!r} has no value")
-            else:
-                pos += 1
-                out[tok] = _scalar(nxt)
-        if closing is not None:
-            raise ConfigError(f"{path}: a {{ is never closed")
-        return out
-
-    return message(None)
+    def facts(self) -> dict[str, Any]:
+        """The target as a plan's JSON records it."""
+        return {
+            "name": self.name, "platform": self.platform, "description": self.description,
+            "topology": self.topology, "chip_config": self.chip_config, "chips": self.chips,
+            "devices": self.devices, "memory_bytes": self.memory_bytes, "has_bf16": True,
+            "peak_bf16_tflops": self.peak_bf16_tflops, "hbm_gb_s": self.hbm_gb_s,
+        }  # fmt: skip
 
 
-def _scalar(tok: str) -> Any:
-    if tok.startswith('"'):
-        return tok[1:-1].encode().decode("unicode_escape")
-    try:
-        return int(tok)
-    except ValueError:
-        pass
-    try:
-        return float(tok)
-    except ValueError:
-        return tok  # an enum name or true/false
+def _tpu(
+    name: str,
+    description: str,
+    kind: str,
+    topology: str,
+    chips: int,
+    cores_per_chip: int,
+    chip_hbm_gib: int,
+    chip_bf16_tflops: float,
+    chip_hbm_gb_s: float,
+    megacore: bool = False,
+) -> TpuTarget:
+    per_chip = 1 if megacore else cores_per_chip  # JAX devices per chip
+    return TpuTarget(
+        name, description, topology, chips, chips * per_chip, chip_hbm_gib * GiB // per_chip,
+        chip_bf16_tflops / per_chip, chip_hbm_gb_s / per_chip, "megacore" if megacore else None, kind,
+    )  # fmt: skip
 
 
-def target_from_file(path: str | Path) -> GpuTarget:
-    """A card from a user's ``GpuTargetConfigProto`` text file; it must say the card's memory
-    (``gpu_device_info.device_memory_size``) and ``cuda_compute_capability``."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"--target {path}: cannot read it ({err.strerror})") from None
-    spec = parse_text_proto(text, path)
-    info = spec.get("gpu_device_info")
-    if not isinstance(info, dict):
-        raise ConfigError(f"{path}: no gpu_device_info {{...}} message")
-    memory = info.get("device_memory_size")
-    if not isinstance(memory, int) or memory <= 0:
-        raise ConfigError(f"{path}: gpu_device_info.device_memory_size: expected the card's bytes")
-    cc = info.get("cuda_compute_capability")
-    if not isinstance(cc, dict) or not isinstance(cc.get("major"), int):
-        raise ConfigError(f"{path}: gpu_device_info.cuda_compute_capability {{major minor}} is missing")
-    return GpuTarget(
-        name=path.stem,
-        description=str(spec.get("device_description_str") or path.stem),
-        memory_bytes=memory,
-        compute_capability=(int(cc["major"]), int(cc.get("minor", 0))),
-        core_count=int(info.get("core_count", 0)),
-        source=path,
-        spec_text=text,
+# Google Cloud's published per-chip figures: HBM (GiB), peak bf16 TFLOP/s, HBM bandwidth (GB/s).
+# The 8-TensorCore slices a single TPU VM holds; v3-8 is the paper's ("16×8 GB device memory").
+KNOWN_TPUS: dict[str, TpuTarget] = {
+    t.name: t
+    for t in (
+        _tpu("tpu-v3-8", "Cloud TPU v3-8", "TPU v3", "v3:2x2", 4, 2, 32, 123.0, 900.0),
+        _tpu("tpu-v4-8", "Cloud TPU v4-8", "TPU v4", "v4:2x2x1", 4, 2, 32, 275.0, 1200.0, megacore=True),
+        _tpu("tpu-v5p-8", "Cloud TPU v5p-8", "TPU v5", "v5p:2x2x1", 4, 2, 95, 459.0, 2765.0, megacore=True),
+        _tpu("tpu-v5e-8", "Cloud TPU v5e-8 (v5 lite)", "TPU v5 lite", "v5e:2x4", 8, 1, 16, 197.0, 819.0),
+        _tpu("tpu-v6e-8", "Cloud TPU v6e-8 (Trillium)", "TPU v6 lite", "v6e:2x4", 8, 1, 32, 918.0, 1640.0),
     )
+}  # fmt: skip
+Target = GpuTarget | TpuTarget
+KNOWN_TARGETS: Mapping[str, Target] = {**KNOWN_GPUS, **KNOWN_TPUS}
 
 
-def get_target(name_or_path: str | Path) -> GpuTarget:
-    """A known card by name (``KNOWN_TARGETS``: h100-80gb, h200, a100-40gb, a100-80gb, a6000,
-    v100-16gb) or a user's spec file (a path ending in ``.txtpb``/``.textproto``/``.pbtxt``, or any
-    existing file)."""
+def get_target(name_or_path: str | Path) -> Target:
+    """A known card or slice by name (``KNOWN_TARGETS``: h100-80gb, h200, a100-40gb, a100-80gb,
+    a6000, v100-16gb; tpu-v3-8, tpu-v4-8, tpu-v5p-8, tpu-v5e-8, tpu-v6e-8) or a user's GPU spec
+    file (a path ending in ``.txtpb``/``.textproto``/``.pbtxt``, or any existing file)."""
     key = str(name_or_path)
     if key.lower() in KNOWN_TARGETS:
         return KNOWN_TARGETS[key.lower()]
     path = Path(key)
     if path.suffix in (".txtpb", ".textproto", ".pbtxt", ".txt") or path.exists():
+        from diffseg.accelerators.cuda import target_from_file
+
         return target_from_file(path)
     raise ConfigError(
-        f"--target {key!r}: not a known card ({', '.join(KNOWN_TARGETS)}) nor a spec file (.txtpb)"
+        f"--target {key!r}: not a known card or TPU slice ({', '.join(KNOWN_TARGETS)}) nor a GPU"
+        " spec file (.txtpb)"
     )
 
 
-def target_for_device(device_kind: str) -> GpuTarget | None:
-    """The known card a real device is (JAX's ``device_kind``, e.g. "NVIDIA H100 80GB HBM3"), if any."""
+def target_for_device(device_kind: str, devices: int = 1) -> Target | None:
+    """The known target a real device is, if any: a card by JAX's ``device_kind`` ("NVIDIA H100
+    80GB HBM3"), or the TPU slice of ``devices`` devices of that kind ("TPU v3" × 8: tpu-v3-8)."""
     kind = device_kind.lower()
-    for target in KNOWN_TARGETS.values():
+    for tpu in KNOWN_TPUS.values():
+        if tpu.device_kind.lower() == kind and tpu.devices == devices:
+            return tpu
+    for target in KNOWN_GPUS.values():
         if target.description.lower() in kind or kind in target.description.lower():
             return target
     return None
 
 
 def peak_tflops_for_device(device_kind: str, bf16: bool) -> float | None:
-    """A real device's peak dense tensor TFLOP/s at the run's precision (bf16, else fp16 as the
-    nearest tensor-core rate of a float32 run's TF32), when it is a known card."""
+    """A real device's peak dense TFLOP/s at the run's precision (bf16, else fp16 as the nearest
+    tensor-core rate of a float32 run's TF32; a TPU's bf16 rate either way, as its matrix units
+    run float32 as bf16 passes), when it is a known card or TPU core."""
+    kind = device_kind.lower()
+    for tpu in KNOWN_TPUS.values():
+        if tpu.device_kind.lower() == kind:
+            return tpu.peak_bf16_tflops  # per JAX device, whatever the slice
     target = target_for_device(device_kind)
     if target is None:
         return None
@@ -282,105 +289,27 @@ def peak_tflops_for_device(device_kind: str, bf16: bool) -> float | None:
 
 # --- the compile-only device ------------------------------------------------------------------------
 
-# Fields a plugin older or newer than the one this table was written against may not know; the
-# rest are as old as deviceless compilation itself.
-OPTIONAL_FIELDS = (
-    "shared_memory_per_block_optin",
-    "registers_per_core_limit",
-    "registers_per_block_limit",
-    "dnn_version_info",
-    "device_description_str",
-)
-# XLA's options for compiling for a compile-only device. Without a GPU there is no autotuning, and
-# the Triton GEMM emitter's untuned tiling fails on some of the network's matrix products ("Couldn't
-# find output tile sizes"): they go to cuBLAS instead, whose memory is that of the same product.
-COMPILER_OPTIONS: dict[str, Any] = {"xla_gpu_enable_triton_gemm": False}
-_accepted: dict[str, frozenset[str]] = {}  # target name -> fields skipped for the installed plugin
 
-
-def _cuda_topology(text: str) -> Any:
-    """The plugin's compile-only device for ``text``; ``ValueError`` when it cannot parse it."""
-    from jax._src.lib import _jax
+def target_mesh(target: Target, axis: str = "data") -> Any:
+    """A 1-D ``jax.sharding.Mesh`` over ``target``'s compile-only devices (axis ``axis``): one card,
+    or every device of a TPU slice, over which training splits a step's batch."""
     from jax.experimental import topologies
 
-    try:
-        return topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x1x1")
-    except _jax.JaxRuntimeError as err:
-        if "Failed to parse" in str(err):
-            raise ValueError(str(err)) from None
-        raise
+    if target.platform == "tpu":
+        from diffseg.accelerators.tpu import tpu_topology
+
+        topology = tpu_topology(target)
+    else:
+        from diffseg.accelerators.cuda import cuda_topology
+
+        topology = cuda_topology(target)
+    return topologies.make_mesh(topology, (len(topology.devices),), (axis,))
 
 
-def _ensure_plugin() -> None:
-    """Register the CUDA plugin's topology factory, even on a machine without CUDA.
+def compiler_options(target: Target) -> dict[str, Any]:
+    """XLA options for compiling for ``target`` without it (none for a TPU slice)."""
+    if target.platform == "gpu":
+        from diffseg.accelerators.cuda import COMPILER_OPTIONS
 
-    JAX's plugin discovery checks the CUDA runtime's version first and, with no GPU, gives up
-    before registering the plugin. The check is skipped when only the CPU platform was asked for,
-    or with ``JAX_SKIP_CUDA_CONSTRAINTS_CHECK``: the plugin is then registered again with the
-    check skipped, which adds the compile-only topology (the CPU backend stays the default)."""
-    from jax._src import xla_bridge
-
-    xla_bridge._discover_and_register_pjrt_plugins()
-    if "cuda" in xla_bridge._topology_factories:
-        return
-    try:
-        import jax_plugins.xla_cuda12 as plugin
-    except ImportError:
-        raise ConfigError(f"compiling for a GPU target needs {GPU_PLAN_EXTRA}") from None
-    before = os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
-    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
-    try:
-        plugin.initialize()
-    finally:
-        if before is None:
-            del os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"]
-    if "cuda" not in xla_bridge._topology_factories:
-        raise ConfigError(
-            f"jax's CUDA plugin did not register a compile-only device; reinstall {GPU_PLAN_EXTRA}"
-        )
-
-
-def target_topology(target: GpuTarget) -> Any:
-    """``jax.experimental.topologies.TopologyDescription`` of one compile-only device of ``target``.
-
-    A known card's fields the installed plugin does not know (``OPTIONAL_FIELDS``) are left out;
-    a user's file is passed as written and an unreadable one is a ``ConfigError`` naming it."""
-    _ensure_plugin()
-    if target.spec_text is not None:
-        try:
-            return _cuda_topology(target.spec_text)
-        except ValueError:
-            raise ConfigError(
-                f"{target.source}: jax's CUDA plugin cannot parse it as a GpuTargetConfigProto"
-                " (a misspelt field, or one this plugin does not know)"
-            ) from None
-    skip = _accepted.get(target.name)
-    if skip is not None:
-        return _cuda_topology(target.text_proto(skip))
-    try:
-        topo = _cuda_topology(target.text_proto())
-        skip = frozenset()
-    except ValueError:
-        skip = frozenset(OPTIONAL_FIELDS)
-        try:
-            _cuda_topology(target.text_proto(skip))
-        except ValueError:
-            raise ConfigError(
-                f"--target {target.name}: the installed CUDA plugin rejects the card's spec"
-            ) from None
-        for name in OPTIONAL_FIELDS:  # add back each field the plugin knows
-            try:
-                _cuda_topology(target.text_proto(skip - {name}))
-                skip = skip - {name}
-            except ValueError:
-                pass
-        topo = _cuda_topology(target.text_proto(skip))
-    _accepted[target.name] = skip
-    return topo
-
-
-def target_mesh(target: GpuTarget, axis: str = "data") -> Any:
-    """A 1-device ``jax.sharding.Mesh`` over ``target``'s compile-only device (axis ``axis``)."""
-    from jax.experimental import topologies
-
-    return topologies.make_mesh(target_topology(target), (1,), (axis,))
+        return dict(COMPILER_OPTIONS)
+    return {}

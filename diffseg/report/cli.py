@@ -150,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
     p.set_defaults(func=_curves)
 
-    p = sub.add_parser("cost", help="wall, CPU and GPU time, peak memory and device of each run's jobs")
+    p = sub.add_parser("cost", help="wall, CPU and GPU/TPU time, peak memory and device of each run's jobs")
     p.add_argument("--results", required=True, help="the results folder (benchmarks/ and logs/ in it)")
     p.add_argument("--models", nargs="+", required=True, help="runs as dataset/run")
     p.add_argument("--out", required=True, help="CSV to write")

@@ -3,8 +3,9 @@
 Read from what the workflow already keeps: Snakemake's ``benchmark:`` file of each train and test
 job (``{results}/benchmarks/{stage}/{dataset}/{run}.tsv``: wall seconds ``s``, ``cpu_time``,
 ``max_rss`` in MB, ...) and the first line each job prints about its devices (``diffseg:
-backend gpu: 1 device(s), NVIDIA H100 80GB HBM3 ...``, in ``{results}/logs/{stage}/...log``). GPU
-seconds are wall seconds × the job's GPUs: Snakemake measures host processes, not device time.
+backend gpu: 1 device(s), NVIDIA H100 80GB HBM3 ...``, in ``{results}/logs/{stage}/...log``).
+Accelerator seconds are wall seconds × the job's accelerator devices (GPUs, or TPU devices: a v3-8's
+8 TensorCores): Snakemake measures host processes, not device time.
 A job run before its benchmark file existed (or outside the workflow) has empty cells, never a
 guessed number.
 
@@ -42,7 +43,8 @@ def read_benchmark(path: str | Path) -> dict[str, float]:
 
 
 def read_device(log: str | Path) -> tuple[str, int]:
-    """The job's device line from its log: (``"gpu: NVIDIA H100 ..."``, GPUs) or ("", 0) if absent.
+    """The job's device line from its log: (``"gpu: NVIDIA H100 ..."``, accelerator devices: GPUs or
+    TPU devices, 0 on a CPU) or ("", 0) if absent.
     The last such line counts: a resumed job appends to its log."""
     path = Path(log)
     found = ("", 0)
@@ -51,7 +53,7 @@ def read_device(log: str | Path) -> tuple[str, int]:
             match = _BACKEND.search(line)
             if match:
                 backend, count, kind = match.group(1), int(match.group(2)), match.group(3).strip()
-                found = (f"{backend}: {count} × {kind}", count if backend == "gpu" else 0)
+                found = (f"{backend}: {count} × {kind}", count if backend in ("gpu", "tpu") else 0)
     return found
 
 
@@ -72,9 +74,9 @@ def cost_table(results: str | Path, runs: Sequence[tuple[str, str]]) -> pd.DataF
     """One row per (dataset, run).
 
     Columns: ``dataset, run``; ``train_s`` (the run's training wall seconds over all its
-    sessions, from ``train_log.csv``), ``train_sessions``, ``train_s_per_step``, ``train_gpu_s``
-    (``train_s`` × GPUs); the last train job's ``train_job_s``, ``train_cpu_s``,
-    ``train_max_rss_mb`` (its benchmark file); ``test_s``, ``test_cpu_s``, ``test_gpu_s``,
+    sessions, from ``train_log.csv``), ``train_sessions``, ``train_s_per_step``, ``train_accel_s``
+    (``train_s`` × accelerator devices); the last train job's ``train_job_s``, ``train_cpu_s``,
+    ``train_max_rss_mb`` (its benchmark file); ``test_s``, ``test_cpu_s``, ``test_accel_s``,
     ``test_max_rss_mb``; ``train_device``, ``test_device``.
     """
     results = Path(results)
@@ -84,14 +86,14 @@ def cost_table(results: str | Path, runs: Sequence[tuple[str, str]]) -> pd.DataF
         seconds, steps, sessions = training_seconds(results / "runs" / dataset / run / "train_log.csv")
         for stage in STAGES:
             bench = read_benchmark(results / "benchmarks" / stage / dataset / f"{run}.tsv")
-            device, gpus = read_device(results / "logs" / stage / dataset / f"{run}.log")
+            device, accel = read_device(results / "logs" / stage / dataset / f"{run}.log")
             wall = seconds if stage == "train" else bench["s"]
             row[f"{stage}_s"] = wall
             if stage == "train":
                 row.update(train_sessions=sessions, train_s_per_step=seconds / steps if steps else np.nan)
                 row["train_job_s"] = bench["s"]
             row[f"{stage}_cpu_s"] = bench["cpu_time"]
-            row[f"{stage}_gpu_s"] = wall * gpus if gpus else (np.nan if device == "" else 0.0)
+            row[f"{stage}_accel_s"] = wall * accel if accel else (np.nan if device == "" else 0.0)
             row[f"{stage}_max_rss_mb"] = bench["max_rss"]
             row[f"{stage}_device"] = device
         rows.append(row)
@@ -101,7 +103,7 @@ def cost_table(results: str | Path, runs: Sequence[tuple[str, str]]) -> pd.DataF
 def to_markdown(table: pd.DataFrame) -> str:
     """The cost table for the report: minutes, GiB, and the device once per row."""
     lines = [
-        "| dataset | run | train (min) | s/step | last train job CPU (min) | train GPU (min)"
+        "| dataset | run | train (min) | s/step | last train job CPU (min) | train GPU/TPU (device-min)"
         " | last train job peak RSS (GiB)"
         " | sessions | test (min) | test peak RSS (GiB) | device |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -113,7 +115,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     for r in table.itertuples(index=False):
         lines.append(
             f"| {r.dataset} | `{r.run}` | {num(r.train_s, 60)} | {num(r.train_s_per_step, digits=2)}"
-            f" | {num(r.train_cpu_s, 60)} | {num(r.train_gpu_s, 60)} | {num(r.train_max_rss_mb, 1024, 2)}"
+            f" | {num(r.train_cpu_s, 60)} | {num(r.train_accel_s, 60)} | {num(r.train_max_rss_mb, 1024, 2)}"
             f" | {r.train_sessions} | {num(r.test_s, 60)} | {num(r.test_max_rss_mb, 1024, 2)}"
             f" | {r.train_device or '—'} |"
         )

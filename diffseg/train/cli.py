@@ -75,11 +75,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", required=True, help="a key of datasets: in the config")
     parser.add_argument("--run", required=True, help="run name, e.g. 3d-diff")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. train.batch_size=4")
-    parser.add_argument("--device-memory", help="say whether the step fits this much, e.g. 24GB or 80GiB")
+    parser.add_argument(
+        "--device-memory", help="say whether the step fits a GPU card of this much, e.g. 24GB or 80GiB"
+    )
     parser.add_argument(
         "--target",
-        help="compile for this GPU with XLA's GPU compiler here (no GPU needed; the gpu-plan extra):"
-        " h100-80gb, h200, a100-40gb, a100-80gb, a6000, v100-16gb, or a GpuTargetConfigProto .txtpb file",
+        help="compile for this GPU card or TPU slice with its own compiler here, without it: GPUs"
+        " (the gpu-plan extra) h100-80gb, h200, a100-40gb, a100-80gb, a6000, v100-16gb, or a"
+        " GpuTargetConfigProto .txtpb file; TPU slices (the tpu extra) tpu-v3-8, tpu-v4-8,"
+        " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
     parser.add_argument("--json", help="also write the numbers as JSON here")

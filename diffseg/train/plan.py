@@ -1,4 +1,4 @@
-"""``diffseg plan``: what a run will train, and what one step costs, before any GPU time is spent.
+"""``diffseg plan``: what a run will train, and what one step costs, before any accelerator time is spent.
 
 For a workflow config, a dataset and a run it prints the resolved run config, the network and
 its parameter count (``parameters: N``), what one training step consumes (volumes, slices,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
-from diffseg.accelerators.memory import (
-    HEADROOM,
-    MEM_FRACTION_VAR,
-    allocator_bytes,
-    memory_fraction,
-    step_budget,
-)
+from diffseg.accelerators.memory import budget_for, step_budget
 from diffseg.config import resolve_run
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
@@ -111,16 +105,16 @@ def device_memory_bytes(device: Any = None) -> int | None:
 
 
 def card_budget(card_bytes: int) -> int:
-    """Bytes a step may plan on a card of ``card_bytes`` (``--device-memory``, ``--target``): the
+    """Bytes a step may plan on a GPU card of ``card_bytes`` (``--device-memory``): the
     allocator's share of the card, less headroom. Training on that card reads the allocator's
     share back (``device_memory_bytes``) and reaches the same number (``device_budget``)."""
-    return step_budget(allocator_bytes(card_bytes))
+    return budget_for(card_bytes).bytes
 
 
 def device_budget(device: Any = None) -> int | None:
     """Bytes a step may plan on the local ``device`` (training's ``micro_batch: auto``)."""
     limit = device_memory_bytes(device)
-    return None if limit is None else step_budget(limit)
+    return None if limit is None else step_budget(limit, (device or jax.local_devices()[0]).platform)
 
 
 def _hlo_cost(lowered: Any) -> dict[str, float]:
@@ -136,6 +130,40 @@ def _abstract(tree: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+# The TPU compiler's words for a program larger than the HBM, e.g. "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (18.00G) exceeds available HBM
+# (15.48G)" (libtpu 0.0.42), or "Used 20.61G of 15.48G hbm" (older releases).
+_NEEDED = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available|Used ([\d.]+)([KMGT]?) of")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(error: Exception) -> int | None:
+    """The bytes a program needs when its compiler refused it for want of device memory (0 when it
+    did not say how many), else ``None``.
+
+    The TPU compiler assigns every buffer at compile time and refuses a program larger than the
+    HBM: for a plan, that is a step that does not fit, not a failure."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    found = _NEEDED.search(text)
+    if not found:
+        return 0
+    number, unit = (found.group(1), found.group(2)) if found.group(1) else (found.group(3), found.group(4))
+    return int(float(number) * _UNIT[unit])
+
+
+def _compile(lowered: Any, compiler_options: dict[str, Any] | None) -> tuple[Any, int | None]:
+    """``(compiled, None)``, or ``(None, bytes needed)`` when the compiler ran out of device memory."""
+    try:
+        return lowered.compile(compiler_options=compiler_options), None
+    except Exception as err:  # the TPU compiler's out-of-memory is a JaxRuntimeError
+        needed = out_of_memory(err)
+        if needed is None:
+            raise
+        return None, needed
+
+
 def step_memory(
     model: Any,
     tx: Any,
@@ -147,10 +175,16 @@ def step_memory(
     compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compile (never run) the train step with ``micro_batch`` volumes per device per pass, on
-    abstract arrays placed on ``mesh`` (this machine's devices, or a GPU target's compile-only
-    device, ``diffseg.accelerators.targets.target_mesh``); XLA's FLOPs and bytes per device
-    (``argument``: the state and the step's ``B`` volumes ``(B, X, Y, Z)``; ``temp``: what one
-    micro-batch pass needs; ``total`` counts the donated, aliased state once)."""
+    abstract arrays placed on ``mesh`` (this machine's devices, or a target's compile-only devices,
+    ``diffseg.accelerators.targets.target_mesh``); the compiler's FLOPs and bytes per device
+    (``argument``: the state and the device's share of the step's ``B`` volumes ``(B, X, Y, Z)``;
+    ``temp``: what one micro-batch pass needs; ``total`` counts the donated, aliased state once).
+
+    ``flops`` is per device (XLA's count of the partitioned program, times the passes),
+    ``flops_per_step`` over every device. ``estimate_s`` is the compiler's own estimate of the
+    step's time where it gives one (the TPU compiler's ``optimal_seconds``), ``None`` otherwise or
+    when not positive. A program the compiler refuses for want of memory (the TPU's) is a row with
+    ``compiled: False`` and the bytes it said it needs."""
     run_cfg = RunConfig.of(run_cfg)
     step = make_train_step(model, tx, run_cfg, num_classes, mesh, micro_batch)
     whole = replicated(mesh)
@@ -161,41 +195,50 @@ def step_memory(
     labels = jax.ShapeDtypeStruct((batch, *volume_shape), jnp.uint8, sharding=split)
     key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), whole)
     lowered = step.lower(state, images, labels, key)
-    compiled = lowered.compile(compiler_options=compiler_options)
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    flops_of = "compiled"
-    if "flops" not in cost:  # the GPU compiler without a GPU has no cost analysis: count the HLO's
-        cost = _hlo_cost(lowered)
-        flops_of = "lowered"
-    memory = compiled.memory_analysis()
     passes = batch // (mesh.size * int(micro_batch))
-    out = {
+    out: dict[str, Any] = {
         "backend": mesh.devices.flat[0].platform,
         "devices": mesh.size,
         "micro_batch": int(micro_batch),
         "passes": passes,
         "remat": bool(getattr(model, "remat", False)),
-        # XLA's cost analysis counts a loop's body once: the micro-batch scan runs it ``passes`` times.
-        "flops": float(cost.get("flops", np.nan)) * passes,
-        "flops_of": flops_of,
     }
+    compiled, needed = _compile(lowered, compiler_options)
+    if compiled is None:
+        nothing = {f"{n}_bytes": 0 for n in ("argument", "output", "temp", "alias")}
+        nan = float("nan")
+        return {**out, **nothing, "total_bytes": needed, "compiled": False, "flops": nan,
+                "flops_per_step": nan, "flops_of": "none", "estimate_s": None}  # fmt: skip
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    flops_of = "compiled"
+    if "flops" not in cost:  # the GPU compiler without a GPU has no cost analysis: count the HLO's
+        cost = {**_hlo_cost(lowered), "optimal_seconds": None}
+        flops_of = "lowered"
+    # XLA's cost analysis counts a loop's body once: the micro-batch scan runs it ``passes`` times.
+    out["flops"] = float(cost.get("flops", np.nan)) * passes
+    out["flops_per_step"] = out["flops"] * mesh.size
+    out["flops_of"] = flops_of
+    seconds = cost.get("optimal_seconds")
+    out["estimate_s"] = float(seconds) * passes if seconds is not None and seconds > 0 else None
+    memory = compiled.memory_analysis()
     for name in ("argument", "output", "temp", "alias"):
         out[f"{name}_bytes"] = int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
     # Donated state is aliased to the output: count it once.
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    out["compiled"] = True
     return out
 
 
 @dataclass
 class MicroBatchChoice:
     """What ``choose_micro_batch`` settled on: volumes per device per pass, the network to build
-    the step with (remat as resolved), and XLA's plan of that step when compiled."""
+    the step with (remat as resolved), and the compiler's plan of that step when compiled."""
 
     micro_batch: int
     model: Any
     how: str  # "config" | "auto"
-    budget: int | None = None  # bytes a step may plan per device (diffseg.accelerators.memory.step_budget)
+    budget: int | None = None  # bytes a step may plan per device (diffseg.accelerators.memory)
     xla: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = field(default_factory=list)
 
@@ -203,16 +246,11 @@ class MicroBatchChoice:
     def fits(self) -> bool | None:
         if self.budget is None or self.xla is None:
             return None
-        return self.xla["total_bytes"] <= self.budget
+        return _fits(self.xla, self.budget)
 
-    def describe(self) -> str:
-        remat = bool(getattr(self.model, "remat", False))
-        text = (
-            f"micro-batch: {self.micro_batch} volume(s) per device per pass, remat {'on' if remat else 'off'}"
-        )
-        if self.how == "auto" and self.xla is not None:
-            text += f" (auto: {_gib(self.xla['total_bytes'])} of {_gib(self.budget or 0)} per device)"
-        return text
+
+def _fits(row: dict[str, Any], budget: int) -> bool:
+    return bool(row.get("compiled", True)) and row["total_bytes"] <= budget
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -229,10 +267,50 @@ def _remat_options(model: Any, value: Any) -> list[bool]:
 
 
 def _row(plan: dict[str, Any]) -> str:
+    needs = "" if plan.get("compiled", True) else " (the compiler ran out of memory)"
     return (
         f"{plan['micro_batch']} volume(s) per pass, remat {'on' if plan['remat'] else 'off'}: "
-        f"{_gib(plan['total_bytes'])}"
+        f"{_gib(plan['total_bytes'])}{needs}"
     )
+
+
+class _Planner:
+    """Compiles the step for (network, micro-batch) pairs once each, remembering every plan."""
+
+    def __init__(self, measure: Any) -> None:
+        self.measure = measure
+        self.tried: list[dict[str, Any]] = []
+
+    def __call__(self, net: Any, m: int) -> dict[str, Any]:
+        remat = bool(getattr(net, "remat", False))
+        done = [t for t in self.tried if t["micro_batch"] == m and t["remat"] == remat]
+        if done:
+            return done[0]
+        plan = self.measure(net, m)
+        self.tried.append(plan)
+        return plan
+
+
+def _search(planner: _Planner, nets: list[Any], candidates: list[int], budget: int, every: bool):
+    """The first (network, micro-batch, plan) whose plan fits ``budget``, preferring the first
+    networks and the largest micro-batches; ``None`` when nothing fits.
+
+    One volume per pass gives a linear guess (fixed bytes + m × one volume's temporaries) for the
+    largest m, which is then compiled to check, and lowered until it fits."""
+    for net in nets:
+        smallest = planner(net, candidates[-1])
+        if not _fits(smallest, budget):
+            continue
+        fixed = smallest["total_bytes"] - smallest["temp_bytes"]
+        per_volume = max(smallest["temp_bytes"] // candidates[-1], 1)
+        guess = max(candidates[-1], int((budget - fixed) // per_volume))
+        for m in candidates:
+            if m > guess and m != candidates[-1] and not every:
+                continue
+            plan = planner(net, m)
+            if _fits(plan, budget):
+                return net, m, plan
+    return None
 
 
 def choose_micro_batch(
@@ -252,16 +330,14 @@ def choose_micro_batch(
     Integers/booleans are taken as they are (validated; nothing compiled). ``auto`` compiles the
     step (never runs it) and takes, preferring remat off (it costs a second forward pass), the
     largest micro-batch dividing ``batch_size / devices`` whose plan fits ``budget`` bytes per
-    device: by default the local device's (``device_budget``), or that of a card of
-    ``device_memory`` bytes (``card_budget``): one rule, ``diffseg.accelerators.memory``. Remat is switched
-    on only when no micro-batch fits without it. Nothing fitting is a ``ConfigError`` with the
-    numbers. ``every`` compiles every candidate (``diffseg plan``'s table) instead of the few the
-    search needs: one volume per pass gives a linear guess (fixed bytes + m × one volume's
-    temporaries) for the largest m, which is then compiled to check, and lowered until it fits.
+    device: by default the local device's (``device_budget``), or that of a GPU card of
+    ``device_memory`` bytes (``card_budget``): one rule, ``diffseg.accelerators.memory``. Remat is
+    switched on only when no micro-batch fits without it. Nothing fitting is a ``ConfigError``
+    with the numbers. ``every`` compiles every candidate (``diffseg plan``'s table) instead of the
+    few the search needs.
     """
     run_cfg = RunConfig.of(run_cfg)
-    micro = run_cfg.train.micro_batch
-    remat_value = run_cfg.model.remat
+    micro, remat_value = run_cfg.train.micro_batch, run_cfg.model.remat
     rematted = _remat_options(model, remat_value)
     nets = [model.clone(remat=r) if hasattr(model, "remat") else model for r in rematted]
     per_device = check_micro_batch(run_cfg.replace("train.micro_batch", None), mesh.size)
@@ -270,63 +346,35 @@ def choose_micro_batch(
     else:
         candidates = [check_micro_batch(run_cfg, mesh.size, micro)]
     auto = micro == "auto" or remat_value == "auto"
-    if budget is None:
-        budget = card_budget(device_memory) if device_memory is not None else None
+    if budget is None and device_memory is not None:
+        budget = card_budget(device_memory)
     if not auto and not every:
         return MicroBatchChoice(candidates[0], nets[0], "config", budget)
-    if budget is None:
-        budget = device_budget()
+    budget = device_budget() if budget is None else budget
     if budget is None:
         raise ConfigError("train.micro_batch/model.remat: auto needs the device's memory, unknown here")
-    if every and hasattr(model, "remat") and len(nets) == 1:  # the table shows both
-        nets = nets + [model.clone(remat=not rematted[0])]
-    tried: list[dict[str, Any]] = []
-
-    def measure(net: Any, m: int) -> dict[str, Any]:
-        plan = step_memory(net, tx, run_cfg, num_classes, mesh, volume_shape, m, compiler_options)
-        tried.append(plan)
-        return plan
-
-    if every:
-        for net in nets:
+    planner = _Planner(
+        lambda net, m: step_memory(net, tx, run_cfg, num_classes, mesh, volume_shape, m, compiler_options)
+    )
+    if every:  # the table shows both remat settings and every micro-batch
+        others = [model.clone(remat=not rematted[0])] if hasattr(model, "remat") and len(nets) == 1 else []
+        for net in nets + others:
             for m in _divisors_desc(per_device):
-                measure(net, m)
+                planner(net, m)
     if not auto:
-        config = next(t for t in tried if t["micro_batch"] == candidates[0] and t["remat"] == rematted[0])
-        return MicroBatchChoice(candidates[0], nets[0], "config", budget, config, tried)
-
-    def plan_of(net: Any, m: int) -> dict[str, Any]:
-        remat = bool(getattr(net, "remat", False))
-        done = [t for t in tried if t["micro_batch"] == m and t["remat"] == remat]
-        return done[0] if done else measure(net, m)
-
-    for net in nets[: len(rematted)]:
-        smallest = plan_of(net, candidates[-1])
-        if smallest["total_bytes"] > budget:
-            continue
-        fixed = smallest["total_bytes"] - smallest["temp_bytes"]
-        per_volume = max(smallest["temp_bytes"] // candidates[-1], 1)
-        guess = max(candidates[-1], int((budget - fixed) // per_volume))
-        for m in candidates:
-            if m > guess and m != candidates[-1] and not every:
-                continue
-            plan = plan_of(net, m)
-            if plan["total_bytes"] <= budget:
-                return MicroBatchChoice(m, net, "auto", budget, plan, tried)
-    best = min(tried, key=lambda t: t["total_bytes"])
+        return MicroBatchChoice(candidates[0], nets[0], "config", budget, planner(nets[0], candidates[0]),
+                                planner.tried)  # fmt: skip
+    found = _search(planner, nets, candidates, budget, every)
+    if found is not None:
+        net, m, plan = found
+        return MicroBatchChoice(m, net, "auto", budget, plan, planner.tried)
+    best = min(planner.tried, key=lambda t: t["total_bytes"])
     raise ConfigError(
         f"train.micro_batch/model.remat: no plan of the step fits {_gib(budget)} per device "
         f"(the smallest: {_row(best)}); tried "
-        + "; ".join(_row(t) for t in tried)
+        + "; ".join(_row(t) for t in planner.tried)
         + ". Lower train.batch_size, shrink datasets.*.shape, or use a larger device"
     )
-
-
-def _flops_how(passes: int, lowered: bool) -> str:
-    """How the plan's FLOPs were counted, in one bracket."""
-    how = [f"XLA's count of one pass × {passes} passes"] if passes > 1 else []
-    how += ["counted on the step's HLO before optimisation"] if lowered else []
-    return f" ({'; '.join(how)})" if how else ""
 
 
 def xla_plan(
@@ -338,16 +386,17 @@ def xla_plan(
     every: bool = False,
 ) -> tuple[MicroBatchChoice, dict[str, Any]]:
     """The run's step as training would build it (micro-batch and remat resolved for a card of
-    ``device_memory`` bytes, for a ``diffseg.accelerators.targets.GpuTarget``, or for this machine),
-    compiled, never run; XLA's FLOPs and bytes per device."""
+    ``device_memory`` bytes, for a ``diffseg.accelerators.targets`` target over all its devices,
+    or for this machine), compiled, never run; the compiler's FLOPs and bytes per device."""
     run_cfg = RunConfig.of(run_cfg)
     model = build_model(run_cfg, num_classes, conv_impl="xla")
     tx, _ = build_optimizer(run_cfg)
     budget, options = None, None
     if target is not None:
-        from diffseg.accelerators.targets import COMPILER_OPTIONS, target_mesh
+        from diffseg.accelerators.targets import compiler_options, target_mesh
 
-        mesh, budget, options = target_mesh(target), card_budget(target.memory_bytes), COMPILER_OPTIONS
+        mesh, options = target_mesh(target), compiler_options(target)
+        budget = budget_for(target.memory_bytes, target.platform).bytes
     else:
         mesh = data_mesh(training_devices(run_cfg)[0])  # the devices training would use
     choice = choose_micro_batch(
@@ -360,8 +409,71 @@ def xla_plan(
     return choice, choice.xla
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+# --- the plan of one run: its facts, then their text (diffseg.train.plan_text) ----------------------
+
+
+def _run_facts(config: Mapping[str, Any], dataset: str, run: str, run_cfg: RunConfig) -> dict[str, Any]:
+    """What the run trains: its config, network, parameters and one step's consumption."""
+    ds_cfg = config["datasets"][dataset]
+    classes = dataset_classes(dataset, ds_cfg, config.get("results", "results"))
+    shape = tuple(int(s) for s in ds_cfg.get("shape") or ())
+    if len(shape) != 3:
+        raise ConfigError(f"datasets.{dataset}.shape: needed to plan, as [X, Y, Z] voxels")
+    model = build_model(run_cfg, len(classes))
+    params = jax.eval_shape(lambda: init_params(model, shape, jax.random.key(0)))
+    diff_cfg, train_cfg = run_cfg.diffusion, run_cfg.train
+    batch, dims = train_cfg.batch_size, run_cfg.model.spatial_dims
+    facts: dict[str, Any] = {
+        "dataset": dataset, "run": run, "classes": len(classes), "parameters": count_parameters(params),
+        "volumes_per_step": batch, "volume_shape": list(shape),
+        "slices_per_step": batch * shape[2] if dims == 2 else None,
+        "run_config": run_cfg.to_dict(),
+        "network": {"arch": run_cfg.model.arch, "dims": dims, "diffusion": diff_cfg.enabled,
+                    "channels": list(run_cfg.model.channels),
+                    "time_conditioning": run_cfg.model.time_conditioning},
+        "bf16": train_cfg.bf16, "steps": train_cfg.steps,
+    }  # fmt: skip
+    if diff_cfg.enabled:
+        d = GaussianDiffusion.from_config(diff_cfg)
+        facts["diffusion"] = {"steps": d.num_steps, "timesteps": [int(t) for t in d.timesteps],
+                              "recycle": diff_cfg.recycle}  # fmt: skip
+        facts["forward_passes"] = 2 if diff_cfg.recycle else 1
+    return facts
+
+
+def _compiled_facts(run_cfg: RunConfig, facts: dict[str, Any], config: Mapping[str, Any],
+                    device_memory: int | None, target: Any) -> dict[str, Any]:  # fmt: skip
+    """The compiler's plan of the step (every micro-batch when a device's memory is known)."""
+    dataset = facts["dataset"]
+    ds_cfg = config["datasets"][dataset]
+    n_train = train_cases(dataset, ds_cfg, config.get("results", "results"))
+    shape = tuple(facts["volume_shape"])
+    card = target.memory_bytes if target is not None else device_memory
+    choice, xla = xla_plan(run_cfg, facts["classes"], shape, device_memory, target, every=card is not None)
+    out: dict[str, Any] = {
+        "xla": xla, "micro_batch": choice.micro_batch, "remat": xla["remat"],
+        "host_data_bytes": n_train * int(np.prod(shape)) * 5,  # float32 images + uint8 labels
+        "train_cases": n_train,
+        "micro_batch_how": "auto" if run_cfg.train.micro_batch == "auto" else "config",
+        "remat_how": "auto" if run_cfg.model.remat == "auto" else "config",
+        "tried": [
+            {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes", "flops", "flops_per_step",
+                               "estimate_s", "compiled")}
+            for t in choice.tried
+        ],
+    }  # fmt: skip
+    if card is not None:
+        platform = target.platform if target is not None else "gpu"
+        budget = budget_for(card, platform)
+        out.update(card_bytes=card, budget_bytes=budget.bytes, budget_rule=budget.explain(),
+                   fits=_fits(xla, budget.bytes))  # fmt: skip
+    if xla.get("estimate_s"):
+        out["estimate_hours"] = xla["estimate_s"] * run_cfg.train.steps / 3600
+    return out
 
 
 def plan(
@@ -373,142 +485,37 @@ def plan(
     device_memory: int | None = None,
     target: Any = None,
 ) -> tuple[dict[str, Any], str]:
-    """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints.
+    """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints, and
+    the text is made from the facts alone (``diffseg.train.plan_text.render``).
 
-    ``device_memory`` (a card's bytes) or ``target`` (a ``diffseg.accelerators.targets.GpuTarget``, compiled
-    for with XLA's GPU compiler here) also plans every micro-batch, with and without remat, and
-    says which training's ``auto`` would take on that card."""
+    ``device_memory`` (a GPU card's bytes) or ``target`` (a ``diffseg.accelerators.targets``
+    card or TPU slice, compiled for here by its own compiler) also plans every micro-batch, with
+    and without remat, and says which training's ``auto`` would take there."""
+    from diffseg.train.plan_text import render
+
     if device_memory is not None and target is not None:
         raise ConfigError("--device-memory and --target: give one (a target knows its memory)")
     run_cfg = resolve_run(config, dataset, run, overrides)
-    ds_cfg = config["datasets"][dataset]
-    results = config.get("results", "results")
-    classes = dataset_classes(dataset, ds_cfg, results)
-    num_classes = len(classes)
-    shape = tuple(int(s) for s in ds_cfg.get("shape") or ())
-    if len(shape) != 3:
-        raise ConfigError(f"datasets.{dataset}.shape: needed to plan, as [X, Y, Z] voxels")
-    model = build_model(run_cfg, num_classes)
-    params = jax.eval_shape(lambda: init_params(model, shape, jax.random.key(0)))
-    n_params = count_parameters(params)
-    diff_cfg, train_cfg = run_cfg.diffusion, run_cfg.train
-    batch, dims = train_cfg.batch_size, run_cfg.model.spatial_dims
-    facts: dict[str, Any] = {
-        "dataset": dataset, "run": run, "classes": num_classes, "parameters": n_params,
-        "volumes_per_step": batch, "volume_shape": list(shape),
-        "slices_per_step": batch * shape[2] if dims == 2 else None,
-    }  # fmt: skip
-    lines = [f"# diffseg plan: {dataset}/{run}", "", "## resolved run config", ""]
-    lines += yaml.safe_dump(run_cfg.to_dict(), sort_keys=False).rstrip().splitlines()
-    arch = run_cfg.model.arch
-    kind = "diffusion (image + noisy mask, step t)" if diff_cfg.enabled else "segmentation"
-    lines += ["", "## network", "", f"architecture: {arch} U-Net, {dims}D, {kind}"]
-    lines += [f"channels: {list(run_cfg.model.channels)}, classes: {num_classes} (with background)"]
-    if diff_cfg.enabled and arch == "reference":
-        tc = run_cfg.model.time_conditioning
-        note = " (the reference's placement: the output does not depend on t)" if tc == "reference" else ""
-        lines.append(f"time conditioning: {tc}{note}")
-    lines += [f"parameters: {n_params}", "", "## one training step", ""]
-    if dims == 2:
-        lines.append(
-            f"consumes: {batch} volumes of {'×'.join(map(str, shape))} = {batch * shape[2]} slices of "
-            f"{shape[0]}×{shape[1]} through the 2D network; loss on the reassembled volumes"
-        )
-    else:
-        lines.append(f"consumes: {batch} volumes of {'×'.join(map(str, shape))}")
-    if diff_cfg.enabled:
-        d = GaussianDiffusion.from_config(diff_cfg)
-        passes = "1 forward + 1 backward pass"
-        if diff_cfg.recycle:
-            passes = "2 forward passes (recycling: one without gradient) + 1 backward"
-        lines.append(
-            f"diffusion: K = {d.num_steps} training steps, t = {[int(t) for t in d.timesteps]}; {passes}"
-        )
-        facts["forward_passes"] = 2 if diff_cfg.recycle else 1
-    precision = "bfloat16 compute, float32 parameters" if train_cfg.bf16 else "float32"
-    lines.append(f"precision: {precision}; steps: {train_cfg.steps}")
+    facts = _run_facts(config, dataset, run, run_cfg)
     if target is not None:
-        cc = ".".join(map(str, target.compute_capability))
-        facts["target"] = {
-            "name": target.name, "description": target.description, "memory_bytes": target.memory_bytes,
-            "compute_capability": list(target.compute_capability), "has_bf16": target.has_bf16,
-            "peak_bf16_tflops": target.peak_bf16_tflops, "peak_fp16_tflops": target.peak_fp16_tflops,
-            "spec_file": str(target.source) if target.source else None,
-        }  # fmt: skip
-        facts["versions"] = {"jax": jax.__version__, "cuda_plugin": _plugin_version()}
-        if train_cfg.bf16 and not target.has_bf16:
+        facts["target"] = target.facts()
+        facts["compiled_by"] = target.compiler
+        facts["target_summary"] = target.summary()
+        facts["versions"] = _versions(target.platform)
+        if run_cfg.train.bf16 and not target.has_bf16:
             facts["bf16_warning"] = True
-            lines.append(
-                f"warning: {target.name} (compute capability {cc}) has no bf16 tensor cores:"
-                " bf16 convolutions run as float32 on this card; set train.bf16: false"
-            )
     if compile_step:
-        n_train = train_cases(dataset, ds_cfg, results)
-        host = n_train * int(np.prod(shape)) * 5  # float32 images + uint8 labels
-        card = target.memory_bytes if target is not None else device_memory
-        choice, xla = xla_plan(run_cfg, num_classes, shape, device_memory, target, every=card is not None)
-        facts["xla"] = xla
-        facts["micro_batch"] = choice.micro_batch
-        facts["remat"] = xla["remat"]
-        facts["host_data_bytes"] = host
-        facts["tried"] = [
-            {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes", "flops")}
-            for t in choice.tried
-        ]
-        m, passes = xla["micro_batch"], xla["passes"]
-        how = "train.micro_batch: auto" if train_cfg.micro_batch == "auto" else "train.micro_batch"
-        remat_how = "model.remat: auto" if run_cfg.model.remat == "auto" else "model.remat"
-        if target is not None:
-            compiled_for = (
-                f"{target.name} ({target.description}, compute capability {cc}, {_gib(target.memory_bytes)})"
-                f" by XLA's GPU compiler on this machine"
-            )
-        else:
-            compiled_for = xla["backend"]
-        lines += [
-            "",
-            f"## XLA's plan of one step (compiled for {compiled_for}, {xla['devices']} device(s), not run)",
-            "",
-        ]
-        if card is not None:
-            budget = card_budget(card)
-            facts["card_bytes"], facts["budget_bytes"] = card, budget
-            lines.append(
-                f"budget per device: {_gib(budget)} = {_gib(card)} × {memory_fraction():.2f}"
-                f" (JAX's allocator, {MEM_FRACTION_VAR}) × {1 - HEADROOM:.2f} (headroom)"
-            )
-            lines.append("micro-batch  remat  total/device  temporaries  FLOPs/step  fits")
-            for t in sorted(choice.tried, key=lambda t: (t["remat"], -t["micro_batch"])):
-                lines.append(
-                    f"{t['micro_batch']:>11}  {'on' if t['remat'] else 'off':>5}"
-                    f"  {_gib(t['total_bytes']):>12}  {_gib(t['temp_bytes']):>11}"
-                    f"  {t['flops'] / 1e12:>7.3f} TF  " + ("yes" if t["total_bytes"] <= budget else "no")
-                )
-            facts["fits"] = xla["total_bytes"] <= budget
-        lines += [
-            f"chosen: micro-batch {m} volume(s) per device per pass, {passes} pass(es) per step ({how}); "
-            f"remat: {'on' if xla['remat'] else 'off'} ({remat_how})",
-            f"FLOPs: {xla['flops'] / 1e12:.3f} TFLOP per step"
-            + _flops_how(passes, xla["flops_of"] == "lowered"),
-            f"arguments: {_gib(xla['argument_bytes'])} per device (state + the step's {batch} volumes;"
-            f" the {n_train} training volumes, {_gib(host)}, stay on the host)",
-            f"temporaries: {_gib(xla['temp_bytes'])} per device (one pass of {m} volume(s):"
-            f" {_gib(xla['temp_bytes'] / m)} per volume)",
-            f"outputs: {_gib(xla['output_bytes'])} (donated state aliased: {_gib(xla['alias_bytes'])})",
-            f"total: {_gib(xla['total_bytes'])} per device",
-        ]
-        if card is not None:
-            lines.append(
-                f"fits {_gib(facts['budget_bytes'])}: "
-                + ("yes" if facts["fits"] else "no (set train.micro_batch: auto or lower, model.remat: auto)")
-            )
-    return facts, "\n".join(lines) + "\n"
+        facts.update(_compiled_facts(run_cfg, facts, config, device_memory, target))
+    return facts, render(facts)
 
 
-def _plugin_version() -> str | None:
+def _versions(platform: str) -> dict[str, str | None]:
+    """jax's version and that of the package holding the target's compiler, for the record."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    package = "libtpu" if platform == "tpu" else "jax-cuda12-plugin"
     try:
-        from importlib.metadata import version
-
-        return version("jax-cuda12-plugin")
-    except Exception:  # not installed: the target path needs it, so this is only for the record
-        return None
+        compiler = version(package)
+    except PackageNotFoundError:  # not installed: the target path needs it, so this is only for the record
+        compiler = None
+    return {"jax": jax.__version__, "tpu_compiler" if platform == "tpu" else "cuda_plugin": compiler}

@@ -1,4 +1,4 @@
-"""The GPU advice of docs/ACCELERATORS.md, from the GPU plans of the paper's steps
+"""The GPU and TPU advice of docs/ACCELERATORS.md, from the stored plans of the paper's steps
 (``diffseg plan --target ... --json``).
 
 Each plan lists every micro-batch with and without rematerialisation, compiled by XLA's GPU
@@ -10,9 +10,14 @@ different compute capabilities (an A100's plan is ~40 % above an H100's), so a p
 scaled to another card. The one exception, said in its row: the H200 (compute capability 9.0, as
 the H100) takes the H100's plan under its own budget.
 
-    python benchmarks/gpu_advice.py   # prints the table between DOC's gpu-advice markers
+TPU slices likewise, from libtpu's plans (``plan_tpu_{step}_{slice}.json``), under the TPU budget
+(the HBM per device less its headroom: JAX does not preallocate a TPU), with the compiler's own
+estimate of a step's time and the training hours it implies (an estimate, not a measurement).
 
-tests/test_docs.py checks that DOC's table (docs/ACCELERATORS.md) is this script's output.
+    python benchmarks/accelerator_advice.py        # the table between DOC's gpu-advice markers
+    python benchmarks/accelerator_advice.py --tpu  # the table between DOC's tpu-advice markers
+
+tests/test_docs.py checks that DOC's tables (docs/ACCELERATORS.md) are this script's output.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from diffseg.accelerators.memory import budget_for
+from diffseg.accelerators.targets import KNOWN_TPUS
 from diffseg.train.plan import card_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +52,7 @@ def choice(tried: list[dict[str, Any]], budget: int) -> str:
     """``auto``'s choice under ``budget`` bytes per device among a plan's ``tried`` rows."""
     for remat in (False, True):
         rows = sorted((t for t in tried if t["remat"] == remat), key=lambda t: -t["micro_batch"])
-        fits = [t for t in rows if t["total_bytes"] <= budget]
+        fits = [t for t in rows if t.get("compiled", True) and t["total_bytes"] <= budget]
         if fits:
             m, passes = fits[0]["micro_batch"], rows[0]["micro_batch"] // fits[0]["micro_batch"]
             text = f"1 pass of {m}" if passes == 1 else f"{passes} passes of {m}"
@@ -66,5 +73,43 @@ def advice_table(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+TPU_STEPS = {"prostate 3D": "prostate_mr_3d-diff", "AMOS 3D": "abdominal_ct_3d-diff",
+             "prostate 2D": "prostate_mr_2d-diff"}  # fmt: skip
+
+
+def _estimate(plan: dict[str, Any]) -> str:
+    """The compiler's step time and training hours of the chosen step, where it gave them."""
+    seconds = plan["xla"].get("estimate_s")
+    if not seconds:
+        return "—"
+    return f"{seconds:.2f} s, {plan['estimate_hours']:.1f} h"
+
+
+def tpu_advice_table(results: Path = RESULTS) -> str:
+    """The markdown table: one row per TPU slice with a stored plan, a column per paper step (the
+    choice, per device), and the compiler's estimate for the prostate 3D step."""
+    head = (
+        "| slice | devices | budget per device | "
+        + " | ".join(TPU_STEPS)
+        + " | prostate 3D, estimated step and 12 500 steps |"
+    )
+    lines = [head, "|---|---|---|" + "---|" * len(TPU_STEPS) + "---|"]
+    for name, target in KNOWN_TPUS.items():
+        plans = {col: results / f"plan_tpu_{step}_{name}.json" for col, step in TPU_STEPS.items()}
+        if not any(p.is_file() for p in plans.values()):
+            continue
+        budget = budget_for(target.memory_bytes, "tpu").bytes
+        cells = [
+            choice(json.loads(p.read_text())["tried"], budget) if p.is_file() else "—" for p in plans.values()
+        ]
+        main = plans["prostate 3D"]
+        estimate = _estimate(json.loads(main.read_text())) if main.is_file() else "—"
+        lines.append(f"| {target.description} | {target.devices} | {budget / 2**30:.1f} GiB | "
+                     + " | ".join(cells) + f" | {estimate} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(advice_table(), end="")
+    import sys
+
+    print(tpu_advice_table() if "--tpu" in sys.argv[1:] else advice_table(), end="")
