@@ -11,7 +11,8 @@ scaled to another card. The one exception, said in its row: the H200 (compute ca
 the H100) takes the H100's plan under its own budget.
 
 TPU slices likewise, from libtpu's plans (``plan_tpu_{step}_{slice}.json``), under the TPU budget
-(the HBM per device less its headroom: JAX does not preallocate a TPU), with the compiler's own
+(the HBM a program may use on a device, as libtpu says it, less the TPU's headroom: JAX does not
+preallocate a TPU; the same budget for every plan of a slice), with the compiler's own
 estimate of a step's time and the training hours it implies (an estimate, not a measurement).
 
     python benchmarks/accelerator_advice.py        # the table between DOC's gpu-advice markers
@@ -26,7 +27,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffseg.accelerators.memory import budget_for
 from diffseg.accelerators.targets import KNOWN_TPUS
 from diffseg.train.plan import card_budget
 
@@ -98,10 +98,9 @@ def tpu_advice_table(results: Path = RESULTS) -> str:
         plans = {col: results / f"plan_tpu_{step}_{name}.json" for col, step in TPU_STEPS.items()}
         if not any(p.is_file() for p in plans.values()):
             continue
-        budget = budget_for(target.memory_bytes, "tpu").bytes
-        cells = [
-            choice(json.loads(p.read_text())["tried"], budget) if p.is_file() else "—" for p in plans.values()
-        ]
+        stored = {col: json.loads(p.read_text()) for col, p in plans.items() if p.is_file()}
+        budget = next(iter(stored.values()))["budget_bytes"]  # libtpu's usable HBM × (1 − headroom)
+        cells = [choice(stored[col]["tried"], budget) if col in stored else "—" for col in plans]
         main = plans["prostate 3D"]
         estimate = _estimate(json.loads(main.read_text())) if main.is_file() else "—"
         lines.append(f"| {target.description} | {target.devices} | {budget / 2**30:.1f} GiB | "

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffseg.accelerators.targets import KNOWN_TARGETS, get_target, parse_text_proto
+from diffseg.accelerators.cuda import COMPILER_OPTIONS, parse_text_proto
+from diffseg.accelerators.targets import KNOWN_GPUS, get_target, target_mesh
 from diffseg.config import resolve_run_config
 from diffseg.errors import ConfigError
 from diffseg.parallel import data_mesh
@@ -55,7 +56,7 @@ def _plugin():
     return pytest.importorskip("jax_plugins.xla_cuda12", reason=NEEDS_PLUGIN)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_TARGETS))
+@pytest.mark.parametrize("name", sorted(KNOWN_GPUS))
 def test_each_known_card_generates_a_text_proto_with_its_memory_and_compute_capability(name):
     target = get_target(name)
     spec = parse_text_proto(target.text_proto(), name)
@@ -111,7 +112,6 @@ def test_a_spec_file_the_plugin_cannot_parse_is_an_error_naming_it(tmp_path):
 def test_the_gpu_compiler_plans_a_small_step_for_an_h100_below_the_cpu_compilers_plan():
     """The GPU plan of a step (no GPU here) is positive and smaller than the CPU compiler's."""
     _plugin()
-    from diffseg.accelerators.targets import COMPILER_OPTIONS, target_mesh
 
     shape = (32, 32, 16)  # at 16×16×8 the GPU's fixed costs (workspaces) still outweigh the CPU's copies
     cfg = resolve_run_config({**TINY, "datasets": {"toy": {**TINY["datasets"]["toy"], "shape": list(shape)}}},

@@ -71,6 +71,17 @@ def test_without_libtpu_a_tpu_target_says_which_extra(monkeypatch):
         target_mesh(get_target("tpu-v3-8"))
 
 
+def test_libtpu_says_the_hbm_a_program_may_use_on_each_slice():
+    """A real chip reports it as bytes_limit; libtpu's compiler says it for a slice not here."""
+    _libtpu()
+    from diffseg.accelerators.tpu import usable_hbm
+
+    for name in ("tpu-v3-8", "tpu-v5e-8"):
+        target = get_target(name)
+        usable = usable_hbm(target, target_mesh(target))
+        assert 0.9 * target.memory_bytes < usable < target.memory_bytes, name
+
+
 def test_a_program_larger_than_a_cores_hbm_is_a_plan_that_does_not_fit():
     """The TPU compiler refuses it at compile time; the planner records the bytes it needed."""
     _libtpu()
@@ -96,7 +107,10 @@ def test_plan_for_a_v3_8_splits_the_batch_over_its_8_cores():
     )
     assert sorted((t["micro_batch"], t["remat"]) for t in facts["tried"]) == [(1, False), (1, True)]
     assert all(t["compiled"] and 0 < t["total_bytes"] < facts["budget_bytes"] for t in facts["tried"])
-    assert facts["budget_bytes"] == int(16 * GiB * 0.95) and facts["fits"]
+    # the budget: the HBM libtpu lets a program use on a v3 core (15.48 GiB of 16), less 5 %
+    assert 15 * GiB < facts["usable_bytes"] < 16 * GiB and facts["card_bytes"] == 16 * GiB
+    assert facts["budget_bytes"] == int(facts["usable_bytes"] * 0.95) and facts["fits"]
+    assert "(libtpu's usable HBM of 16 GiB) (JAX does not preallocate a TPU) × 0.95 (headroom)" in text
     assert xla["flops_per_step"] == pytest.approx(8 * xla["flops"]) and xla["flops"] > 0
     assert facts["versions"]["tpu_compiler"] and facts["target"]["topology"] == "v3:2x2"
     assert "compiled for tpu-v3-8 (Cloud TPU v3-8: 4 chips, 8 TensorCores, 16.00 GiB HBM each)" in text

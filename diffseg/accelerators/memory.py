@@ -7,9 +7,12 @@ parameterised by platform.
   of it unless the user set the variable. A step then plans to fill at most ``1 - HEADROOM["gpu"]``
   of what the allocator holds: room for fragmentation and library workspaces (cuDNN, cuBLAS).
 - **TPU.** JAX does not preallocate a TPU: there is no allocator share, and the TPU compiler
-  assigns every buffer of a program at compile time (a program larger than the HBM does not
-  compile at all). What a step cannot use is libtpu's own reservation and the program's code, a
-  few percent of the HBM: a step plans to fill at most ``1 - HEADROOM["tpu"]`` of the HBM.
+  assigns every buffer of a program at compile time (a program larger than what the device lets
+  a program use does not compile at all). That usable HBM is the chip's less libtpu's own
+  reservation (15.48 GiB of a v3 core's 16 GiB): a real TPU reports it as ``bytes_limit`` and
+  libtpu's compiler says it for a slice that is not here (``diffseg.accelerators.tpu.usable_hbm``).
+  A step plans to fill at most ``1 - HEADROOM["tpu"]`` of it: what the compiled step does not
+  count, chiefly the next batch the host places on the device while a step runs.
 - **CPU.** The machine's memory, with the GPU's headroom.
 
 On a real device the usable bytes are read back (``memory_stats()["bytes_limit"]``: a GPU's
@@ -70,6 +73,7 @@ class Budget:
     device_bytes: int
     share: float  # JAX's allocator share (GPU) or 1.0
     headroom: float
+    source: str = ""  # where device_bytes comes from, when not the device's memory itself
 
     @property
     def bytes(self) -> int:
@@ -79,13 +83,18 @@ class Budget:
         """The rule in words and numbers, for a plan's text."""
         gib = 2**30
         text = f"{self.bytes / gib:.2f} GiB = {self.device_bytes / gib:.2f} GiB"
+        if self.source:
+            text += f" ({self.source})"
         if self.platform == "gpu":
             text += f" × {self.share:.2f} (JAX's allocator, {MEM_FRACTION_VAR})"
         elif self.platform == "tpu":
-            text += " (HBM; JAX does not preallocate a TPU)"
+            text += " (JAX does not preallocate a TPU)"
         return text + f" × {1 - self.headroom:.2f} (headroom)"
 
 
-def budget_for(device_bytes: int, platform: str = "gpu", env: Mapping[str, str] | None = None) -> Budget:
-    """The step budget of a device of ``device_bytes`` that this machine may not have."""
-    return Budget(platform, int(device_bytes), usable_share(platform, env), HEADROOM[platform])
+def budget_for(
+    device_bytes: int, platform: str = "gpu", env: Mapping[str, str] | None = None, source: str = ""
+) -> Budget:
+    """The step budget of a device of ``device_bytes`` that this machine may not have (for a TPU,
+    best the HBM a program may use there, as libtpu says it: ``diffseg.accelerators.tpu.usable_hbm``)."""
+    return Budget(platform, int(device_bytes), usable_share(platform, env), HEADROOM[platform], source)

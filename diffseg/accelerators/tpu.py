@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -58,3 +59,35 @@ def tpu_topology(target: TpuTarget) -> Any:
             " upgrade diffseg or libtpu together with jax"
         )
     return topology
+
+
+# libtpu's words when a program does not fit, e.g. "... exceeds available HBM (15.48G)" (0.0.42) or
+# "Used 20.61G of 15.48G hbm" (older releases): the second number is the HBM a program may use.
+_AVAILABLE = re.compile(r"available HBM \(([\d.]+)([KMGT]?)\)|Used [\d.]+[KMGT]? of ([\d.]+)([KMGT]?) hbm")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def usable_hbm(target: TpuTarget, mesh: Any) -> int | None:
+    """The HBM one of ``target``'s devices lets a program use, in libtpu's own figure (the chip's
+    HBM less the runtime's reservation: 15.48 GiB of a v3 core's 16 GiB), or ``None`` when libtpu
+    does not say it.
+
+    libtpu gives the figure only when it refuses a program too large for it, so a trivial program
+    of twice the device's HBM is compiled (in seconds; never run) to read it. A real TPU reports
+    the same quantity as ``memory_stats()["bytes_limit"]``, which training's ``micro_batch: auto``
+    reads: plan and training budget from the same number."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    columns = target.memory_bytes // 32  # float32 rows of 8 × columns: the whole HBM per device
+    spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    too_big = jax.ShapeDtypeStruct((8 * target.devices, columns), jnp.float32, sharding=spec)
+    try:
+        jax.jit(lambda a: a + 1).lower(too_big).compile()  # argument and result: twice the HBM
+    except Exception as err:  # libtpu's RESOURCE_EXHAUSTED, a JaxRuntimeError
+        found = _AVAILABLE.search(str(err))
+        if found:
+            number, unit = (found.group(1), found.group(2)) if found.group(1) else found.group(3, 4)
+            return int(float(number) * _UNIT[unit])
+    return None

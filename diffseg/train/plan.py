@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffseg.accelerators.memory import budget_for, step_budget
+from diffseg.accelerators.memory import Budget, budget_for, step_budget
 from diffseg.config import resolve_run
 from diffseg.data.phantom import CLASSES
 from diffseg.diffusion import GaussianDiffusion
@@ -241,6 +241,7 @@ class MicroBatchChoice:
     budget: int | None = None  # bytes a step may plan per device (diffseg.accelerators.memory)
     xla: dict[str, Any] | None = None
     tried: list[dict[str, Any]] = field(default_factory=list)
+    rule: Budget | None = None  # how a target's budget was reached
 
     @property
     def fits(self) -> bool | None:
@@ -391,22 +392,41 @@ def xla_plan(
     run_cfg = RunConfig.of(run_cfg)
     model = build_model(run_cfg, num_classes, conv_impl="xla")
     tx, _ = build_optimizer(run_cfg)
-    budget, options = None, None
+    rule, options = None, None
     if target is not None:
         from diffseg.accelerators.targets import compiler_options, target_mesh
 
         mesh, options = target_mesh(target), compiler_options(target)
-        budget = budget_for(target.memory_bytes, target.platform).bytes
+        rule = target_budget(target, mesh)
     else:
         mesh = data_mesh(training_devices(run_cfg)[0])  # the devices training would use
+        if device_memory is not None:
+            rule = budget_for(device_memory)
+    budget = None if rule is None else rule.bytes
     choice = choose_micro_batch(
         model, tx, run_cfg, num_classes, mesh, volume_shape, device_memory, budget, every, options
     )
+    choice.rule = rule
     if choice.xla is None:
         choice.xla = step_memory(
             choice.model, tx, run_cfg, num_classes, mesh, volume_shape, choice.micro_batch, options
         )
     return choice, choice.xla
+
+
+def target_budget(target: Any, mesh: Any) -> Budget:
+    """A target's step budget per device: a card's memory × JAX's allocator share × (1 − headroom);
+    a TPU slice's usable HBM as libtpu says it (its spec HBM if libtpu does not) × (1 − headroom)."""
+    if target.platform != "tpu":
+        return budget_for(target.memory_bytes, target.platform)
+    from diffseg.accelerators.tpu import usable_hbm
+
+    usable = usable_hbm(target, mesh)
+    if usable is None:
+        return budget_for(
+            target.memory_bytes, "tpu", source="the spec's HBM; libtpu did not say what is usable"
+        )
+    return budget_for(usable, "tpu", source=f"libtpu's usable HBM of {target.memory_bytes / 2**30:.0f} GiB")
 
 
 def _gib(n: float | None) -> str:
@@ -466,11 +486,10 @@ def _compiled_facts(run_cfg: RunConfig, facts: dict[str, Any], config: Mapping[s
             for t in choice.tried
         ],
     }  # fmt: skip
-    if card is not None:
-        platform = target.platform if target is not None else "gpu"
-        budget = budget_for(card, platform)
-        out.update(card_bytes=card, budget_bytes=budget.bytes, budget_rule=budget.explain(),
-                   fits=_fits(xla, budget.bytes))  # fmt: skip
+    if choice.rule is not None:
+        rule = choice.rule
+        out.update(card_bytes=card, usable_bytes=int(rule.device_bytes * rule.share), budget_bytes=rule.bytes,
+                   budget_rule=rule.explain(), fits=_fits(xla, rule.bytes))  # fmt: skip
     if xla.get("estimate_s"):
         out["estimate_hours"] = xla["estimate_s"] * run_cfg.train.steps / 3600
     return out
