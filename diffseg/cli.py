@@ -91,8 +91,8 @@ def claim_devices(args: argparse.Namespace) -> None:
     if getattr(args, "tpus", None) is not None:
         ids = claim_tpus(args.tpus)
         if ids:
-            whole = "TPU_CHIPS_PER_PROCESS_BOUNDS" not in os.environ  # the whole host sets nothing
-            what = "(the whole host)" if whole else f"(port {os.environ['TPU_PROCESS_PORT']})"
+            box = os.environ.get("TPU_VISIBLE_CHIPS") == ",".join(ids)  # the whole host sets nothing
+            what = f"(libtpu port {os.environ['TPU_PROCESS_PORT']})" if box else "(the whole host)"
             print(f"diffseg {args.command}: TPU chip(s) {', '.join(ids)} {what} claimed for this job",
                   file=sys.stderr)  # fmt: skip
     os.environ.setdefault(MEM_FRACTION_VAR, str(DEFAULT_MEM_FRACTION))
