@@ -4,9 +4,9 @@ from pathlib import Path
 
 import yaml
 
+from diffseg.accelerators.slots import check_tpu_request, tpu_pool
 from diffseg.config import resolve_run_config, save_run_config
 from diffseg.data.prepare import source_files
-from diffseg.accelerators.slots import check_tpu_request, tpu_pool
 from diffseg.errors import ConfigError
 from diffseg.io import atomic_write_text
 from diffseg.matrix import figure3_models, has_seeds, runs_needed, study_runs, table_runs
