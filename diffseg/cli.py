@@ -68,12 +68,14 @@ def compilation_cache(min_seconds: float | None = None) -> None:
 
 
 def claim_devices(args: argparse.Namespace) -> None:
-    """Before JAX starts: this job's own GPUs (``--gpus N``, set by the workflow), and the memory
-    share JAX's allocator takes of them (``diffseg.accelerators.memory``)."""
+    """Before JAX starts: this job's own GPUs (``--gpus N``) or TPU chips (``--tpus N|all``), both set
+    by the workflow (``diffseg.accelerators.slots``), and the memory share JAX's allocator takes of
+    a GPU (``diffseg.accelerators.memory``). A machine has one kind or the other, so the other
+    option finds no devices and claims nothing."""
     import os
 
     from diffseg.accelerators.memory import DEFAULT_MEM_FRACTION, MEM_FRACTION_VAR
-    from diffseg.accelerators.slots import claim_gpus
+    from diffseg.accelerators.slots import claim_gpus, claim_tpus
 
     if getattr(args, "target", None):
         # A plan for a named card or TPU slice compiles for it with its own compiler and runs
@@ -87,6 +89,13 @@ def claim_devices(args: argparse.Namespace) -> None:
         ids = claim_gpus(int(args.gpus))
         if ids:
             print(f"diffseg {args.command}: GPU(s) {', '.join(ids)} claimed for this job", file=sys.stderr)
+    if getattr(args, "tpus", None) is not None:
+        ids = claim_tpus(args.tpus)
+        if ids:
+            box = os.environ.get("TPU_VISIBLE_CHIPS") == ",".join(ids)  # the whole host sets nothing
+            what = f"(libtpu port {os.environ['TPU_PROCESS_PORT']})" if box else "(the whole host)"
+            print(f"diffseg {args.command}: TPU chip(s) {', '.join(ids)} {what} claimed for this job",
+                  file=sys.stderr)  # fmt: skip
     os.environ.setdefault(MEM_FRACTION_VAR, str(DEFAULT_MEM_FRACTION))
 
 

@@ -54,6 +54,7 @@ def _conda_specs(path: Path) -> set[str]:
         ("environment.yml", ("test", "slurm")),
         ("workflow/envs/diffseg.yaml", ()),
         ("workflow/envs/diffseg-cuda.yaml", ()),
+        ("workflow/envs/diffseg-tpu.yaml", ()),
     ],
 )
 def test_conda_environments_match_pyproject(path, extras):
@@ -72,16 +73,20 @@ def test_ci_runs_the_readme_test_command():
     assert "snakemake --cores all results/table2.csv" in readme
 
 
-def test_the_cuda_extra_is_jaxs_own_and_the_cuda_rule_env_differs_only_by_it():
-    """``pip install -e ".[cuda12]"`` takes jax's ``cuda12`` extra, which pins the CUDA plugin to the
-    installed jax's version; the rules' CUDA environment is the CPU one plus that extra."""
+@pytest.mark.parametrize(
+    ("extra", "env_file"), [("cuda12", "diffseg-cuda.yaml"), ("tpu", "diffseg-tpu.yaml")]
+)
+def test_the_accelerator_extras_are_jaxs_own_and_their_rule_envs_differ_only_by_them(extra, env_file):
+    """``pip install -e ".[cuda12]"`` / ``".[tpu]"`` take jax's own extra, which pins the CUDA plugin
+    (libtpu) to the installed jax's version; the rules' CUDA (TPU) environment is the CPU one plus
+    that extra."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert extras["cuda12"] == ["jax[cuda12]>=0.4.30"]
+    assert extras[extra] == [f"jax[{extra}]>=0.4.30"]
     envs = ROOT / "workflow" / "envs"
     cpu = yaml.safe_load((envs / "diffseg.yaml").read_text())
-    cuda = yaml.safe_load((envs / "diffseg-cuda.yaml").read_text())
+    accel = yaml.safe_load((envs / env_file).read_text())
     pip = lambda env: next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))  # noqa: E731
     assert [d for d in cpu["dependencies"] if isinstance(d, str)] == [
-        d for d in cuda["dependencies"] if isinstance(d, str)
+        d for d in accel["dependencies"] if isinstance(d, str)
     ]
-    assert pip(cuda) == [line.replace("-e ../..", "-e ../..[cuda12]") for line in pip(cpu)]
+    assert pip(accel) == [line.replace("-e ../..", f"-e ../..[{extra}]") for line in pip(cpu)]

@@ -183,8 +183,9 @@ def test_conda_envs_install_this_package_from_the_source():
                 assert "\n    conda:\n" in block, f"{smk.name}: rule {block.split(':')[0]} has no conda:"
         for line in text.split("    conda:\n")[1:]:
             value = line.split("\n")[0].strip()
-            if value.startswith("conda_env("):  # common.smk's choice: either environment file
-                used |= {(rules / f).resolve() for f in ("../envs/diffseg.yaml", "../envs/diffseg-cuda.yaml")}
+            if value.startswith("conda_env("):  # common.smk's choice: the CPU, CUDA or TPU environment
+                envs = ("../envs/diffseg.yaml", "../envs/diffseg-cuda.yaml", "../envs/diffseg-tpu.yaml")
+                used |= {(rules / f).resolve() for f in envs}
             else:
                 used.add((rules / value.strip('"')).resolve())
     assert used, "no conda: directive"
@@ -243,10 +244,12 @@ def test_profiles_are_found_and_compute_becomes_resources(tmp_path):
     train = out.split("\nrule train:")[1].split("\n\n")[0]
     for res in ("cpus_per_task=3", "mem_mb=2000", "gpu=1", "gpu_model=a100"):
         assert res in train, train
-    # each job claims the GPUs it asked for (diffseg.accelerators.slots)
+    # each job claims the GPUs (or TPU chips: none by default) it asked for (diffseg.accelerators.slots)
     out = _dry_run(tmp_path, cfg, "-p")
     trains = [line for line in out.splitlines() if line.startswith("Shell command: diffseg train")]
-    assert trains and all(line.endswith(" --gpus 1 2> " + line.split(" 2> ")[1]) for line in trains), trains
+    assert trains and all(
+        line.endswith(" --gpus 1 --tpus 0 2> " + line.split(" 2> ")[1]) for line in trains
+    ), trains
     out = _dry_run(tmp_path, cfg, "--workflow-profile", "gpu")
     assert "profiles/gpu" in out, out[:1500]
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffseg.accelerators.slots import add_gpus_argument
+from diffseg.accelerators.slots import add_device_arguments
 
 
 def _say(text: str) -> None:
@@ -84,7 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     test.add_argument("--run-dir", required=True, help="trained run folder (results/runs/D/R)")
     test.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     test.add_argument("--seed", type=int, default=0, help="sampling seed for diffusion runs")
-    add_gpus_argument(test)
+    add_device_arguments(test)
     test.set_defaults(func=_test)
 
     steps = subparsers.add_parser(
@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     steps.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     steps.add_argument("--steps", type=int, nargs="+", required=True, help="the K values, e.g. 1 2 3 5 10 25")
     steps.add_argument("--seed", type=int, default=0, help="sampling seed (the test job's: 0)")
-    add_gpus_argument(steps)
+    add_device_arguments(steps)
     steps.set_defaults(func=_sampling_steps)
 
     unc = subparsers.add_parser(
@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     unc.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     unc.add_argument("--samples", type=int, required=True, help="samples per case (at least 2)")
     unc.add_argument("--seed", type=int, default=0, help="sampling seed (the test job's: 0)")
-    add_gpus_argument(unc)
+    add_device_arguments(unc)
     unc.set_defaults(func=_uncertainty)
 
     predict = subparsers.add_parser("predict", help="segment a new NIfTI scan with a trained run")
@@ -124,5 +124,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--uncertainty", help="entropy map path (default: OUTPUT with _entropy)")
     predict.add_argument("--seed", type=int, default=0)
-    add_gpus_argument(predict)
+    add_device_arguments(predict)
     predict.set_defaults(func=_predict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffseg.accelerators.slots import add_gpus_argument
+from diffseg.accelerators.slots import add_device_arguments
 from diffseg.config import apply_overrides, complete_run_config, load_yaml, parse_overrides
 from diffseg.runconfig import RunConfig
 
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="preprocessed dataset folder (results/data/D)")
     parser.add_argument("--out", required=True, help="run folder for logs and checkpoints")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=10")
-    add_gpus_argument(parser)
+    add_device_arguments(parser)
     parser.set_defaults(func=_train)
 
     parser = subparsers.add_parser(

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import yaml
 
+from diffseg.accelerators.slots import check_tpu_request, tpu_pool
 from diffseg.config import resolve_run_config, save_run_config
 from diffseg.data.prepare import source_files
 from diffseg.errors import ConfigError
@@ -55,7 +56,9 @@ def metrics_of(pairs):
     return [str(metrics_path(f"{RESULTS}/runs", d, r)) for d, r in pairs]
 
 
-COMPUTE_DEFAULTS = {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "gpu_model": "", "slurm_extra": ""}
+COMPUTE_DEFAULTS = {
+    "threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "gpu_model": "", "slurm_extra": "", "tpu": 0,
+}  # fmt: skip
 
 
 def compute(stage, key):
@@ -63,9 +66,25 @@ def compute(stage, key):
     return ((config.get("compute") or {}).get(stage) or {}).get(key, COMPUTE_DEFAULTS[key])
 
 
+# TPU chips of this machine (0 off a TPU VM, e.g. a GPU box or a cluster's login node): what a job
+# of `tpu: all` holds here.
+TPU_HOST_CHIPS = len(tpu_pool())
+
+
+def tpu_chips(stage):
+    """Resource `tpu`: the chips a job of the stage holds on this machine (`all`: every chip here),
+    what `--resources tpu=N` counts, so that no more jobs start than the chips can run. A count that
+    makes no box of them is refused while the rules are read, before any job runs."""
+    return check_tpu_request(compute(stage, "tpu"), TPU_HOST_CHIPS, f"compute.{stage}.tpu")
+
+
 def conda_env(stage):
-    """The rule's environment under --sdm conda: CUDA JAX where the stage asks for GPUs."""
-    return "../envs/diffseg-cuda.yaml" if int(compute(stage, "gpu")) > 0 else "../envs/diffseg.yaml"
+    """The rule's environment under --sdm conda: TPU JAX where the stage asks for TPU chips and runs
+    on this TPU VM or asks for no GPU (SLURM on TPU VMs), else CUDA JAX where it asks for GPUs."""
+    tpu, gpu = compute(stage, "tpu") != 0, int(compute(stage, "gpu")) > 0
+    if tpu and (TPU_HOST_CHIPS or not gpu):
+        return "../envs/diffseg-tpu.yaml"
+    return "../envs/diffseg-cuda.yaml" if gpu else "../envs/diffseg.yaml"
 
 
 def download_input(wildcards):

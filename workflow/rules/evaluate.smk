@@ -22,10 +22,13 @@ rule test:
         gpu=compute("test", "gpu"),
         gpu_model=compute("test", "gpu_model"),
         slurm_extra=compute("test", "slurm_extra"),
+        tpu=tpu_chips("test"),
+        tpus=compute("test", "tpu"),
     conda:
         conda_env("test")
     shell:
-        "diffseg test --run-dir {params.run_dir:q} --data {params.data:q} --gpus {resources.gpu} 2> {log:q}"
+        "diffseg test --run-dir {params.run_dir:q} --data {params.data:q}"
+        " --gpus {resources.gpu} --tpus {resources.tpus} 2> {log:q}"
 
 
 # Beyond the paper: a trained diffusion run's test split at several sampling steps K, and N samples
@@ -52,11 +55,13 @@ rule sampling_steps:
         gpu=compute("test", "gpu"),
         gpu_model=compute("test", "gpu_model"),
         slurm_extra=compute("test", "slurm_extra"),
+        tpu=tpu_chips("test"),
+        tpus=compute("test", "tpu"),
     conda:
         conda_env("test")
     shell:
         "diffseg sampling-steps --run-dir {params.run_dir:q} --data {params.data:q} --steps {params.steps}"
-        " --gpus {resources.gpu} 2> {log:q}"
+        " --gpus {resources.gpu} --tpus {resources.tpus} 2> {log:q}"
 
 
 rule uncertainty:
@@ -82,8 +87,10 @@ rule uncertainty:
         gpu=compute("test", "gpu"),
         gpu_model=compute("test", "gpu_model"),
         slurm_extra=compute("test", "slurm_extra"),
+        tpu=tpu_chips("test"),
+        tpus=compute("test", "tpu"),
     conda:
         conda_env("test")
     shell:
         "diffseg uncertainty --run-dir {params.run_dir:q} --data {params.data:q} --samples {params.samples}"
-        " --gpus {resources.gpu} 2> {log:q}"
+        " --gpus {resources.gpu} --tpus {resources.tpus} 2> {log:q}"

@@ -41,8 +41,10 @@ rule train:
         gpu=compute("train", "gpu"),
         gpu_model=compute("train", "gpu_model"),
         slurm_extra=compute("train", "slurm_extra"),
+        tpu=tpu_chips("train"),
+        tpus=compute("train", "tpu"),
     conda:
         conda_env("train")
     shell:
         "diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q}"
-        " --gpus {resources.gpu} 2> {log:q}"
+        " --gpus {resources.gpu} --tpus {resources.tpus} 2> {log:q}"
