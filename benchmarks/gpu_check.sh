@@ -71,6 +71,8 @@ if [ "$DRY" -eq 1 ]; then
   # Tiny: the demo's phantom and a small network, on the CPU; the same code paths as the real check.
   CONFIG=config/config.yaml; DATASET=phantom_pelvis
   SMALL=(--set "model.channels=[4,8]" --set train.batch_size=2)
+  # A TPU slice splits the batch over its 8 (or 4) devices: one volume each.
+  [ "$TPU" -eq 1 ] && SMALL=(--set "model.channels=[4,8]" --set train.batch_size=8)
   STEP3=(--shape 48 48 16 --batch 2 --channels 4 8); STEP2=(--shape 48 48 --batch 32 --channels 4 8)
   TIMED=(--steps 2 --warmup 0); REPEATS=(--repeats 1 --warmup 1)
 else
@@ -127,16 +129,22 @@ else
     "${REPEATS[@]}" --out "$OUT/train_step_2d.json"
 fi
 
-# A short phantom run through the workflow with the GPU profile: the rehearsal's paper-shaped
-# pelvis phantom (the demo's in the dry run), 3D diff to its test metrics, each job on its own GPU.
+# A short phantom run through the workflow with the GPU (TPU) profile: the rehearsal's paper-shaped
+# pelvis phantom (the demo's in the dry run), 3D diff to its test metrics, each job on its own GPU
+# (on a TPU VM, the paper's layout: each job on the whole slice, one at a time).
 WORK="$OUT/workflow"
 mkdir -p "$WORK"
+if [ "$TPU" -eq 1 ]; then
+  PROFILE=tpu; DEVICES="tpu: all"
+else
+  PROFILE=gpu; DEVICES="gpu: 1"
+fi
 if [ "$DRY" -eq 1 ]; then
   BASE_CONFIG=config/config.yaml; PHANTOM=phantom_pelvis
   cat > "$WORK/overlay.yaml" << EOF
 results: $WORK/results
 training: {train: {steps: 2, checkpoint_every: 2, log_every: 1}, model: {channels: [4, 8]}}
-compute: {train: {gpu: 1, threads: 1}, test: {gpu: 1, threads: 1}}
+compute: {train: {$DEVICES, threads: 1}, test: {$DEVICES, threads: 1}}
 EOF
 else
   BASE_CONFIG=config/rehearsal.yaml; PHANTOM=phantom_pelvis
@@ -144,12 +152,12 @@ else
 results: $WORK/results
 training:
   model: {channels: [32, 64, 128, 256], remat: auto}
-  train: {steps: 40, checkpoint_every: 20, log_every: 10, micro_batch: auto, platform: gpu}
-compute: {train: {gpu: 1, threads: 4}, test: {gpu: 1, threads: 4}}
+  train: {steps: 40, checkpoint_every: 20, log_every: 10, micro_batch: auto, platform: accelerator}
+compute: {train: {$DEVICES, threads: 4}, test: {$DEVICES, threads: 4}}
 EOF
 fi
 stage workflow snakemake "$WORK/results/runs/$PHANTOM/3d-diff/test/metrics.csv" --snakefile "$PWD/Snakefile" \
-  --directory "$WORK" --workflow-profile gpu --cores all --configfile "$PWD/$BASE_CONFIG" "$WORK/overlay.yaml"
+  --directory "$WORK" --workflow-profile "$PROFILE" --cores all --configfile "$PWD/$BASE_CONFIG" "$WORK/overlay.yaml"
 cp "$WORK/results/runs/$PHANTOM/3d-diff/train_log.csv" "$OUT/workflow_train_log.csv" 2> /dev/null || true
 
 echo "gpu_check: $FAILED stage(s) failed; summary in $SUMMARY" | tee -a "$SUMMARY"

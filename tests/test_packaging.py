@@ -90,3 +90,17 @@ def test_the_accelerator_extras_are_jaxs_own_and_their_rule_envs_differ_only_by_
         d for d in accel["dependencies"] if isinstance(d, str)
     ]
     assert pip(accel) == [line.replace("-e ../..", f"-e ../..[{extra}]") for line in pip(cpu)]
+
+
+def test_no_function_in_the_library_is_over_80_lines():
+    """Long functions hide what they compute: the library keeps each under 80 lines (docstring included)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "diffseg"
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if function and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}")
+    assert not long, long

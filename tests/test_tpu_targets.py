@@ -7,6 +7,7 @@ CI's TPU venv (``DIFFSEG_TPU_PLAN_REQUIRED=1``), where a skip would hide a broke
 from __future__ import annotations
 
 import importlib
+import json
 import os
 
 import jax
@@ -151,3 +152,27 @@ def test_two_plans_load_libtpu_at_once(tmp_path):
     finally:
         first.communicate("", timeout=60)
     assert first.returncode == 0
+
+
+def test_device_check_dry_run_for_a_tpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run --tpu: every stage at tiny sizes on this CPU, the plan for
+    a v3-8 by libtpu, and the workflow through the TPU profile (each job asks for the whole slice)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _libtpu()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHON": sys.executable}  # fmt: skip
+    cmd = ["bash", str(root / "benchmarks/gpu_check.sh"), "--dry-run", "--tpu", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=root)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert res.returncode == 0, summary + res.stderr[-3000:]
+    for stage in ("devices", "plan_3d-diff", "plan_3d-diff_target", "step_3d-diff", "workflow"):
+        assert f"   {stage}: exit 0" in summary, summary
+    assert "pytorch: skipped on a TPU" in summary
+    plan = json.loads((tmp_path / "plan_3d-diff_tpu-v3-8.json").read_text())
+    assert plan["xla"]["devices"] == 8 and plan["target"]["name"] == "tpu-v3-8"
+    log = (tmp_path / "workflow/results/logs/train/phantom_pelvis/3d-diff.log").read_text()
+    assert "backend cpu" in log  # no TPU here: --tpus all finds no chips and claims nothing
