@@ -11,9 +11,8 @@ weight (sigma = 1/8 of the window per axis, as nnU-Net), accumulated on the host
 A diffusion run samples each window with its own K steps and its own key; its probabilities are
 the softmax of :meth:`GaussianDiffusion.mask_logits` (for a noise prediction, ``(x0_hat + 1) / 2``
 of the last unclipped ``x0_hat`` normalised over the classes), whose argmax is the last
-``x0_hat``'s. A volume smaller
-than a window is padded to it and cropped back; a volume of exactly one window is one call,
-the same as without windows.
+``x0_hat``'s. A volume smaller than a window is padded to it and cropped back; a volume of
+exactly one window is one call, the same as without windows.
 """
 
 from __future__ import annotations
@@ -179,8 +178,9 @@ class Segmenter:
         (``(x0_hat + 1) / 2``), or for a noise prediction the softmax of
         :meth:`GaussianDiffusion.mask_logits`, ``(x0_hat + 1) / 2`` of the last unclipped
         ``x0_hat`` normalised over the classes (a class below ``x0_hat = -1 + 2e-5`` weighs less
-        than 1e-5 before the normalisation). Softmax keeps the order of the logits, so the argmax of one window is
-        that of the last ``x0_hat``; overlapping windows are blended with Gaussian weights.
+        than 1e-5 before the normalisation). Softmax keeps the order of the logits, so the argmax
+        of one window is that of the last ``x0_hat``; overlapping windows are blended with
+        Gaussian weights.
         """
         spatial = volume.shape[:3]
         window = spatial if self.window is None else self.window
