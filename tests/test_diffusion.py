@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffseg.diffusion import GaussianDiffusion, Prediction, Variance, logits_to_x0, mask_to_x0, x0_to_logits
+from diffseg.diffusion import (
+    GaussianDiffusion,
+    Prediction,
+    Variance,
+    logits_to_x0,
+    mask_to_x0,
+    x0_to_logits,
+    x0_to_mask_logits,
+)
 
 
 def test_five_step_schedule_matches_design():
@@ -170,6 +178,65 @@ def test_logits_of_a_derived_x0_floor_at_the_reference_eps():
     np.testing.assert_allclose(logits, [[np.log(1e-5), 0.0, np.log(1e-5)]], rtol=1e-6)
     assert d.to_logits(x0, x0, "x0") is x0  # the network's own logits pass through
     np.testing.assert_allclose(x0_to_logits(jnp.array([-1.0])), [np.log(1e-5)], rtol=1e-6)
+
+
+# The issue's four voxels: x0_hat above 1 in two classes (0 and 1, 1 and 2) and one inside [-1, 1].
+FIXED_X0 = np.array([[1.6, 1.3, -1.0], [1.2, 1.9, -1.0], [-1.0, 1.1, 1.4], [0.2, 0.5, -0.3]], np.float32)
+
+
+def fixed_x0_denoiser(d: GaussianDiffusion, x0: jax.Array):
+    """A noise predictor whose x0_hat is ``x0`` at every step: ``eps_from_x0(x_t, k, x0)``."""
+
+    def denoise(x_t, t):
+        k = jnp.searchsorted(jnp.asarray(d.timesteps), t)  # t_k back to the position k
+        return d.eps_from_x0(x_t, k, x0)
+
+    return denoise
+
+
+def test_epsilon_mask_is_the_argmax_of_the_unclipped_x0():
+    """The reference's mask is the argmax of the last x0_hat itself; the loss's logits
+    (``to_logits``, clipped at 1) would tie the classes above 1 and give 0, 0, 1, 1."""
+    d = GaussianDiffusion.linear(num_timesteps=1001, num_steps=5)
+    x0 = jnp.asarray(FIXED_X0)[None]  # (1, 4 voxels, 3 classes)
+    np.testing.assert_array_equal(np.argmax(x0_to_logits(x0), -1), [[0, 0, 1, 1]])  # the old rule
+    for key in range(3):
+        logits = jax.jit(lambda key: d.sample(fixed_x0_denoiser(d, x0), x0.shape, key, "epsilon"))(
+            jax.random.PRNGKey(key)
+        )
+        np.testing.assert_array_equal(np.argmax(logits, -1), [[0, 1, 2, 1]])
+        np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(FIXED_X0, -1)[None])
+        # softmax: (x0_hat + 1) / 2 normalised, the class at -1 (p = 0) next to nothing
+        p = np.clip((FIXED_X0 + 1) / 2, 0, None)
+        np.testing.assert_allclose(jax.nn.softmax(logits, -1)[0], p / p.sum(-1, keepdims=True), atol=1e-5)
+
+
+def test_mask_logits_are_strictly_increasing_in_x0():
+    """``x0_to_mask_logits`` keeps the order of x0_hat everywhere, below -1 and above 1 too, is
+    ``log((x0 + 1) / 2)`` above the floor and continuous at it."""
+    x = np.linspace(-6.0, 6.0, 20001, dtype=np.float32)  # steps of 6e-4
+    s = np.asarray(x0_to_mask_logits(jnp.asarray(x)))
+    assert np.all(np.diff(s) > 0) and np.all(np.isfinite(s))
+    above = (x + 1) / 2 >= 1e-5
+    np.testing.assert_allclose(s[above], np.log((x[above] + 1) / 2), rtol=1e-6)
+    # p = 1e-5 (float32 puts the x0 within 6e-8 of it) and the line 1e-6 below it: log(1e-5) - 0.1
+    near = x0_to_mask_logits(jnp.asarray([2e-5 - 1, 1.8e-5 - 1], jnp.float32))
+    np.testing.assert_allclose(near, [np.log(1e-5), np.log(1e-5) - 0.1], atol=1e-2)
+    # random unbounded x0_hat, with voxels whose classes are all below -1: argmax kept
+    x0 = 4.0 * jax.random.normal(jax.random.PRNGKey(0), (4096, 5)) - 2.0
+    assert np.any(np.all(np.asarray(x0) < -1, axis=-1))
+    np.testing.assert_array_equal(np.argmax(x0_to_mask_logits(x0), -1), np.argmax(x0, -1))
+
+
+def test_x0_runs_return_the_networks_last_logits_bit_for_bit():
+    """A predicted x0's mask logits are the network's own output of the last step, unchanged."""
+    d = GaussianDiffusion.linear(num_steps=5)
+    logits = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 5, 4))
+    out = d.sample(
+        lambda x_t, t: logits + 0.1 * (t[:, None, None, None] > 1), logits.shape, jax.random.PRNGKey(0)
+    )
+    np.testing.assert_array_equal(out, logits)
+    assert d.mask_logits(logits, logits_to_x0(logits), "x0") is logits
 
 
 # -- training: its noisy input (with recycling) and its loss terms ------------------------------

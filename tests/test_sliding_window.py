@@ -15,8 +15,15 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from diffseg.config import resolve_run_config
+from diffseg.diffusion import GaussianDiffusion
 from diffseg.evaluate import inference
-from diffseg.evaluate.inference import Segmenter, gaussian_weight, make_logits_fn, window_starts
+from diffseg.evaluate.inference import (
+    Segmenter,
+    gaussian_weight,
+    make_logits_fn,
+    vote_and_entropy,
+    window_starts,
+)
 from diffseg.runs import build_model, init_params
 
 CONFIG = {
@@ -121,10 +128,13 @@ def test_diffusion_windows_have_their_own_keys():
     assert np.abs(twice[:12] - twice[12:]).max() > 1e-3
 
 
-def test_one_window_is_exactly_the_whole_volume_pass():
+@pytest.mark.parametrize("run", ["3d-diff", "3d-diff-noise"])
+def test_one_window_is_exactly_the_whole_volume_pass(run):
     """A volume of exactly the window's shape: the same bits as the whole-volume pass (one call of
-    the run's sampler on a padded batch, noise from the case's key), for a real tiny U-Net."""
-    cfg = run_config("3d-diff", batch_size=2)
+    the run's sampler, ``GaussianDiffusion.sample``, on a padded batch, noise from the case's
+    key), for a real tiny U-Net predicting x0 or the noise: the windows' own sampling loop ends
+    in the same mask logits as ``sample``."""
+    cfg = run_config(run, batch_size=2)
     cfg["model"]["channels"] = [4]  # a one-level reference U-Net: quick to compile
     model = build_model(cfg, 3)
     shape = (8, 8, 4)
@@ -138,6 +148,49 @@ def test_one_window_is_exactly_the_whole_volume_pass():
     assert_array_equal(segmenter.probabilities(volume, key), before)
     segmenter.window = None  # the whole volume, as before windows (the same compiled program)
     assert_array_equal(segmenter.probabilities(volume, key), before)
+
+
+class FixedX0:
+    """A per-voxel stand-in for a noise-predicting network whose x0_hat is fixed: the image holds a
+    code per voxel, and the predicted noise is ``eps_from_x0(x_t, k, X[code])`` at every step."""
+
+    num_classes = 3
+    # x0_hat above 1 in two classes (0 and 1; 1 and 2) and one inside [-1, 1]: argmax 0, 1, 2, 1
+    X = np.array([[1.6, 1.3, -1.0], [1.2, 1.9, -1.0], [-1.0, 1.1, 1.4], [0.2, 0.5, -0.3]], np.float32)
+
+    def __init__(self, cfg: dict):
+        d = cfg["diffusion"]
+        self.diffusion = GaussianDiffusion.from_config(d, num_steps=d["sample_steps"])
+
+    def apply(self, params, image, x_t, t):
+        k = jnp.searchsorted(jnp.asarray(self.diffusion.timesteps), t)  # t_k back to the position k
+        x0 = jnp.asarray(self.X)[jnp.round(image[..., 0]).astype(jnp.int32)]
+        return self.diffusion.eps_from_x0(x_t, k, x0)
+
+
+def test_epsilon_windows_and_votes_segment_as_the_argmax_of_x0():
+    """An epsilon run's mask is the argmax of the unclipped x0_hat, through one window, blended
+    windows and the vote of several samples (validation, test, predict and the studies all
+    segment so): classes above 1 are not tied."""
+    cfg = run_config("3d-diff-noise", batch_size=2)
+    model = FixedX0(cfg)
+    codes = np.random.default_rng(3).integers(0, 4, (20, 15, 10))
+    expected = np.argmax(FixedX0.X, -1)[codes]
+    assert set(np.unique(expected)) == {0, 1, 2}
+    volume = codes.astype(np.float32)
+    one = Segmenter(model, {}, cfg, window=(20, 15, 10))
+    windowed = Segmenter(model, {}, cfg, window=(12, 10, 8), overlap=0.5)
+    for segmenter in (one, windowed):
+        maps = np.stack([segmenter.segment(volume, jax.random.key(s)) for s in range(3)])
+        for labels in maps:
+            assert_array_equal(labels, expected)
+        vote, entropy = vote_and_entropy(maps, 3)
+        assert_array_equal(vote, expected)
+        assert_array_equal(entropy, 0.0)
+    # the blended probabilities: (x0_hat + 1) / 2 normalised, the class at -1 next to nothing
+    p = np.clip((FixedX0.X + 1) / 2, 0, None)
+    p /= p.sum(-1, keepdims=True)
+    assert_allclose(windowed.probabilities(volume, jax.random.key(0)), p[codes], atol=1e-5)
 
 
 def test_overlap_out_of_range():

@@ -7,6 +7,15 @@ from diffseg.diffusion.gaussian import (
     logits_to_x0,
     mask_to_x0,
     x0_to_logits,
+    x0_to_mask_logits,
 )
 
-__all__ = ["GaussianDiffusion", "Prediction", "Variance", "logits_to_x0", "mask_to_x0", "x0_to_logits"]
+__all__ = [
+    "GaussianDiffusion",
+    "Prediction",
+    "Variance",
+    "logits_to_x0",
+    "mask_to_x0",
+    "x0_to_logits",
+    "x0_to_mask_logits",
+]

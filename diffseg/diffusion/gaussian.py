@@ -80,6 +80,24 @@ def x0_to_logits(x0: jax.Array, eps: float = LOG_EPS) -> jax.Array:
     return jnp.log(probs)
 
 
+def x0_to_mask_logits(x0: jax.Array, eps: float = LOG_EPS) -> jax.Array:
+    """Logits ``(..., classes)`` of the final mask of a noise prediction, whose argmax is ``x0``'s.
+
+    ``log(p)`` of ``p = (x0 + 1) / 2`` as :func:`x0_to_logits`, but without its clip at 1 and
+    continued below the floor ``eps`` by its tangent, ``log(eps) + (p - eps) / eps``: strictly
+    increasing in each class's ``x0`` over the real line, so the argmax over classes is that of
+    the unclipped ``x0`` itself (the reference's mask; in float32, up to values within rounding of
+    each other). The clip of :func:`x0_to_logits` would tie every class with ``x0 >= 1`` at 0,
+    and the first of them would win. Their softmax, the probabilities that sliding windows blend,
+    is ``p`` normalised over the classes, a class with ``p < eps`` counting as less than ``eps``
+    (``eps · exp((p − eps) / eps)``): the reading ``p = (x0 + 1) / 2`` that an x0 run's softmax
+    is exactly (its ``x0 = 2·softmax − 1``).
+    """
+    p = (x0 + 1.0) / 2.0
+    # The two terms of the piecewise map: the log above the floor, the line below it.
+    return jnp.log(jnp.maximum(p, eps)) + jnp.minimum(p - eps, 0.0) / eps
+
+
 @dataclass(frozen=True, eq=False)
 class GaussianDiffusion:
     """A K-step DDPM schedule; all arrays have length K and are float64 (``timesteps`` int).
@@ -254,8 +272,22 @@ class GaussianDiffusion:
         return jnp.clip(x0, -self.x0_limit, self.x0_limit) if self.x0_limit > 0 else x0
 
     def to_logits(self, output: jax.Array, x0_hat: jax.Array, prediction: Prediction | str) -> jax.Array:
-        """Logits of a step's prediction: the network's own (``x0``), else ``x0_to_logits(x0_hat)``."""
+        """Logits of a step's prediction for the training loss: the network's own (``x0``), else
+        ``x0_to_logits(x0_hat)`` (clipped at 1, as the reference's loss)."""
         return output if Prediction(prediction) is Prediction.X0 else x0_to_logits(x0_hat, self.log_eps)
+
+    def mask_logits(self, output: jax.Array, x0_hat: jax.Array, prediction: Prediction | str) -> jax.Array:
+        """Logits ``(batch, *spatial, classes)`` of a sampling step's mask: the segmentation is
+        their argmax, and their softmax the class probabilities that sliding windows blend.
+
+        ``x0``: the network's own logits, unchanged (``x0_hat = 2·softmax − 1``, the same
+        argmax). ``epsilon``: :func:`x0_to_mask_logits` of the unclipped ``x0_hat``, whose argmax
+        is ``x0_hat``'s, as the reference's mask (the argmax of the last ``x0_hat``); unlike
+        :meth:`to_logits` (the loss's), which ties every class with ``x0_hat >= 1``.
+        """
+        if Prediction(prediction) is Prediction.X0:
+            return output
+        return x0_to_mask_logits(x0_hat, self.log_eps)
 
     # -- training -------------------------------------------------------------------------
 
@@ -349,8 +381,11 @@ class GaussianDiffusion:
             prediction: what ``denoise_fn`` outputs (``x0`` or ``epsilon``).
 
         Returns:
-            Logits ``(batch, *spatial, classes)`` of the last step's ``x0_hat``; the
-            segmentation is their argmax.
+            Logits ``(batch, *spatial, classes)`` of the last step's mask (:meth:`mask_logits`):
+            the segmentation is their argmax, the argmax of the last ``x0_hat`` (for ``x0``, the
+            network's logits; for ``epsilon``, a strictly increasing map of each class's unclipped
+            ``x0_hat`` (:func:`x0_to_mask_logits`), whose softmax is ``(x0_hat + 1) / 2``
+            normalised over the classes, floored near 0).
         """
         prediction = Prediction(prediction)
         key, first = jax.random.split(key)
@@ -363,7 +398,7 @@ class GaussianDiffusion:
             x0_hat = self.predict_x0(output, x_t, k, prediction)
             key, sub = jax.random.split(key)
             x_prev = self.p_sample_step(x0_hat, x_t, k, jax.random.normal(sub, shape, jnp.float32))
-            return x_prev, self.to_logits(output, x0_hat, prediction), key
+            return x_prev, self.mask_logits(output, x0_hat, prediction), key
 
         init = (x_t, jnp.zeros(shape, jnp.float32), key)
         _, logits, _ = jax.lax.fori_loop(0, self.num_steps, body, init)

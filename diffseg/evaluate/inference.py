@@ -8,9 +8,11 @@ Sliding windows: given the run's training shape (``window``), a volume of any si
 windows of that shape, overlapping by ``evaluate.window_overlap``, that go through the network
 ``evaluate.batch_size`` at a time; their class probabilities are blended with a Gaussian
 weight (sigma = 1/8 of the window per axis, as nnU-Net), accumulated on the host in float32.
-A diffusion run samples each window with its own K steps and its own key. A volume smaller
-than a window is padded to it and cropped back; a volume of exactly one window is one call,
-the same as without windows.
+A diffusion run samples each window with its own K steps and its own key; its probabilities are
+the softmax of :meth:`GaussianDiffusion.mask_logits` (for a noise prediction, ``(x0_hat + 1) / 2``
+of the last unclipped ``x0_hat`` normalised over the classes), whose argmax is the last
+``x0_hat``'s. A volume smaller than a window is padded to it and cropped back; a volume of
+exactly one window is one call, the same as without windows.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def make_window_logits_fn(
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """``logits(params, image (B, *S, 1), keys (B,)) -> (B, *S, C)``: one key per batch element.
 
-    The K-step sampling of :meth:`GaussianDiffusion.sample`, with each element's noise drawn
+    The K-step sampling of :meth:`GaussianDiffusion.sample`, ending in the same mask logits
+    (:meth:`GaussianDiffusion.mask_logits` of the last step), with each element's noise drawn
     from its own key, so that a window's result does not depend on the other windows of its
     batch. With JAX's partitionable threefry (the default), element 0 with key ``k`` draws the
     same noise as ``sample`` with ``k`` over the whole batch.
@@ -76,7 +79,7 @@ def make_window_logits_fn(
             x0_hat = diffusion.predict_x0(output, x_t, k, prediction)
             pair = split(keys)
             x_prev = diffusion.p_sample_step(x0_hat, x_t, k, normal(pair[:, 1]))
-            out = diffusion.to_logits(output, x0_hat, prediction)
+            out = diffusion.mask_logits(output, x0_hat, prediction)
             return x_prev, out, pair[:, 0]
 
         init = (x_t, jnp.zeros(shape, jnp.float32), keys)
@@ -157,7 +160,8 @@ class Segmenter:
         self._params = jax.device_put(params, replicated(self.mesh))
 
     def _probabilities(self, windows: list[np.ndarray], keys: list[jax.Array]) -> np.ndarray:
-        """Class probabilities ``(n, *S, C)`` float32 of up to ``batch_size`` windows ``(*S,)``."""
+        """Class probabilities ``(n, *S, C)`` float32 of up to ``batch_size`` windows ``(*S,)``: the
+        softmax of the run's logits (diffusion: of its mask logits, see :meth:`probabilities`)."""
         shape = windows[0].shape if windows[0].ndim == 4 else (*windows[0].shape, 1)  # (*S, channels)
         batch = np.zeros((self.batch_size, *shape), np.float32)
         for i, window in enumerate(windows):
@@ -168,7 +172,16 @@ class Segmenter:
 
     def probabilities(self, volume: np.ndarray, key: jax.Array) -> np.ndarray:
         """Class probabilities ``(X, Y, Z, classes)`` float32 of one normalised volume ``(X, Y, Z)``
-        or, with several image channels, ``(X, Y, Z, C)`` (the windows cut the first three axes)."""
+        or, with several image channels, ``(X, Y, Z, C)`` (the windows cut the first three axes).
+
+        Each window's are the softmax of its logits: a ``seg`` run's, an x0 run's last logits
+        (``(x0_hat + 1) / 2``), or for a noise prediction the softmax of
+        :meth:`GaussianDiffusion.mask_logits`, ``(x0_hat + 1) / 2`` of the last unclipped
+        ``x0_hat`` normalised over the classes (a class below ``x0_hat = -1 + 2e-5`` weighs less
+        than 1e-5 before the normalisation). Softmax keeps the order of the logits, so the argmax
+        of one window is that of the last ``x0_hat``; overlapping windows are blended with
+        Gaussian weights.
+        """
         spatial = volume.shape[:3]
         window = spatial if self.window is None else self.window
         if len(window) != len(spatial):
