@@ -82,7 +82,7 @@ def check(config: dict[str, Any], dataset: str, run: str, overrides: dict[str, A
     kind = str(device.device_kind)
     bf16 = bool(run_cfg["train"]["bf16"])
     card_peak = peak_tflops(kind, bf16)
-    achieved = plan["flops"] / seconds / 1e12
+    achieved = plan["flops"] / seconds / 1e12  # per device, as the peak it is compared with
     return {
         "dataset": dataset,
         "run": run,
@@ -101,8 +101,9 @@ def check(config: dict[str, Any], dataset: str, run: str, overrides: dict[str, A
         "seconds_per_step": seconds,
         "all_seconds": times,
         "loss": float(loss),
-        "flops_per_step": plan["flops"],
-        "tflops_per_s": achieved,
+        "flops_per_step": plan["flops_per_step"],  # over every device
+        "flops_per_device": plan["flops"],
+        "tflops_per_s": achieved,  # per device
         "peak_tflops": card_peak,
         "mfu": achieved / card_peak if card_peak else None,
         "peak_bytes_in_use": peak,
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.dataset}/{args.run} on {result['devices']}× {result['device']}: micro-batch"
         f" {result['micro_batch']}, remat {'on' if result['remat'] else 'off'};"
-        f" {result['seconds_per_step']:.3f} s/step, {result['tflops_per_s']:.3g} TFLOP/s{mfu};"
+        f" {result['seconds_per_step']:.3f} s/step, {result['tflops_per_s']:.3g} TFLOP/s per device{mfu};"
         f" peak memory {gib(result['peak_bytes_in_use'])} vs plan {gib(result['plan_total_bytes'])}"
     )
     return 0

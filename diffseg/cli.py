@@ -93,7 +93,7 @@ def claim_devices(args: argparse.Namespace) -> None:
         ids = claim_tpus(args.tpus)
         if ids:
             box = os.environ.get("TPU_VISIBLE_CHIPS") == ",".join(ids)  # the whole host sets nothing
-            what = f"(libtpu port {os.environ['TPU_PROCESS_PORT']})" if box else "(the whole host)"
+            what = f"(libtpu port {os.environ.get('TPU_PROCESS_PORT')})" if box else "(the whole host)"
             print(f"diffseg {args.command}: TPU chip(s) {', '.join(ids)} {what} claimed for this job",
                   file=sys.stderr)  # fmt: skip
     os.environ.setdefault(MEM_FRACTION_VAR, str(DEFAULT_MEM_FRACTION))

@@ -170,7 +170,7 @@ class FakeTpu:
 def test_backend_report_names_the_tpu_chips_cores_and_hbm():
     text = describe_devices([FakeTpu(i) for i in range(8)], "tpu", env={"TPU_VISIBLE_CHIPS": "0,1,2,3"})
     assert text.startswith("backend tpu: 8 device(s), TPU v3 (4 chip(s), 1 TensorCore(s) per device)")
-    assert "HBM per core 15.5 GiB" in text and "(TPU_VISIBLE_CHIPS=0,1,2,3)" in text
+    assert "HBM per device 15.5 GiB" in text and "(TPU_VISIBLE_CHIPS=0,1,2,3)" in text
 
 
 def test_a_tpu_held_by_another_process_is_one_line(monkeypatch):

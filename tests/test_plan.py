@@ -15,7 +15,7 @@ from diffseg.config import load_yaml, resolve_run_config
 from diffseg.errors import ConfigError
 from diffseg.parallel import data_mesh
 from diffseg.runs import build_model, count_parameters, init_params
-from diffseg.train.plan import parse_bytes, plan
+from diffseg.train.plan import parse_bytes, plan, xla_plan
 from diffseg.train.step import build_optimizer, init_state, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +128,6 @@ def test_plan_auto_picks_the_largest_micro_batch_that_fits():
     tight, text = plan(cfg, "toy", "3d-seg", device_memory=int(one["total_bytes"] / 0.81 + 16))
     assert tight["micro_batch"] == 1 and tight["xla"]["passes"] == 4 and tight["fits"], text
     assert "4 pass(es) per step" in text
+    # training's log line for the same choice (diffseg.train.loop prints it)
+    choice, _ = xla_plan(resolve_run_config(cfg, "toy", "3d-seg"), 9, (16, 16, 8), parse_bytes("1GB"))
+    assert choice.describe().startswith("micro-batch: 4 volume(s) per device per pass, remat off (auto: ")

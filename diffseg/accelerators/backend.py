@@ -62,7 +62,7 @@ def _memory_text(device: Any, backend: str) -> str:
     if not stats or not stats.get("bytes_limit") or backend == "cpu":
         return ""
     if backend == "tpu":
-        return f", HBM per core {_gib(stats['bytes_limit'])}"
+        return f", HBM per device {_gib(stats['bytes_limit'])}"
     return f", allocator {_gib(stats['bytes_limit'])} per device"
 
 
@@ -128,7 +128,8 @@ def check_platform(run_cfg: RunConfigLike, backend: str, env: Mapping[str, str] 
 def tpu_busy(error: BaseException) -> str | None:
     """One line for libtpu's refusal to open chips another process holds, else ``None``."""
     text = str(error)
-    if "TPU" not in text or not any(s in text for s in ("in use", "busy", "already", "Resource temporarily")):
+    held = ("in use", "busy", "already", "Resource temporarily", "lockfile")
+    if ("TPU" not in text and "libtpu" not in text) or not any(s in text for s in held):
         return None
     return (
         "the TPU is held by another process (libtpu lets one process open a chip): wait for it to end"

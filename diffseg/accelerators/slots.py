@@ -259,6 +259,9 @@ def tpu_environment(ids: Sequence[str]) -> dict[str, str]:
     port = str(TPU_BASE_PORT + int(ids[0]))
     chips = ",".join(ids)
     return {
+        # libtpu's machine-wide lock (/tmp/libtpu_lockfile) would stop the second job on the VM;
+        # the per-chip claims here already keep jobs apart, chip by chip.
+        "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
         "TPU_CHIPS_PER_PROCESS_BOUNDS": TPU_BOXES[len(ids)],
         "TPU_PROCESS_BOUNDS": "1,1,1",
         "TPU_VISIBLE_CHIPS": chips,

@@ -46,7 +46,7 @@ def _plan(args: argparse.Namespace) -> int:
         target = get_target(args.target)
     facts, text = plan(
         load_yaml(args.configfile), args.dataset, args.run, parse_overrides(args.set),
-        compile_step=not args.no_compile, device_memory=memory, target=target,
+        compile_step=not args.no_compile, device_memory=memory, target=target, every=not args.chosen_only,
     )  # fmt: skip
     print(text, end="")
     if args.json:
@@ -86,5 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
+    parser.add_argument(
+        "--chosen-only",
+        action="store_true",
+        help="with --target/--device-memory: compile only the plans the choice needs, not every"
+        " micro-batch with and without remat (a paper-sized TPU plan is minutes per compile)",
+    )
     parser.add_argument("--json", help="also write the numbers as JSON here")
     parser.set_defaults(func=_plan)

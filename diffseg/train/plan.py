@@ -90,8 +90,9 @@ def train_cases(name: str, ds_cfg: Mapping[str, Any], results: str | Path) -> in
 def device_memory_bytes(device: Any = None) -> int | None:
     """What XLA's allocator holds on ``device`` (default: the first local one).
 
-    An accelerator's ``memory_stats()["bytes_limit"]`` (already the allocator's share of the card,
-    ``diffseg.accelerators.memory``); on the CPU the machine's physical memory. ``None`` when
+    An accelerator's ``memory_stats()["bytes_limit"]`` (a GPU's: already the allocator's share of
+    the card; a TPU's: the HBM a program may use; ``diffseg.accelerators.memory``); on the CPU the
+    machine's physical memory. ``None`` when
     neither is known.
     """
     device = device or jax.local_devices()[0]
@@ -206,9 +207,8 @@ def step_memory(
     compiled, needed = _compile(lowered, compiler_options)
     if compiled is None:
         nothing = {f"{n}_bytes": 0 for n in ("argument", "output", "temp", "alias")}
-        nan = float("nan")
-        return {**out, **nothing, "total_bytes": needed, "compiled": False, "flops": nan,
-                "flops_per_step": nan, "flops_of": "none", "estimate_s": None}  # fmt: skip
+        return {**out, **nothing, "total_bytes": needed, "compiled": False, "flops": None,
+                "flops_per_step": None, "flops_of": "none", "estimate_s": None}  # fmt: skip
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
     flops_of = "compiled"
@@ -248,6 +248,16 @@ class MicroBatchChoice:
         if self.budget is None or self.xla is None:
             return None
         return _fits(self.xla, self.budget)
+
+    def describe(self) -> str:
+        """One line for a training job's log: the micro-batch, remat, and auto's memory."""
+        remat = bool(getattr(self.model, "remat", False))
+        text = (
+            f"micro-batch: {self.micro_batch} volume(s) per device per pass, remat {'on' if remat else 'off'}"
+        )
+        if self.how == "auto" and self.xla is not None:
+            text += f" (auto: {_gib(self.xla['total_bytes'])} of {_gib(self.budget or 0)} per device)"
+        return text
 
 
 def _fits(row: dict[str, Any], budget: int) -> bool:
@@ -369,7 +379,9 @@ def choose_micro_batch(
     if found is not None:
         net, m, plan = found
         return MicroBatchChoice(m, net, "auto", budget, plan, planner.tried)
-    best = min(planner.tried, key=lambda t: t["total_bytes"])
+    # A refusal that did not say the bytes it needed (0) is no candidate for "the smallest".
+    sized = [t for t in planner.tried if t["compiled"] or t["total_bytes"]]
+    best = min(sized or planner.tried, key=lambda t: t["total_bytes"])
     raise ConfigError(
         f"train.micro_batch/model.remat: no plan of the step fits {_gib(budget)} per device "
         f"(the smallest: {_row(best)}); tried "
@@ -466,14 +478,16 @@ def _run_facts(config: Mapping[str, Any], dataset: str, run: str, run_cfg: RunCo
 
 
 def _compiled_facts(run_cfg: RunConfig, facts: dict[str, Any], config: Mapping[str, Any],
-                    device_memory: int | None, target: Any) -> dict[str, Any]:  # fmt: skip
-    """The compiler's plan of the step (every micro-batch when a device's memory is known)."""
+                    device_memory: int | None, target: Any, every: bool) -> dict[str, Any]:  # fmt: skip
+    """The compiler's plan of the step (every micro-batch when ``every`` and a device's memory is known)."""
     dataset = facts["dataset"]
     ds_cfg = config["datasets"][dataset]
     n_train = train_cases(dataset, ds_cfg, config.get("results", "results"))
     shape = tuple(facts["volume_shape"])
     card = target.memory_bytes if target is not None else device_memory
-    choice, xla = xla_plan(run_cfg, facts["classes"], shape, device_memory, target, every=card is not None)
+    choice, xla = xla_plan(
+        run_cfg, facts["classes"], shape, device_memory, target, every and card is not None
+    )
     out: dict[str, Any] = {
         "xla": xla, "micro_batch": choice.micro_batch, "remat": xla["remat"],
         "host_data_bytes": n_train * int(np.prod(shape)) * 5,  # float32 images + uint8 labels
@@ -483,7 +497,7 @@ def _compiled_facts(run_cfg: RunConfig, facts: dict[str, Any], config: Mapping[s
         "tried": [
             {k: t[k] for k in ("micro_batch", "remat", "temp_bytes", "total_bytes", "flops", "flops_per_step",
                                "estimate_s", "compiled")}
-            for t in choice.tried
+            for t in (choice.tried or [xla])
         ],
     }  # fmt: skip
     if choice.rule is not None:
@@ -503,13 +517,15 @@ def plan(
     compile_step: bool = True,
     device_memory: int | None = None,
     target: Any = None,
+    every: bool = True,
 ) -> tuple[dict[str, Any], str]:
     """The plan of one run: ``(facts, text)``; ``facts`` holds every number the text prints, and
     the text is made from the facts alone (``diffseg.train.plan_text.render``).
 
     ``device_memory`` (a GPU card's bytes) or ``target`` (a ``diffseg.accelerators.targets``
     card or TPU slice, compiled for here by its own compiler) also plans every micro-batch, with
-    and without remat, and says which training's ``auto`` would take there."""
+    and without remat (``every=False``: only those the choice needs), and says which training's
+    ``auto`` would take there."""
     from diffseg.train.plan_text import render
 
     if device_memory is not None and target is not None:
@@ -524,7 +540,7 @@ def plan(
         if run_cfg.train.bf16 and not target.has_bf16:
             facts["bf16_warning"] = True
     if compile_step:
-        facts.update(_compiled_facts(run_cfg, facts, config, device_memory, target))
+        facts.update(_compiled_facts(run_cfg, facts, config, device_memory, target, every))
     return facts, render(facts)
 
 

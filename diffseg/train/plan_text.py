@@ -77,13 +77,17 @@ def _table(facts: dict[str, Any]) -> list[str]:
         lines.append(
             f"{t['micro_batch']:>11}  {'on' if t['remat'] else 'off':>5}"
             f"  {_gib(t['total_bytes']):>12}  {_gib(t['temp_bytes']):>11}"
-            f"  {t.get('flops_per_step', t['flops']) / 1e12:>7.3f} TF  {fits}"
+            f"  {(t.get('flops_per_step') or t['flops']) / 1e12:>7.3f} TF  {fits}"
         )
     return lines
 
 
 def _flops(facts: dict[str, Any]) -> list[str]:
     xla, passes = facts["xla"], facts["xla"]["passes"]
+    if not xla.get("compiled", True):
+        return [
+            f"FLOPs: none counted (the compiler ran out of device memory: {_gib(xla['total_bytes'])} needed)"
+        ]
     how = [f"the compiler's count of one pass × {passes} passes"] if passes > 1 else []
     how += ["counted on the step's HLO before optimisation"] if xla["flops_of"] == "lowered" else []
     text = f"FLOPs: {_tflop(xla['flops_per_step'])} per step"
@@ -115,6 +119,15 @@ def _compiled(facts: dict[str, Any]) -> list[str]:
         f"remat: {'on' if xla['remat'] else 'off'} ({remat_how})"
     )
     lines += _flops(facts)
+    if not xla.get("compiled", True):
+        lines.append(
+            f"total: {_gib(xla['total_bytes'])} per device needed, the compiler said; it did not compile"
+        )
+        if "budget_bytes" in facts:
+            lines.append(
+                f"fits {_gib(facts['budget_bytes'])}: no (lower train.batch_size or the micro-batch)"
+            )
+        return lines
     share = f"state + the step's {batch} volumes"
     if xla["devices"] > 1:
         share = f"state + its {batch // xla['devices']} of the step's {batch} volumes"
