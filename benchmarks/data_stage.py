@@ -36,6 +36,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from timing import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,14 +234,7 @@ def run_stage(config: Path, workers: int, pool: str) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """CPU model, core count, load average and library versions of this run."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     versions = {}
     for pkg in ("numpy", "SimpleITK", "nibabel"):
         try:

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from timing import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 REHEARSAL = ROOT / "config/rehearsal.yaml"
@@ -294,14 +295,7 @@ def machine() -> dict[str, Any]:
     """CPU model, core count, memory and Python/numpy/jax versions."""
     import jax
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

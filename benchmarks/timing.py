@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -20,3 +21,15 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, list[flo
     fn()
     times = [seconds(fn) for _ in range(repeats)]
     return statistics.median(times), times
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), "" where it cannot be read: every timing
+    names the CPU that measured it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
