@@ -44,3 +44,6 @@ DATASET_CHOICES: dict[str, tuple[str, ...]] = {
     "anatomy": ("pelvis", "abdomen"),  # the phantoms (diffseg.data.phantom.CLASSES)
     **PREPROCESS_CHOICES,
 }
+
+# `diffseg data --pool`: the workers that prepare cases at once (diffseg.data.prepare).
+POOLS = ("thread", "process")

@@ -57,12 +57,20 @@ def compilation_cache(min_seconds: float | None = None) -> None:
     import os
     from pathlib import Path
 
+    if os.environ.get("DIFFSEG_JAX_CACHE", "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    cache = str(Path(os.environ.get("DIFFSEG_CACHE", Path.home() / ".cache" / "diffseg")) / "jax")
+    if "jax" not in sys.modules:  # JAX reads its settings from the environment when first imported,
+        # so commands that never compile (status, table, ...) do not pay for importing it here
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        if min_seconds is not None:
+            os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(float(min_seconds))
+        return
     import jax
 
-    if os.environ.get("DIFFSEG_JAX_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    if jax.config.jax_compilation_cache_dir:
         return
-    cache = Path(os.environ.get("DIFFSEG_CACHE", Path.home() / ".cache" / "diffseg")) / "jax"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_compilation_cache_dir", cache)
     if min_seconds is not None:  # JAX's default keeps programs that took 1 s or more to compile
         jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_seconds))
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import numbers
 import types
 import typing
@@ -146,6 +148,9 @@ class TrainConfig(Section):
     # asking for an accelerator stops on a CPU-only machine rather than train there for days
     # (DIFFSEG_ALLOW_CPU=1 lets it).
     platform: Platform = "any"
+    # TensorBoard event files in the run folder as it trains (loss, lr, steps/s, validation Dice
+    # per class, a mid slice at each validation): `tensorboard --logdir results/runs`.
+    tensorboard: bool = True
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -421,6 +426,27 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             check_value(value, path, path)
             values[name] = tuple(value) if isinstance(value, list) else value
     return cls(**values)
+
+
+# Settings that change what is logged, validated or how long it trains, not the parameters of a
+# given step: changing them continues the run instead of starting it over. ``devices`` only splits
+# a step's arithmetic (the same update up to float rounding): a run continues on another count.
+NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform", "devices", "tensorboard")}
+
+
+def config_hash(run_cfg: RunConfigLike) -> str:
+    """What the trained parameters of a step depend on (not logging, evaluation or run length).
+
+    Computed on the plain mapping (:meth:`RunConfig.to_dict`), as saved in ``config.yaml``; the
+    workflow's status reads it without jax, training stores it with every checkpoint."""
+    if isinstance(run_cfg, RunConfig):
+        run_cfg = run_cfg.to_dict()
+    keys = ("model", "diffusion", "loss", "optim", "train", "dataset")
+    chosen = {k: run_cfg.get(k) for k in keys}
+    for section, names in NOT_HASHED.items():
+        chosen[section] = {k: v for k, v in (chosen.get(section) or {}).items() if k not in names}
+    text = json.dumps(chosen, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,7 @@ from diffseg.config import complete_run_config, resolve_run_config, save_run_con
 from diffseg.errors import ConfigError
 from diffseg.io import read_nifti
 from diffseg.parallel import training_devices
-from diffseg.runconfig import RunConfig, TrainConfig
-from diffseg.train.loop import config_hash
+from diffseg.runconfig import RunConfig, TrainConfig, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"datasets": {"toy": {"source": "phantom"}}, "training": {"model": {"channels": [4, 8]}}}

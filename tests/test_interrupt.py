@@ -2,7 +2,8 @@
 
 Each killed run is resumed and compared with the uninterrupted ``base_run`` (same config):
 the same parameters, and its ``train_log.csv`` ``session`` column shows the resumed process
-ran only the steps after the checkpoint it resumed from.
+ran only the steps after the checkpoint it resumed from. Before the resume ``diffseg status``
+says it stopped (and where); after it TensorBoard's files hold one curve.
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def _start(mode: str, at: int, data: Path, run_dir: Path, err: Path) -> subproce
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
 
 
+def _status(run_dir: Path) -> dict:
+    from diffseg.report.status import run_status
+    from diffseg.runconfig import config_hash
+
+    return run_status(run_dir, config_hash(run_cfg()), 6, None)
+
+
+def _loss_steps(run_dir: Path) -> list[int]:
+    from diffseg.train.tensorboard import read_scalars
+
+    return [step for step, _ in read_scalars(run_dir)["train/loss"]]
+
+
 def _resume_and_compare(run_dir: Path, data: Path, base: Path, resumed_from: int) -> None:
     from diffseg.train import train_run
 
@@ -75,6 +89,8 @@ def _resume_and_compare(run_dir: Path, data: Path, base: Path, resumed_from: int
     assert_same_params(latest_params(run_dir)[0], latest_params(base)[0])
     assert list(pd.read_csv(run_dir / "valid.csv")["step"]) == [3, 6]
     assert not [p for p in run_dir.rglob("*") if "tmp" in p.name]  # the kill's temporaries are gone
+    assert _loss_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # TensorBoard: one curve, no step twice
+    assert _status(run_dir)["state"] == "done"
 
 
 @pytest.mark.slow
@@ -90,6 +106,11 @@ def test_sigkill_during_a_checkpoint_save_then_resume(base_run, toy_data, tmp_pa
         child.wait(60)
     assert child.returncode == -signal.SIGKILL
     assert latest_params(run_dir)[1] == 3
+    # What `diffseg status` says of it: stopped at the step it reached, resumable from checkpoint 3.
+    status = _status(run_dir)
+    assert (status["state"], status["step"], status["saved"]) == ("stopped", 6, 3), status
+    assert "gone" in status["note"]
+    assert _loss_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # logged by the killed session, past checkpoint 3
     _resume_and_compare(run_dir, toy_data, base_run, resumed_from=3)
 
 
@@ -103,4 +124,7 @@ def test_sigterm_saves_exits_nonzero_and_resumes(base_run, toy_data, tmp_path): 
     assert "SIGTERM received; checkpoint saved at step 5" in err
     assert latest_params(run_dir)[1] == 5  # the step running when the signal came, then saved
     assert list(pd.read_csv(run_dir / "train_log.csv")["step"]) == [1, 2, 3, 4, 5]
+    status = _status(run_dir)
+    assert (status["state"], status["step"], status["saved"]) == ("stopped", 5, 5), status
+    assert "SIGTERM" in status["note"]
     _resume_and_compare(run_dir, toy_data, base_run, resumed_from=5)

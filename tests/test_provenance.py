@@ -171,7 +171,8 @@ def test_changed_data_retrains_and_stale_predictions_are_recomputed(
     write_nifti(fixed / "labels" / "case0.nii.gz", label.astype(np.uint8), spacing)
     # The retrained run's best at the same step as before: only the identity tells them apart.
     scores = iter([1.0, 0.0] if first["step"] == 3 else [0.0, 1.0])
-    monkeypatch.setattr(loop, "validate", lambda *args: next(scores))
+    blank = np.zeros((16, 16, 8), np.uint8)  # the first case's prediction, for TensorBoard's picture
+    monkeypatch.setattr(loop, "validate", lambda *args: (np.full((1, 2), next(scores)), blank))
     capfd.readouterr()
     best = train_run(run_cfg(), fixed, run_dir)
     err = capfd.readouterr().err

@@ -275,7 +275,7 @@ def test_class_colours_stay_distinct_for_many_classes():
     """Up to 19 classes: tab20's colour c, as always; 117: neighbouring ids differ, repeats 60 apart."""
     import matplotlib
 
-    from diffseg.report.colors import class_colormap, class_colors
+    from diffseg.colors import class_colormap, class_colors
 
     assert class_colors(16) == [matplotlib.colormaps["tab20"](c) for c in range(1, 16)]
     colors = class_colors(118)

@@ -222,7 +222,8 @@ def _run_cfg(run: str = "3d-diff") -> dict:
 
 
 def test_train_run_writes_the_output_contract(toy_data, tmp_path):
-    from diffseg.train import load_trained, train_run
+    from diffseg.runs import load_trained
+    from diffseg.train import train_run
 
     best = train_run(_run_cfg(), toy_data, tmp_path)
     log = pd.read_csv(tmp_path / "train_log.csv")

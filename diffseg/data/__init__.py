@@ -10,56 +10,40 @@ Public API::
     augment_batch(key, images, labels, cfg) -> (images, labels)       # pure JAX, jit-able
     generate_phantom(anatomy, shape, spacing, seed, index) -> (image, label)
     download_dataset(name, ds_cfg, resources_dir, base_url=None) -> dict  # manifest.json
+
+Names are imported on first use: the workflow's rules and ``diffseg status`` read this package's
+light modules (``prepare.source_files``) without loading jax, which ``dataset`` and ``augment`` need.
 """
 
-from diffseg.data.dataset import Dataset, augment_batch, load_dataset
-from diffseg.data.download import download_dataset, download_file, fetch_record, md5sum
-from diffseg.data.phantom import CLASSES, generate_phantom
-from diffseg.data.prepare import prepare_dataset
-from diffseg.data.preprocess import (
-    Preprocessed,
-    PreprocessOptions,
-    crop_or_pad,
-    normalize_intensity,
-    preprocess_case,
-    preprocess_scan,
-    resample,
-)
-from diffseg.data.sources import Case, Source, list_source
-from diffseg.data.splits import (
-    make_split,
-    random_split,
-    read_split_csv,
-    reference_amos_split,
-    reference_prostate_split,
-    write_split_csv,
-)
+from diffseg.lazy import exports
 
-__all__ = [
-    "CLASSES",
-    "Case",
-    "Dataset",
-    "PreprocessOptions",
-    "Preprocessed",
-    "Source",
-    "augment_batch",
-    "crop_or_pad",
-    "download_dataset",
-    "download_file",
-    "fetch_record",
-    "generate_phantom",
-    "list_source",
-    "load_dataset",
-    "make_split",
-    "md5sum",
-    "normalize_intensity",
-    "prepare_dataset",
-    "preprocess_case",
-    "preprocess_scan",
-    "random_split",
-    "read_split_csv",
-    "reference_amos_split",
-    "reference_prostate_split",
-    "resample",
-    "write_split_csv",
-]
+_WHERE = {
+    "Dataset": "dataset",
+    "augment_batch": "dataset",
+    "load_dataset": "dataset",
+    "download_dataset": "download",
+    "download_file": "download",
+    "fetch_record": "download",
+    "md5sum": "download",
+    "CLASSES": "phantom",
+    "generate_phantom": "phantom",
+    "prepare_dataset": "prepare",
+    "Preprocessed": "preprocess",
+    "PreprocessOptions": "preprocess",
+    "crop_or_pad": "preprocess",
+    "normalize_intensity": "preprocess",
+    "preprocess_case": "preprocess",
+    "preprocess_scan": "preprocess",
+    "resample": "preprocess",
+    "Case": "sources",
+    "Source": "sources",
+    "list_source": "sources",
+    "make_split": "splits",
+    "random_split": "splits",
+    "read_split_csv": "splits",
+    "reference_amos_split": "splits",
+    "reference_prostate_split": "splits",
+    "write_split_csv": "splits",
+}
+
+__getattr__, __all__ = exports(__name__, _WHERE)

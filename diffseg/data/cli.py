@@ -9,14 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from diffseg.choices import POOLS
 from diffseg.config import load_yaml, validate_config
-from diffseg.data.dataset import load_dataset
-from diffseg.data.download import download_dataset
-from diffseg.data.prepare import POOLS, prepare_dataset
-from diffseg.data.splits import SPLITS
 from diffseg.errors import ConfigError, DataError
 from diffseg.io import atomic_path
-from diffseg.report.orient import load_radiological, mark_sides
+
+# The stage's other modules load jax: imported by the sub-commands that use them, so that every
+# `diffseg` command starts fast (`diffseg status` answers in well under 2 s).
 
 
 def _dataset_entry(config_path: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -34,6 +33,8 @@ def _dataset_entry(config_path: str, name: str) -> tuple[dict[str, Any], dict[st
 
 def _download(args: argparse.Namespace) -> int:
     cfg, entry = _dataset_entry(args.config, args.dataset)
+    from diffseg.data.download import download_dataset
+
     download_dataset(args.dataset, entry, cfg.get("resources", "resources"), base_url=args.zenodo_url)
     return 0
 
@@ -53,6 +54,8 @@ def _data(args: argparse.Namespace) -> int:
     cfg, entry = _dataset_entry(args.config, args.dataset)
     out = Path(cfg.get("results", "results")) / "data" / args.dataset
     resources = Path(cfg.get("resources", "resources")) / args.dataset
+    from diffseg.data.prepare import prepare_dataset
+
     prepare_dataset(args.dataset, entry, out, resources, threads=args.threads, pool=args.pool)
     return 0
 
@@ -83,7 +86,7 @@ def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[s
 
     The legend lists every class when there are at most 19 (phantoms, the paper's datasets), else
     the classes in the slices shown (TotalSegmentator's 117 would not fit), in as many columns of
-    ``LEGEND_ROWS`` as they need; the figure widens for them. Colours: ``diffseg.report.colors``.
+    ``LEGEND_ROWS`` as they need; the figure widens for them. Colours: ``diffseg.colors``.
     Returns the uids shown. Written atomically (format from the ``out`` suffix).
     """
     import matplotlib
@@ -92,7 +95,10 @@ def data_figure(data_dir: str | Path, out: str | Path, cases: int = 4) -> list[s
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from diffseg.report.colors import SMALL, class_colormap, class_colors
+    from diffseg.colors import SMALL, class_colormap, class_colors
+    from diffseg.data.dataset import load_dataset
+    from diffseg.data.splits import SPLITS
+    from diffseg.report.orient import load_radiological, mark_sides
 
     ds = load_dataset(data_dir)
     uids = sorted(u for split in SPLITS for u in ds.uids(split))[:cases]

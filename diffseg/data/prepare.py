@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from diffseg.data.dataset import write_cache
+from diffseg.choices import POOLS
 from diffseg.data.phantom import generate_phantom
 from diffseg.data.preprocess import PreprocessOptions, normalize_intensity, preprocess_case
 from diffseg.data.sources import Case, list_source
@@ -129,9 +129,6 @@ def preprocess_options(name: str, ds_cfg: Mapping[str, Any]) -> PreprocessOption
         chosen = PreprocessOptions.from_config(ds_cfg, where, PreprocessOptions.legacy())
         return PreprocessOptions(**{**PreprocessOptions.legacy().as_dict(), "normalize": chosen.normalize})
     return PreprocessOptions.from_config(ds_cfg, where)
-
-
-POOLS = ("thread", "process")
 
 
 @dataclass(frozen=True)
@@ -343,6 +340,8 @@ def prepare_dataset(
         if clip is not None and source.modality == "CT":
             info["clip"] = [float(c) for c in clip]
         write_split_csv(tmp / "split.csv", split)
+        from diffseg.data.dataset import write_cache  # loads jax: only where data is written
+
         write_cache(tmp, shape, source.channels, threads)  # uncompressed, memory-mappable copy of each split
         atomic_write_json(tmp / "dataset.json", info)
         info["fingerprint"] = compute_fingerprint(tmp)  # what runs trained on it are tied to

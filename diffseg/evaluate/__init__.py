@@ -1,6 +1,7 @@
 """Evaluation: sampling/inference, the paper's metrics, test-split evaluation and ``predict``."""
 
-from diffseg.evaluate.inference import Segmenter, segment
-from diffseg.evaluate.metrics import segmentation_metrics
+from diffseg.lazy import exports
 
-__all__ = ["Segmenter", "segment", "segmentation_metrics"]
+__getattr__, __all__ = exports(
+    __name__, {"Segmenter": "inference", "segment": "inference", "segmentation_metrics": "metrics"}
+)

@@ -1,6 +1,3 @@
-"""diffseg.report: the paper's tables, significance tests and figures from test metrics."""
-
-from diffseg.report.stats import paired_tests, spearman
-from diffseg.report.tables import build_table, summarise, to_markdown
-
-__all__ = ["build_table", "paired_tests", "spearman", "summarise", "to_markdown"]
+"""diffseg.report: the paper's tables, significance tests and figures from test metrics, the cost of
+every run and the campaign's status; each module is imported where it is used (``diffseg.report.tables``).
+"""

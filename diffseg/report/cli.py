@@ -1,4 +1,5 @@
-"""Report sub-commands: ``diffseg table``, ``stats``, ``figure``, ``curves``, ``cost``, ``readme-table``.
+"""Report sub-commands: ``diffseg table``, ``stats``, ``figure``, ``curves``, ``cost``, ``study``,
+``readme-table`` and ``status``.
 
 Each reads the workflow config (the merged Snakemake config, dumped by the workflow to
 ``{results}/workflow_config.yaml``, or any config YAML) and the runs' ``test/metrics.csv``.
@@ -118,8 +119,37 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import sys
+    import time
+
+    from diffseg.config import validate_config
+    from diffseg.report.status import campaign_status, to_markdown, to_text
+
+    config = load_yaml(args.configfile)
+    validate_config(config, args.configfile)
+    while True:
+        started = time.perf_counter()
+        table = campaign_status(config, args.results)
+        text = to_text(table)
+        if args.watch is not None and sys.stdout.isatty():
+            text = "\x1b[2J\x1b[H" + text  # a fresh screen each refresh
+        took = time.perf_counter() - started
+        print(text + f"read in {took:.2f} s at {time.strftime('%H:%M:%S')}", flush=True)
+        if args.csv:
+            _write_csv(table, args.csv)
+        if args.markdown:
+            atomic_write_text(args.markdown, to_markdown(table))
+        if args.watch is None:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the report's sub-commands (table, stats, figure, curves, cost, study, readme-table)."""
+    """Add the report's sub-commands (table, stats, figure, curves, cost, study, readme-table, status)."""
     p = sub.add_parser("table", help="build a table (table1, table2, table5, ...) from test metrics")
     p.add_argument("--which", required=True, help="a key of tables: in the config, e.g. table2")
     p.add_argument("--config", required=True, help="workflow config YAML (the tables: section)")
@@ -166,6 +196,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bins", help="uncertainty: the error rate per entropy bin (the figure's data) as CSV")
     p.add_argument("--out", nargs="+", required=True, help="figure files (.png, .pdf)")
     p.set_defaults(func=_study)
+
+    p = sub.add_parser(
+        "status", help="every run of a campaign: state, step, best validation Dice, speed, ETA, time, test"
+    )
+    p.add_argument("--configfile", default="config/config.yaml", help="workflow config YAML")
+    p.add_argument("--results", help="the results folder (default: the config's results:)")
+    p.add_argument(
+        "--watch", type=float, nargs="?", const=10.0, metavar="SECONDS", help="refresh every SECONDS (10)"
+    )
+    p.add_argument("--csv", help="also write the table as CSV")
+    p.add_argument("--markdown", help="also write the table as Markdown")
+    p.set_defaults(func=_status)
 
     p = sub.add_parser("readme-table", help="the README's demo table from a table CSV (results/table2.csv)")
     p.add_argument("--table", default="results/table2.csv", help="a table CSV written by diffseg table")

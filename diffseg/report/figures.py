@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from diffseg.colors import class_colormap  # noqa: E402
 from diffseg.errors import DataError  # noqa: E402
 from diffseg.io import atomic_path  # noqa: E402
-from diffseg.report.colors import class_colormap  # noqa: E402
 from diffseg.report.orient import DisplayVolume, load_radiological, mark_sides  # noqa: E402
 from diffseg.report.stats import class_spearman, class_summary  # noqa: E402
 from diffseg.report.tables import metrics_path, read_metrics  # noqa: E402

@@ -1,4 +1,4 @@
-"""A run's network and checkpoints, shared by training, evaluation and planning.
+"""A run's network, checkpoints and files, shared by training, evaluation, planning and status.
 
 Public API::
 
@@ -6,20 +6,24 @@ Public API::
     init_params(model, volume_shape, key) -> params
     load_trained(run_dir) -> (model, params, run_cfg, dataset_info)
     RunCheckpoints(run_dir)                      # latest state + best parameters (orbax)
+    diffseg.runs.heartbeat                       # status.json: what a training process is doing
+
+Names are imported on first use, so that ``diffseg.runs.heartbeat`` (read by ``diffseg status``,
+which must answer in well under 2 s) does not load jax and orbax.
 """
 
-from diffseg.runs.checkpoint import RunCheckpoints, abstract, restore_best
-from diffseg.runs.load import load_trained
-from diffseg.runs.model import build_model, compute_dtype, count_parameters, init_params, input_multiple
+from diffseg.lazy import exports
 
-__all__ = [
-    "RunCheckpoints",
-    "abstract",
-    "build_model",
-    "compute_dtype",
-    "count_parameters",
-    "init_params",
-    "input_multiple",
-    "load_trained",
-    "restore_best",
-]
+_WHERE = {
+    "RunCheckpoints": "checkpoint",
+    "abstract": "checkpoint",
+    "restore_best": "checkpoint",
+    "load_trained": "load",
+    "build_model": "model",
+    "compute_dtype": "model",
+    "count_parameters": "model",
+    "init_params": "model",
+    "input_multiple": "model",
+}
+
+__getattr__, __all__ = exports(__name__, _WHERE)

@@ -1,6 +1,5 @@
-"""Training: losses, the jitted train step, the loop with checkpoints and resume."""
+"""Training: losses, the jitted train step, the loop with checkpoints and resume, TensorBoard."""
 
-from diffseg.runs import load_trained  # kept importable from here; it lives in diffseg.runs
-from diffseg.train.loop import train_run
+from diffseg.lazy import exports
 
-__all__ = ["load_trained", "train_run"]
+__getattr__, __all__ = exports(__name__, {"train_run": "loop"})

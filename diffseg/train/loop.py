@@ -2,7 +2,9 @@
 
 Writes into ``run_dir``: ``train_log.csv`` (step, loss, lr, seconds, steps_per_s),
 ``valid.csv`` (step, mean_dice per checkpoint), ``best.json``, ``dataset.json`` (the data's
-description, needed to preprocess new scans) and the orbax checkpoints. A run killed at any
+description, needed to preprocess new scans), the orbax checkpoints, ``status.json`` (what this
+process is doing, for ``diffseg status``: :mod:`diffseg.runs.heartbeat`) and TensorBoard's event
+files (:mod:`diffseg.train.tensorboard`). A run killed at any
 point and started again continues from its latest checkpoint with the same randomness, so
 it ends with the same parameters as an uninterrupted run.
 
@@ -14,13 +16,12 @@ one exit that closes the checkpoints, the batch feeder and the progress bar what
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import signal
 import sys
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,13 @@ from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
 from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
 from diffseg.progress import Progress
-from diffseg.runconfig import RunConfig, RunConfigLike
+from diffseg.runconfig import RunConfig, RunConfigLike, config_hash
 from diffseg.runs import RunCheckpoints, abstract, build_model
+from diffseg.runs.heartbeat import Heartbeat
 from diffseg.train.feed import BatchFeeder
 from diffseg.train.plan import choose_micro_batch
 from diffseg.train.step import build_optimizer, init_state, make_train_step
+from diffseg.train.tensorboard import EventLog, class_tags, mid_slice_panel, remove_events, truncate_after
 
 # session: which start of the process ran the step (0 first, 1 after the first resume, ...);
 # skipped: updates skipped so far because their loss or gradients were not finite.
@@ -53,30 +56,22 @@ LOG_COLUMNS = ["step", "loss", "lr", "seconds", "steps_per_s", "session", "skipp
 MAX_SKIPPED_IN_A_ROW = 100  # non-finite updates skipped in a row before the run stops with an error
 
 
+def class_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice ``(num_classes - 1,)`` of each foreground class of ``pred`` against ``label`` (both
+    ``(X, Y, Z)``); NaN for a class absent from both."""
+    return np.array([dice(pred == c, label == c) for c in range(1, num_classes)], np.float64)
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None) -> Any:
+    """``np.nanmean`` that returns NaN for an all-NaN slice without numpy's RuntimeWarning."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
 def mean_foreground_dice(pred: np.ndarray, label: np.ndarray, num_classes: int) -> float:
     """Mean Dice over the foreground classes present in ``label`` or ``pred`` (both ``(X, Y, Z)``)."""
-    scores = [dice(pred == c, label == c) for c in range(1, num_classes)]
-    return float(np.nanmean(scores)) if not np.all(np.isnan(scores)) else float("nan")
-
-
-# Settings that change what is logged, validated or how long it trains, not the parameters of a
-# given step: changing them continues the run instead of starting it over. ``devices`` only splits
-# a step's arithmetic (the same update up to float rounding): a run continues on another count.
-NOT_HASHED = {"train": ("steps", "log_every", "checkpoint_every", "platform", "devices")}
-
-
-def config_hash(run_cfg: RunConfigLike) -> str:
-    """What the trained parameters of a step depend on (not logging, evaluation or run length).
-
-    Computed on the plain mapping (:meth:`RunConfig.to_dict`), as saved in ``config.yaml``."""
-    if isinstance(run_cfg, RunConfig):
-        run_cfg = run_cfg.to_dict()
-    keys = ("model", "diffusion", "loss", "optim", "train", "dataset")
-    chosen = {k: run_cfg.get(k) for k in keys}
-    for section, names in NOT_HASHED.items():
-        chosen[section] = {k: v for k, v in (chosen.get(section) or {}).items() if k not in names}
-    text = json.dumps(chosen, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return float(_nanmean(class_dice(pred, label, num_classes)))
 
 
 class TrainingInterrupted(Exception):
@@ -155,13 +150,23 @@ def _write_outputs(run_dir: Path, logs: dict[str, Any]) -> None:
 
 def validate(
     segmenter: Segmenter, images: np.ndarray, labels: np.ndarray, num_classes: int, key: jax.Array
-) -> float:
-    """Mean over validation cases ``(N, X, Y, Z[, C])`` of the mean foreground Dice (K-step sampling)."""
-    scores = []
+) -> tuple[np.ndarray, np.ndarray]:
+    """K-step sampling of the validation cases ``(N, X, Y, Z[, C])``: the Dice ``(N, classes - 1)``
+    of each case and foreground class, and the first case's prediction ``(X, Y, Z)`` (for TensorBoard).
+
+    The run's validation score (``valid.csv``, ``best.json``) is :func:`mean_case_dice` of it."""
+    scores, first = [], None
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         pred = segmenter.segment(image, jax.random.fold_in(key, i))
-        scores.append(mean_foreground_dice(pred, label, num_classes))
-    return float(np.nanmean(scores))
+        first = pred if first is None else first
+        scores.append(class_dice(pred, label, num_classes))
+    return np.array(scores, np.float64).reshape(len(scores), num_classes - 1), first
+
+
+def mean_case_dice(scores: np.ndarray) -> float:
+    """Mean over cases of each case's mean foreground Dice (the classes it or its truth has);
+    ``scores`` ``(cases, classes - 1)`` as :func:`validate` returns them."""
+    return float(_nanmean(_nanmean(scores, axis=1)))
 
 
 def train_run(run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path) -> dict[str, Any]:
@@ -183,13 +188,40 @@ def train_run(run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path)
     if total < 1 or every < 1:
         raise ConfigError(f"run {run_cfg.run!r}: train.steps and train.checkpoint_every must be >= 1")
     devices, device_note = training_devices(run_cfg)  # before any work: a bad train.devices fails fast
-    with contextlib.ExitStack() as opened:  # the one exit: closes what the run opened, last first
-        run = _resume_or_start(run_cfg, data_dir, run_dir, devices, device_note, opened)
+    beat = _heartbeat(run_cfg, run_dir, devices)
+    with _saying_how_it_ended(beat), contextlib.ExitStack() as opened:  # one exit: closes what the run opened
+        run = _resume_or_start(run_cfg, data_dir, run_dir, (devices, device_note), beat, opened)
         start = int(run.state["step"])
         _step_loop(run, opened)
     if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
         _write_outputs(run_dir, run.logs)
     return run.logs["best"]
+
+
+def _heartbeat(run_cfg: RunConfig, run_dir: Path, devices: list[Any]) -> Heartbeat:
+    """The session's ``status.json`` writer: the run's identity and the devices it trains on."""
+    platform = devices[0].platform if devices else "cpu"
+    return Heartbeat(
+        run_dir, enabled=jax.process_index() == 0, dataset=run_cfg.dataset, run=run_cfg.run,
+        total=run_cfg.train.steps, platform=platform, devices=len(devices),
+        accelerators=len(devices) if platform in ("gpu", "tpu") else 0, step=None,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _saying_how_it_ended(beat: Heartbeat) -> Any:
+    """``status.json`` says ``done``, ``interrupted`` or ``failed`` (with the error) however the
+    session ends; only a SIGKILL leaves ``training``, which ``diffseg status`` then checks."""
+    try:
+        yield
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        beat.update("interrupted", message=str(stop) or type(stop).__name__)
+        raise
+    except BaseException as err:
+        beat.update("failed", message=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+    total = beat.fields["total"]
+    beat.update("done" if beat.fields.get("step") == total else "interrupted", step=beat.fields.get("step"))
 
 
 @dataclass
@@ -216,6 +248,9 @@ class _Run:
     valid_data: tuple[np.ndarray, np.ndarray]
     key_steps: jax.Array
     key_valid: jax.Array
+    class_names: list[str]
+    events: EventLog  # TensorBoard
+    beat: Heartbeat  # status.json
     saved_step: int | None = None
 
     @property
@@ -227,8 +262,8 @@ def _resume_or_start(
     run_cfg: RunConfig,
     data_dir: Path,
     run_dir: Path,
-    devices: list[Any],
-    device_note: str,
+    devices_and_note: tuple[list[Any], str],
+    beat: Heartbeat,
     opened: contextlib.ExitStack,
 ) -> _Run:
     """The run's data, network and state: its latest checkpoint when it fits, else a fresh start.
@@ -250,7 +285,9 @@ def _resume_or_start(
 
     model = build_model(run_cfg, num_classes)
     tx, schedule = build_optimizer(run_cfg)
+    devices, device_note = devices_and_note  # and the line saying which
     print(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
+    writer = jax.process_index() == 0  # one process writes a multi-process run's files
     mesh = data_mesh(devices)
     copies = replicated(mesh)
     key_init, key_steps, key_valid = jax.random.split(jax.random.key(run_cfg.train.seed), 3)
@@ -259,6 +296,8 @@ def _resume_or_start(
     if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
         print(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
         checkpoints.start_over()
+        if writer:
+            remove_events(run_dir)  # its old curves are another experiment's
     elif saved is not None:
         # Onto this job's devices, whichever the state was saved from (train.devices may differ).
         state, saved_logs = checkpoints.restore(abstract(state), copies)
@@ -269,10 +308,15 @@ def _resume_or_start(
             file=sys.stderr,
             flush=True,
         )
+    if writer:  # what a killed session logged after the checkpoint is logged again from it
+        truncate_after(run_dir, int(state["step"]))
+    events = EventLog(run_dir, int(logs["session"]), enabled=writer and run_cfg.train.tensorboard)
+    opened.callback(events.close)
     return _Run(
         cfg=run_cfg, run_dir=run_dir, checkpoints=checkpoints, state=state, logs=logs, model=model, tx=tx,
         schedule=schedule, mesh=mesh, num_classes=num_classes, shape=dataset.shape, train_data=train_data,
-        valid_data=valid_data, key_steps=key_steps, key_valid=key_valid,
+        valid_data=valid_data, key_steps=key_steps, key_valid=key_valid, class_names=dataset.class_names,
+        events=events, beat=beat,
     )  # fmt: skip
 
 
@@ -380,6 +424,11 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     run.saved_step = start or None
     progress = Progress(total, f"train {run.cfg.run or ''}", initial=start)
     opened.callback(progress.close)
+    run.beat.update(
+        step=start, saved_step=run.saved_step, session=run.logs["session"], seconds=clock.seconds_before,
+        config_hash=run.logs["config_hash"], data_fingerprint=run.logs["data_fingerprint"],
+        run_id=run.logs["run_id"], best=run.logs["best"], log_every=log_every,
+    )  # fmt: skip
     stop = opened.enter_context(_StopOnSignal())
     for step in range(start + 1, total + 1):
         images, labels = next(batches)
@@ -415,6 +464,8 @@ def _log_step(run: _Run, clock: _Clock, progress: Progress, step: int, loss: jax
     row = [step, loss, lr, clock.seconds_before + now - clock.started, rate, run.logs["session"], skipped]
     run.logs["train"].append(row)
     progress.log(loss=loss, lr=lr)
+    run.events.scalars(step, {"train/loss": loss, "train/lr": lr, "train/steps_per_s": rate})
+    run.beat.update(step=step, seconds=row[3], s_per_step=1.0 / rate if rate > 0 else None)
 
 
 def _validate_and_save(
@@ -427,8 +478,10 @@ def _validate_and_save(
         segmenter.params = run.state["params"]
         valid_images, valid_labels = run.valid_data
         key = jax.random.fold_in(run.key_valid, step)
-        score = validate(segmenter, valid_images, valid_labels, run.num_classes, key)
+        scores, first = validate(segmenter, valid_images, valid_labels, run.num_classes, key)
+        score = mean_case_dice(scores)
         run.logs["valid"].append([step, score])
+        _summarise_validation(run, step, score, scores, first)
         if run.logs["best"] is None or score > run.logs["best"]["mean_dice"]:
             run.logs["best"] = {
                 "step": step,
@@ -445,3 +498,18 @@ def _validate_and_save(
     run.checkpoints.save(step, run.state, run.logs)
     run.saved_step = step
     _write_outputs(run.run_dir, run.logs)
+    run.beat.update(step=step, saved_step=step, seconds=run.logs["seconds"], best=run.logs["best"])
+
+
+def _summarise_validation(run: _Run, step: int, score: float, scores: np.ndarray, first: np.ndarray) -> None:
+    """TensorBoard's validation points at ``step``: the mean, each class (mean over the cases,
+    classes absent from every case left out) and the first case's middle slice."""
+    per_class = _nanmean(scores, axis=0)
+    values = {"valid/mean_dice": score}
+    tags = class_tags(run.class_names)
+    values.update({t: v for t, v in zip(tags, per_class, strict=True) if np.isfinite(v)})
+    run.events.scalars(step, values)
+    image, label = run.valid_data[0][0], run.valid_data[1][0]
+    panel = mid_slice_panel(image, label, np.asarray(first), run.num_classes)
+    run.events.image(step, "valid/mid_slice", panel)
+    run.events.flush()

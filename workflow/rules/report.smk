@@ -5,6 +5,7 @@
 
 localrules:
     cost,
+    status,
     table,
     stats,
     figure2,
@@ -153,6 +154,28 @@ rule cost:
     shell:
         "diffseg cost --results {params.results:q} --models {params.models:q}"
         " --out {output.csv:q} --markdown {output.md:q} 2> {log:q}"
+
+
+REPORT_OUTPUTS += [f"{RESULTS}/status.{e}" for e in ("csv", "md")]
+
+
+rule status:
+    # The campaign at the time of the report: every run's state, steps, best validation Dice, time.
+    input:
+        metrics_of(RUNS),
+        cfg=ancient(WORKFLOW_CONFIG),
+    output:
+        csv=report(f"{RESULTS}/status.csv", caption="../report/status.rst", category="Campaign"),
+        md=report(f"{RESULTS}/status.md", caption="../report/status.rst", category="Campaign"),
+    params:
+        results=lambda w: RESULTS,
+    log:
+        f"{RESULTS}/logs/report/status.log",
+    conda:
+        "../envs/diffseg.yaml"
+    shell:
+        "diffseg status --configfile {input.cfg:q} --results {params.results:q}"
+        " --csv {output.csv:q} --markdown {output.md:q} > {log:q} 2>&1"
 
 
 # Beyond the paper: Dice against sampling steps, uncertainty, seeds (diffseg.report.studies).
