@@ -173,3 +173,19 @@ def test_diffseg_status_answers_fast_and_never_loads_jax(tmp_path):
     assert jax_loaded == "False"
     assert "not started" in out
     assert float(seconds) < 2.0, out
+
+
+def test_watch_refreshes_until_ctrl_c(tmp_path):
+    import signal
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**DEMO, "results": str(tmp_path)}))
+    cmd = [sys.executable, "-m", "diffseg.cli", "status", "--configfile", str(path), "--watch", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    lines = []
+    while sum("not started (of" in line for line in lines) < 2 and time.time() < deadline:
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert sum("not started (of" in line for line in lines) >= 2  # printed again, unchanged

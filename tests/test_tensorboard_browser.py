@@ -99,6 +99,33 @@ def test_tensorboard_serves_every_run_with_one_curve_each(board):
     np.testing.assert_allclose([p[2] for p in resumed], [p[2] for p in whole], rtol=1e-5)  # resumed exactly
 
 
+def _served_pictures(board: str, run: str) -> dict[int, np.ndarray]:
+    """``{step: (H, W, 3) uint8}`` of the run's ``valid/mid_slice`` as TensorBoard serves them."""
+    import io
+
+    from PIL import Image
+
+    listed = _get(f"{board}/data/plugin/images/images?run={quote(run)}&tag=valid/mid_slice&sample=0")
+    out = {}
+    for entry in listed:
+        with urllib.request.urlopen(f"{board}/data/plugin/images/individualImage?{entry['query']}") as r:
+            out[entry["step"]] = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+    return out
+
+
+def test_tensorboard_serves_the_validation_pictures(board, toy_data):  # noqa: F811
+    from diffseg.data import load_dataset
+    from diffseg.train.tensorboard import mid_slice_panel
+
+    whole, resumed = (_served_pictures(board, f"toy/{r}") for r in ("3d-diff", "3d-diff-resumed"))
+    assert sorted(whole) == sorted(resumed) == [3, 6]
+    image, label = (a[0] for a in load_dataset(toy_data).split("valid")[1:])
+    assert whole[6].shape == mid_slice_panel(image, label, label, 3).shape
+    gray = whole[6][:, : whole[6].shape[1] // 3 - 4]  # the left panel: the image, no class colour
+    assert (gray.max(axis=-1) == gray.min(axis=-1)).all()
+    np.testing.assert_array_equal(resumed[6], whole[6])  # resumed exactly: the same prediction
+
+
 def _browser() -> str | None:
     return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
 
@@ -119,11 +146,11 @@ def test_the_page_in_headless_chromium_shows_the_curves_and_the_validation_image
         pytest.skip("no Chromium here (apt-get install chromium); the HTTP checks above still ran")
     from PIL import Image
 
+    # The page as rendered (the image dashboard draws inside shadow DOM, which a dump leaves out:
+    # the picture is checked through TensorBoard's HTTP data above and seen in the screenshot).
     curves_dom = _chromium(browser, f"{board}/#timeseries", tmp_path, "--dump-dom")
     for text in ("toy/3d-diff", "toy/3d-diff-resumed", "toy/3d-seg", "train/loss", "train/steps_per_s"):
         assert text in curves_dom, text
-    images_dom = _chromium(browser, f"{board}/#images", tmp_path, "--dump-dom")
-    assert "valid/mid_slice" in images_dom
 
     shots = {}
     for name, page in (("curves", "#timeseries"), ("images", "#images")):

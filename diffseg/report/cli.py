@@ -128,7 +128,8 @@ def _status(args: argparse.Namespace) -> int:
 
     config = load_yaml(args.configfile)
     validate_config(config, args.configfile)
-    while True:
+
+    def show() -> None:
         started = time.perf_counter()
         table = campaign_status(config, args.results)
         text = to_text(table)
@@ -140,12 +141,15 @@ def _status(args: argparse.Namespace) -> int:
             _write_csv(table, args.csv)
         if args.markdown:
             atomic_write_text(args.markdown, to_markdown(table))
-        if args.watch is None:
-            return 0
-        try:
+
+    show()
+    try:
+        while args.watch is not None:  # until Ctrl-C, which ends it as asked, not as an error
             time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+            show()
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
