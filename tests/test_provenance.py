@@ -75,6 +75,27 @@ def test_progress_is_plain_lines_off_a_terminal():
     assert "step/s ETA" in lines[0]
 
 
+def _curve(run_dir: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of a TensorBoard curve of the run, as written (a step twice would show twice)."""
+    from diffseg.train.tensorboard import read_scalars
+
+    return [step for step, _ in read_scalars(run_dir).get(tag, [])]
+
+
+def test_a_run_writes_tensorboard_curves_and_its_status(base_run):
+    from diffseg.train.tensorboard import read_image_steps, read_scalars
+
+    tags = read_scalars(base_run)
+    assert _curve(base_run) == [1, 2, 3, 4, 5, 6] and _curve(base_run, "valid/mean_dice") == [3, 6]
+    assert {"train/lr", "train/steps_per_s", "valid/dice/1_box", "valid/dice/2_ball"} <= set(tags)
+    assert read_image_steps(base_run) == {"valid/mid_slice": [3, 6]}
+    best = json.loads((base_run / "best.json").read_text())
+    assert dict(tags["valid/mean_dice"])[best["step"]] == pytest.approx(best["mean_dice"])
+    status = json.loads((base_run / "status.json").read_text())
+    assert (status["state"], status["step"], status["saved_step"], status["total"]) == ("done", 6, 6, 6)
+    assert status["run_id"] == best["run_id"] and status["accelerators"] == 0
+
+
 def test_log_and_checkpoint_interval_changes_do_not_restart(base_run, copy_of, toy_data, capfd):  # noqa: F811
     from diffseg.train import train_run
 
@@ -91,7 +112,8 @@ def test_raising_steps_continues_from_the_last_checkpoint(base_run, copy_of, toy
     from diffseg.train import train_run
 
     run_dir = copy_of(base_run)
-    train_run(run_cfg(steps=9), toy_data, run_dir)
+    train_run(run_cfg(steps=9, tensorboard=False), toy_data, run_dir)
+    assert _curve(run_dir) == [1, 2, 3, 4, 5, 6]  # train.tensorboard: false writes no more events
     log = pd.read_csv(run_dir / "train_log.csv")
     assert list(log["step"]) == list(range(1, 10))
     assert list(log["session"]) == [0] * 6 + [1] * 3  # the second process ran steps 7-9 only
@@ -136,6 +158,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(base_run, copy_of,
     log = pd.read_csv(run_dir / "train_log.csv")
     assert list(log["session"]) == [0, 0, 0, 1, 1, 1]
     assert_same_params(latest_params(run_dir)[0], latest_params(base_run)[0])
+    # Steps 4-6 were logged by the first session too: cut before they were trained again, so
+    # TensorBoard (its own reader here) has one curve, one point per step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffseg.train.tensorboard import event_files, read_image_steps
+
+    assert _curve(run_dir) == [1, 2, 3, 4, 5, 6] and len(event_files(run_dir)) == 2  # a file per session
+    assert read_image_steps(run_dir) == {"valid/mid_slice": [3, 6]}
+    board = EventAccumulator(str(run_dir))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
     _corrupt(run_dir / "checkpoints" / "3")
     _corrupt(run_dir / "checkpoints" / "6")
@@ -178,6 +211,7 @@ def test_changed_data_retrains_and_stale_predictions_are_recomputed(
     err = capfd.readouterr().err
     assert "prepared data" in err and "changed" in err and "starting over" in err
     assert list(pd.read_csv(run_dir / "train_log.csv")["session"]) == [0] * 6  # from step 0
+    assert _curve(run_dir) == [1, 2, 3, 4, 5, 6]  # the old experiment's curves were deleted
     assert best["step"] == first["step"] and best["data_fingerprint"] != first["data_fingerprint"]
 
     evaluate_run(run_dir, fixed)

@@ -1,17 +1,13 @@
-"""TensorBoard event files of a run: one curve per run through resumes and restarts, read back
-by TensorBoard's own reader; the mid-slice picture; the switch that turns them off."""
+"""TensorBoard event files: cutting a killed session's events, read back by TensorBoard's own
+reader; the mid-slice picture. What training writes through resumes and restarts is tested with
+the runs of tests/test_provenance.py, in a browser by tests/test_tensorboard_browser.py."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from numpy.testing import assert_array_equal
-from test_provenance import base_run, run_cfg  # noqa: F401 (base_run is a fixture)
-from test_train import toy_data  # noqa: F401 (a fixture)
 
 from diffseg.train.tensorboard import (
     EventLog,
@@ -99,43 +95,3 @@ def test_class_tags_keep_class_order():
     names = ["background"] + [f"c{i}" for i in range(1, 12)]
     tags = class_tags(names)
     assert tags[0] == "valid/dice/01_c1" and tags[-1] == "valid/dice/11_c11" and tags == sorted(tags)
-
-
-def test_a_resumed_run_has_one_curve_and_a_restarted_one_only_its_new_curves(base_run, toy_data, tmp_path):  # noqa: F811
-    from diffseg.train import train_run
-
-    run_dir = Path(shutil.copytree(base_run, tmp_path / "run"))
-    tags = read_scalars(run_dir)
-    assert _steps(run_dir, "train/loss") == [1, 2, 3, 4, 5, 6]
-    assert _steps(run_dir, "valid/mean_dice") == [3, 6]
-    assert {"train/lr", "train/steps_per_s", "valid/dice/1_box", "valid/dice/2_ball"} <= set(tags)
-    assert read_image_steps(run_dir) == {"valid/mid_slice": [3, 6]}
-    valid = json.loads((run_dir / "best.json").read_text())
-    assert any(v == pytest.approx(valid["mean_dice"]) for _, v in tags["valid/mean_dice"])
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "done" and status["step"] == 6 and status["saved_step"] == 6
-
-    # As if killed after logging steps 4-6 but before checkpoint 6 was written: resumed from 3.
-    shutil.rmtree(run_dir / "checkpoints" / "6")
-    train_run(run_cfg(), toy_data, run_dir)
-    assert _steps(run_dir, "train/loss") == [1, 2, 3, 4, 5, 6]
-    assert read_image_steps(run_dir) == {"valid/mid_slice": [3, 6]}
-    assert len(event_files(run_dir)) == 2  # one file per session
-    acc = _accumulated(run_dir)
-    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
-    assert json.loads((run_dir / "status.json").read_text())["session"] == 1
-
-    # Another experiment in the same folder (a hashed setting changed): the old curves go.
-    cfg = run_cfg(steps=2, checkpoint_every=2, tensorboard=True)
-    cfg["optim"]["learning_rate"] = 1e-3
-    train_run(cfg, toy_data, run_dir)
-    assert _steps(run_dir, "train/loss") == [1, 2]
-    assert _steps(run_dir, "valid/mean_dice") == [2]
-
-
-def test_tensorboard_false_writes_no_events(toy_data, tmp_path):  # noqa: F811
-    from diffseg.train import train_run
-
-    train_run(run_cfg(steps=1, checkpoint_every=1, tensorboard=False), toy_data, tmp_path / "run")
-    assert event_files(tmp_path / "run") == []
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "done"

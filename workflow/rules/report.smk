@@ -171,6 +171,8 @@ rule status:
         results=lambda w: RESULTS,
     log:
         f"{RESULTS}/logs/report/status.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/status.tsv"
     conda:
         "../envs/diffseg.yaml"
     shell:
