@@ -7,6 +7,8 @@ import sys
 
 from diffseg.accelerators.slots import add_device_arguments
 from diffseg.config import apply_overrides, complete_run_config, load_yaml, parse_overrides
+from diffseg.distributed import add_arguments as add_distributed_arguments
+from diffseg.errors import InputError
 from diffseg.runconfig import RunConfig
 
 
@@ -15,6 +17,22 @@ def _say(text: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from diffseg.distributed import fail, join
+
+    processes = join(args)  # before JAX's backend starts: one of several processes, or alone
+    if processes.count > 1:
+        _say(processes.describe())  # the job's first line: which process of how many
+    try:
+        return _train_here(args)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if processes.count > 1:  # the others stop too (a peer gone, or the same error): one line, no hang
+            fail(processes, "train", err, 2 if isinstance(err, InputError) else 1)
+        raise
+
+
+def _train_here(args: argparse.Namespace) -> int:
     import jax
 
     from diffseg.accelerators.backend import check_platform, report
@@ -66,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run folder for logs and checkpoints")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=10")
     add_device_arguments(parser)
+    add_distributed_arguments(parser)
     parser.set_defaults(func=_train)
 
     parser = subparsers.add_parser(
