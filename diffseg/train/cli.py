@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compile for this GPU card or TPU slice with its own compiler here, without it: GPUs"
         " (the gpu-plan extra) h100-80gb, h200, a100-40gb, a100-80gb, a6000, v100-16gb, or a"
         " GpuTargetConfigProto .txtpb file; TPU slices (the tpu extra) tpu-v3-8, tpu-v4-8,"
-        " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8",
+        " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8, and the pod slice tpu-v3-32 (4 hosts)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
     parser.add_argument(
