@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
-from test_provenance import assert_same_params, latest_params
+from test_provenance import latest_params
 from test_train import TINY, toy_data  # noqa: F401 (a fixture)
 
 from diffseg.config import resolve_run_config, save_run_config
@@ -31,6 +32,7 @@ from diffseg.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 4
+LR = TINY["training"]["optim"]["learning_rate"]
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -134,6 +136,20 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     return [p.wait(timeout) for p in procs]
 
 
+def assert_same_up_to_rounding(a, b, steps: int, peak_lr: float) -> None:
+    """Parameters ``a``, ``b`` from the same run trained over a different split of the arithmetic.
+
+    The all-reduce's order differs, so sums round differently: weights agree to float rounding.
+    The reference network's time layers (``.../time/...``) get a gradient that is zero but for
+    rounding (its time conditioning cancels, docs/FIDELITY.md), which AdamW's normalised update
+    turns into steps of up to the learning rate: those agree to ``steps × peak_lr``."""
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    for (path, x), y in zip(flat_a, jax.tree.leaves(b), strict=True):
+        name = jax.tree_util.keystr(path)
+        atol = 1.01 * steps * peak_lr if "'time'" in name else 1e-6
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=atol, err_msg=name)
+
+
 def _one_process_two_devices(config: Path, data: Path, out: Path) -> None:
     res = subprocess.run(_train(config, data, out), env=_env(2), cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -156,7 +172,7 @@ def test_two_processes_train_as_one_process_on_two_devices(toy_data, tmp_path): 
     assert "step 12/12" not in _err(two, 1)  # process 1 keeps quiet; process 0 speaks for the run
     _one_process_two_devices(config, toy_data, one)
     # the same update: 2 processes' all-reduce by gloo against 1 process's over 2 host devices
-    assert_same_params(latest_params(two)[0], latest_params(one)[0])
+    assert_same_up_to_rounding(latest_params(two)[0], latest_params(one)[0], STEPS, LR)
     a, b = pd.read_csv(two / "train_log.csv"), pd.read_csv(one / "train_log.csv")
     assert list(a["step"]) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
@@ -201,7 +217,7 @@ def test_a_killed_process_ends_the_run_with_one_line_and_the_rerun_resumes(toy_d
     assert list(log["step"]) == list(range(1, STEPS + 1))
     assert set(log.loc[log["step"] > saved[-1], "session"]) == {1}
     _one_process_two_devices(config, toy_data, ref)
-    assert_same_params(latest_params(run)[0], latest_params(ref)[0])
+    assert_same_up_to_rounding(latest_params(run)[0], latest_params(ref)[0], STEPS, LR)
 
 
 @pytest.mark.slow
