@@ -47,7 +47,8 @@ def _train_here(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
         print(f"diffseg train: {stop}", file=sys.stderr)
         return stop.exit_code
-    print(f"best validation mean foreground Dice {best['mean_dice']:.4f} at step {best['step']}")
+    if jax.process_index() == 0:  # one process speaks for a run of several
+        print(f"best validation mean foreground Dice {best['mean_dice']:.4f} at step {best['step']}")
     return 0
 
 
