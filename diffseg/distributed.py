@@ -170,3 +170,40 @@ def fail(processes: Processes, command: str, err: BaseException, code: int = 1) 
     )
     sys.stdout.flush()
     os._exit(code)
+
+
+class AgreedStop:
+    """The signal to stop at, the same in every process of a run: ``signum()`` after each step.
+
+    ``stop.signum`` is the signal this process received (None: none; ``diffseg.train.loop``'s
+    handler sets it). Alone, that is the answer. Several processes (SIGTERM may reach them at
+    different steps, or only one) each put theirs into a tiny all-reduce dispatched after the
+    step and read the previous step's result: every process stops after the same step, one step
+    after the first signal, and the read never waits for the step in flight.
+    """
+
+    def __init__(self, stop: Any, mesh: Any):
+        import jax
+        import jax.numpy as jnp
+
+        from diffseg.parallel import batch_sharding, replicated
+
+        self._stop, self._mesh = stop, mesh
+        self._several = jax.process_count() > 1
+        self._pending: Any = None
+        self._split = batch_sharding(mesh)
+        if self._several:  # the largest signal number received by any process (0: none)
+            self._max = jax.jit(jnp.max, out_shardings=replicated(mesh))
+
+    def signum(self) -> int | None:
+        if not self._several:
+            return self._stop.signum
+        import numpy as np
+
+        from diffseg.train.feed import process_batch
+
+        n = self._mesh.size
+        mine = np.full(n, self._stop.signum or 0, np.int32)  # (devices,): this process's vote in its rows
+        vote = self._max(process_batch(mine, mine, np.arange(n), self._split)[0])
+        previous, self._pending = self._pending, vote
+        return (int(previous) or None) if previous is not None else None

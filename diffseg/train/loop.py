@@ -12,7 +12,7 @@ one exit that closes the checkpoints, the batch feeder and the progress bar what
 
 A run of several processes (``diffseg.distributed``) runs this loop in every process over one
 mesh of all their devices; only the writer (process 0: ``_Run.writer``) writes the run's files,
-and a signal stops every process after the same step (:class:`_AgreedStop`).
+and a signal stops every process after the same step (``diffseg.distributed.AgreedStop``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 
 from diffseg.data import load_dataset
 from diffseg.data.prepare import data_fingerprint
+from diffseg.distributed import AgreedStop
 from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
@@ -48,7 +49,7 @@ from diffseg.parallel import batch_sharding, data_mesh, local_copy, place, repli
 from diffseg.progress import Progress
 from diffseg.runconfig import RunConfig, RunConfigLike
 from diffseg.runs import RunCheckpoints, abstract, build_model
-from diffseg.train.feed import BatchFeeder, process_batch
+from diffseg.train.feed import BatchFeeder
 from diffseg.train.plan import choose_micro_batch
 from diffseg.train.step import build_optimizer, init_state, make_train_step
 
@@ -119,31 +120,6 @@ class _StopOnSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-class _AgreedStop:
-    """The signal to stop at, the same in every process of a run: ``signum()`` after each step.
-
-    Alone, the signal this process received. Several processes (SIGTERM may reach them at
-    different steps, or only one) each put what they received into a tiny all-reduce dispatched
-    after the step, and read the previous step's result: every process stops after the same
-    step, one step after the first signal, and the read never waits for the step in flight.
-    """
-
-    def __init__(self, stop: _StopOnSignal, mesh: Mesh):
-        self._stop, self._mesh = stop, mesh
-        self._several = jax.process_count() > 1
-        self._pending: jax.Array | None = None
-        if self._several:  # the largest signal number received by any process (0: none)
-            self._max = jax.jit(jnp.max, out_shardings=replicated(mesh))
-
-    def signum(self) -> int | None:
-        if not self._several:
-            return self._stop.signum
-        mine = np.full(self._mesh.size, self._stop.signum or 0, np.int32)  # (devices,): this process's vote
-        vote = self._max(process_batch(mine, mine, np.arange(self._mesh.size), batch_sharding(self._mesh))[0])
-        previous, self._pending = self._pending, vote
-        return (int(previous) or None) if previous is not None else None
 
 
 def _owner(saved: dict[str, Any] | None, run_dir: Path) -> tuple[Any, Any] | None:
@@ -418,7 +394,7 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     quiet = None if run.writer else opened.enter_context(open(os.devnull, "w"))  # noqa: SIM115
     progress = Progress(total, f"train {run.cfg.run or ''}", initial=start, stream=quiet)
     opened.callback(progress.close)
-    stop = _AgreedStop(opened.enter_context(_StopOnSignal()), run.mesh)
+    stop = AgreedStop(opened.enter_context(_StopOnSignal()), run.mesh)
     for step in range(start + 1, total + 1):
         images, labels = next(batches)
         run.state, loss = step_fn(run.state, images, labels, run.key_steps)
