@@ -2,8 +2,10 @@
 
 Training uses the devices ``train.devices`` selects (:func:`training_devices`): ``auto`` takes
 the most local devices that split the batch evenly, so a batch of 8 trains on 2 of 3 GPUs
-rather than failing. Evaluation and prediction use every local device (their batches are
-rounded up to the device count). Parameters are replicated, so the device count changes only
+rather than failing. A run of several processes (``diffseg.distributed``) trains on every device
+of every process: the mesh spans them, each process holds its devices' shards (:func:`place`).
+Evaluation and prediction use every local device (their batches are rounded up to the device
+count). Parameters are replicated, so the device count changes only
 how a step's arithmetic is split: a run may continue, and be loaded, on any number of devices.
 """
 
@@ -35,6 +37,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree``'s arrays (the same values in every process) as global arrays with ``sharding``.
+
+    One process: ``jax.device_put``. Several: each process builds only its own devices' shards
+    (``device_put`` cannot reach another process's devices)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x: Any) -> jax.Array:
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """A fully replicated tree of global arrays as host arrays of this process's copy (no
+    communication), e.g. parameters for a computation on this process's devices alone."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return tree
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def _names(devices: Sequence[Any]) -> str:
     return ", ".join(f"{d.platform}:{d.id}" for d in devices)
 
@@ -58,7 +83,8 @@ def _rule(batch_size: int, micro_batch: Any) -> str:
 def training_devices(run_cfg: RunConfigLike, devices: Sequence[Any] | None = None) -> tuple[list[Any], str]:
     """The devices a run trains on, and one line saying which and, when not all, why.
 
-    ``devices``: those available (default ``jax.local_devices()``). ``train.devices``:
+    ``devices``: those available (default ``jax.devices()``: this process's, or in a run of
+    several processes every process's, all of which then train). ``train.devices``:
 
     * ``auto`` (the default; also when the key is absent, as in older runs' configs): the
       largest ``n`` of the available devices such that ``train.batch_size % n == 0`` and, when
@@ -70,6 +96,8 @@ def training_devices(run_cfg: RunConfigLike, devices: Sequence[Any] | None = Non
     ``train.devices`` (or ``train.micro_batch``), the value, the rule and the nearest valid value.
     """
     run_cfg = RunConfig.of(run_cfg)
+    if devices is None and jax.process_count() > 1:
+        return _every_process(run_cfg, jax.devices())
     available = list(devices) if devices is not None else jax.local_devices()
     train = run_cfg.train
     wanted, batch_size, micro_batch = train.devices, train.batch_size, train.micro_batch
@@ -101,3 +129,18 @@ def training_devices(run_cfg: RunConfigLike, devices: Sequence[Any] | None = Non
     nearest = " or ".join(str(n) for n in valid if abs(n - wanted) == best) if valid else None
     hint = f"nearest valid value: {nearest}" if nearest else "no count fits here"
     raise ConfigError(f"train.devices={wanted}: {problem}; {hint} (or train.devices: auto)")
+
+
+def _every_process(run_cfg: RunConfig, available: list[Any]) -> tuple[list[Any], str]:
+    """A run of several processes trains on every device of every process (each holds a part of
+    the batch, none idles): the batch must split over all of them; ``train.devices`` may only say so."""
+    train, processes, n = run_cfg.train, jax.process_count(), len(available)
+    here = jax.local_device_count()
+    where = f"the {n} devices of the run's {processes} processes ({here} per process here)"
+    if train.devices not in ("auto", n):
+        raise ConfigError(f"train.devices={train.devices!r}: a run of several processes trains on {where};"
+                          " set train.devices: auto")  # fmt: skip
+    if not _fits(n, train.batch_size, train.micro_batch):
+        raise ConfigError(f"{_rule(train.batch_size, train.micro_batch)} over {where}: choose a"
+                          f" train.batch_size that is a multiple of {n}")  # fmt: skip
+    return available, f"using {where}"

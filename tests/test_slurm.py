@@ -25,6 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -445,3 +446,75 @@ def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):
         jax.tree.leaves(load_trained(run)[1]), jax.tree.leaves(load_trained(ref)[1]), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# -- Issue 29: one run as two SLURM tasks ----------------------------------------------------
+#
+# compute.train.tasks: 2 makes the train job a job of 2 tasks (the plugin's multi-task route:
+# resources tasks and mpi, so its job step runs the rule's own `srun -n 2` instead of `srun -n1`);
+# both `diffseg train` processes join one run by JAX's SLURM detection and train it together.
+# Then the run is tested by one process (the test job), and its parameters equal a run of the
+# same config by one process with 2 host devices, here without SLURM.
+
+
+@pytest.mark.slow
+def test_a_two_task_train_job_is_one_run(cluster, tmp_path):
+    from test_distributed import assert_same_up_to_rounding
+
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["compute"]["train"] = {"threads": 1, "mem_mb": 1500, "runtime": 15, "tasks": 2}
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    env = {
+        **os.environ, **cluster.env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    run = work / "results" / "runs" / "tiny" / "3d-diff"
+    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    time.sleep(1)
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
+        "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
+        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
+        str(run.relative_to(work) / "test" / "metrics.csv"),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=work)
+    logs = "\n".join(p.read_text()[-1500:] for p in (work / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert res.returncode == 0, f"{(res.stdout + res.stderr)[-5000:]}\n--- job logs ---\n{logs[-5000:]}"
+    train_log = (work / "results" / "logs" / "train" / "tiny" / "3d-diff.log").read_text()
+    print(train_log[:600])
+    for i in range(2):  # both tasks' stderr, srun-collected into the rule's log
+        line = rf"diffseg: process {i} of 2 \(SLURM job \d+, 2 tasks\)"
+        assert re.search(line, train_log), train_log[-3000:]
+    assert "using the 2 devices of the run's 2 processes" in train_log
+    assert (run / "test" / "metrics.csv").is_file()
+
+    jobs = sacct(cluster, since, "JobID,Comment,State,AllocCPUS,NTasks")
+    print(jobs.to_string())
+    train = jobs[jobs["Comment"].map(rule_of) == "train"]
+    assert len(train) == 1 and train["State"].iloc[0] == "COMPLETED", jobs
+    assert int(train["AllocCPUS"].iloc[0]) == 2  # 2 tasks of 1 CPU (threads: 1)
+    fields = ["-o", "JobID,NTasks,State"]
+    steps = subprocess.run(["sacct", "-P", "-n", "-j", train["JobID"].iloc[0], *fields], capture_output=True,
+                           text=True, env=env, timeout=60, check=True).stdout  # fmt: skip
+    print(steps)
+    assert re.search(rf"{train['JobID'].iloc[0]}\.0\|2\|COMPLETED", steps), steps  # the srun step: 2 tasks
+
+    # The same parameters as one process on 2 host devices, here without SLURM.
+    ref = tmp_path / "ref"
+    one = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "DIFFSEG_ALLOW_CPU": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "diffseg.cli", "train", "--run-config", str(run / "config.yaml"),
+         "--data", str(work / "results/data/tiny"), "--out", str(ref)],
+        capture_output=True, text=True, env=one, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    (a, a_step), (b, b_step) = _latest_state(run), _latest_state(ref)
+    assert a_step == b_step
+    lr = max(float(v) for k, v in yaml.safe_load((run / "config.yaml").read_text())["optim"].items()
+             if k.endswith("learning_rate"))  # fmt: skip
+    assert_same_up_to_rounding(a["params"], b["params"], a_step, lr)
+    losses = [pd.read_csv(r / "train_log.csv")["loss"] for r in (run, ref)]
+    np.testing.assert_allclose(*losses, rtol=1e-5)

@@ -39,7 +39,7 @@ def _libtpu():
 @pytest.mark.parametrize(
     "name, devices, hbm_gib, megacore",
     [("tpu-v3-8", 8, 16, False), ("tpu-v4-8", 4, 32, True), ("tpu-v5p-8", 4, 95, True),
-     ("tpu-v5e-8", 8, 16, False), ("tpu-v6e-8", 8, 32, False)],
+     ("tpu-v5e-8", 8, 16, False), ("tpu-v6e-8", 8, 32, False), ("tpu-v3-32", 32, 16, False)],
 )  # fmt: skip
 def test_the_known_slices_say_their_devices_and_hbm_per_device(name, devices, hbm_gib, megacore):
     target = get_target(name)
@@ -119,6 +119,19 @@ def test_plan_for_a_v3_8_splits_the_batch_over_its_8_cores():
     assert "per device × 8 devices" in text and "state + its 1 of the step's 8 volumes" in text
     if xla["estimate_s"] is not None:  # the compiler's estimate, where it gives a positive one
         assert xla["estimate_s"] > 0 and "the compiler's estimate (not a measurement)" in text
+
+
+def test_plan_for_a_v3_32_pod_slice_splits_the_batch_over_its_4_hosts_32_cores():
+    """A pod slice: libtpu's compile-only topology spans 4 hosts (processes); the plan is per core."""
+    _libtpu()
+    target = get_target("tpu-v3-32")
+    mesh = target_mesh(target)
+    assert mesh.size == 32 and {d.process_index for d in mesh.devices.flat} == {0, 1, 2, 3}
+    facts, text = plan(_tiny(32), "toy", "3d-diff", target=target, every=False)
+    assert facts["xla"]["devices"] == 32 and facts["micro_batch"] == 1 and facts["xla"]["passes"] == 1
+    assert facts["target"]["topology"] == "v3:4x4" and facts["fits"]
+    assert "compiled for tpu-v3-32 (Cloud TPU v3-32, 4 hosts: 16 chips, 32 TensorCores" in text
+    assert "state + its 1 of the step's 32 volumes" in text
 
 
 def test_plan_for_a_v4_8_plans_4_megacore_devices():

@@ -228,6 +228,7 @@ def _tpu(
 
 # Google Cloud's published per-chip figures: HBM (GiB), peak bf16 TFLOP/s, HBM bandwidth (GB/s).
 # The 8-TensorCore slices a single TPU VM holds; v3-8 is the paper's ("16×8 GB device memory").
+# v3-32 is a pod slice of several TPU VMs (hosts).
 KNOWN_TPUS: dict[str, TpuTarget] = {
     t.name: t
     for t in (
@@ -236,6 +237,9 @@ KNOWN_TPUS: dict[str, TpuTarget] = {
         _tpu("tpu-v5p-8", "Cloud TPU v5p-8", "TPU v5", "v5p:2x2x1", 4, 2, 95, 459.0, 2765.0, megacore=True),
         _tpu("tpu-v5e-8", "Cloud TPU v5e-8 (v5 lite)", "TPU v5 lite", "v5e:2x4", 8, 1, 16, 197.0, 819.0),
         _tpu("tpu-v6e-8", "Cloud TPU v6e-8 (Trillium)", "TPU v6 lite", "v6e:2x4", 8, 1, 32, 918.0, 1640.0),
+        # A pod slice: 4 hosts of 4 chips, one program on every host (diffseg.distributed); the
+        # plan is per TensorCore, as on a v3-8, with the batch split over all 32.
+        _tpu("tpu-v3-32", "Cloud TPU v3-32, 4 hosts", "TPU v3", "v3:4x4", 16, 2, 32, 123.0, 900.0),
     )
 }  # fmt: skip
 Target = GpuTarget | TpuTarget
@@ -244,7 +248,7 @@ KNOWN_TARGETS: Mapping[str, Target] = {**KNOWN_GPUS, **KNOWN_TPUS}
 
 def get_target(name_or_path: str | Path) -> Target:
     """A known card or slice by name (``KNOWN_TARGETS``: h100-80gb, h200, a100-40gb, a100-80gb,
-    a6000, v100-16gb; tpu-v3-8, tpu-v4-8, tpu-v5p-8, tpu-v5e-8, tpu-v6e-8) or a user's GPU spec
+    a6000, v100-16gb; tpu-v3-8, tpu-v4-8, tpu-v5p-8, tpu-v5e-8, tpu-v6e-8, tpu-v3-32) or a user's GPU spec
     file (a path ending in ``.txtpb``/``.textproto``/``.pbtxt``, or any existing file)."""
     key = str(name_or_path)
     if key.lower() in KNOWN_TARGETS:

@@ -11,6 +11,11 @@ Checkpoints load onto whatever devices the loading process has: every restored a
 a sharding on the current devices (replicated over all local ones unless the caller says
 otherwise), so orbax never tries the sharding it was saved with (a run trained on 8 GPUs loads
 on a laptop's CPU, and a run resumes on a different number of devices).
+
+In a run of several processes every process opens the same folders (a shared file system) and
+takes part in each save and restore (orbax's multi-process checkpointing: each writes its shards,
+process 0 the metadata and the logs); what diffseg deletes itself, process 0 deletes while the
+others wait (:func:`_on_primary`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,16 @@ from jax.sharding import Sharding
 from diffseg.errors import DataError, disk_full_cause
 from diffseg.io import check_free_space, disk_full, remove_temporaries
 from diffseg.parallel import data_mesh, replicated
+
+
+def _on_primary(what: str, action: Any) -> None:
+    """``action()`` in process 0 only, the other processes waiting for it (one process: just ``action()``)."""
+    if jax.process_index() == 0:
+        action()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"diffseg checkpoints: {what}")
 
 
 def _manager(directory: Path, read_only: bool = False) -> ocp.CheckpointManager:
@@ -48,16 +63,15 @@ class RunCheckpoints:
         self._open()
 
     def _open(self) -> None:
-        for folder in self.dirs.values():  # before orbax lists the steps
-            remove_temporaries(folder)
+        # before orbax lists the steps
+        _on_primary("temporaries", lambda: [remove_temporaries(f) for f in self.dirs.values()])
         self.latest = _manager(self.dirs["latest"])
         self.best = _manager(self.dirs["best"])
 
     def start_over(self) -> None:
         """Delete every saved state and best parameters: the run trains again from step 0."""
         self.close()
-        for folder in self.dirs.values():
-            shutil.rmtree(folder, ignore_errors=True)
+        _on_primary("start over", lambda: [shutil.rmtree(f, ignore_errors=True) for f in self.dirs.values()])
         self._open()
 
     def latest_step(self) -> int | None:
@@ -82,7 +96,8 @@ class RunCheckpoints:
         except Exception as err:
             if disk_full_cause(err) is None:
                 raise
-            remove_temporaries(folder)
+            if jax.process_index() == 0:  # no barrier: a peer may have failed otherwise
+                remove_temporaries(folder)
             raise disk_full(folder, f"saving the {which} checkpoint of step {step}", needed, keep) from err
 
     def save(self, step: int, state: Any, logs: dict[str, Any]) -> None:
@@ -143,16 +158,17 @@ class RunCheckpoints:
         )
 
     def _drop_latest_after(self, step: int) -> None:
-        for later in [s for s in self.latest.all_steps() if s > step]:
-            shutil.rmtree(self.dirs["latest"] / str(later), ignore_errors=True)
+        later = [s for s in self.latest.all_steps() if s > step]
+        folder = self.dirs["latest"]
+        _on_primary("drop later", lambda: [shutil.rmtree(folder / str(s), ignore_errors=True) for s in later])
         self.latest.close()
         self.latest = _manager(self.dirs["latest"])
 
     def drop_best_after(self, step: int) -> None:
         """Forget best parameters saved after ``step`` (a kill between the best and the state save)."""
         later = [s for s in self.best.all_steps() if s > step]
-        for s in later:
-            shutil.rmtree(self.dirs["best"] / str(s), ignore_errors=True)
+        folder = self.dirs["best"]
+        _on_primary("drop best", lambda: [shutil.rmtree(folder / str(s), ignore_errors=True) for s in later])
         if later:
             self.best.close()
             self.best = _manager(self.dirs["best"])
@@ -160,7 +176,7 @@ class RunCheckpoints:
     def save_best(self, step: int, params: Any) -> None:
         """Keep ``params`` as the run's best (the previous best stays as the fallback)."""
         if step in self.best.all_steps():  # written before a kill, now recomputed: replace it
-            shutil.rmtree(self.dirs["best"] / str(step))
+            _on_primary("replace best", lambda: shutil.rmtree(self.dirs["best"] / str(step)))
             self.best.close()
             self.best = _manager(self.dirs["best"])
 

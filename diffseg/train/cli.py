@@ -7,6 +7,8 @@ import sys
 
 from diffseg.accelerators.slots import add_device_arguments
 from diffseg.config import apply_overrides, complete_run_config, load_yaml, parse_overrides
+from diffseg.distributed import add_arguments as add_distributed_arguments
+from diffseg.errors import InputError
 from diffseg.runconfig import RunConfig
 
 
@@ -15,6 +17,22 @@ def _say(text: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from diffseg.distributed import fail, join
+
+    processes = join(args)  # before JAX's backend starts: one of several processes, or alone
+    if processes.count > 1:
+        _say(processes.describe())  # the job's first line: which process of how many
+    try:
+        return _train_here(args)
+    except SystemExit:
+        raise
+    except Exception as err:
+        if processes.count > 1:  # the others stop too (a peer gone, or the same error): one line, no hang
+            fail(processes, "train", err, 2 if isinstance(err, InputError) else 1)
+        raise
+
+
+def _train_here(args: argparse.Namespace) -> int:
     import jax
 
     from diffseg.accelerators.backend import check_platform, report
@@ -29,7 +47,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as stop:  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
         print(f"diffseg train: {stop}", file=sys.stderr)
         return stop.exit_code
-    print(f"best validation mean foreground Dice {best['mean_dice']:.4f} at step {best['step']}")
+    if jax.process_index() == 0:  # one process speaks for a run of several
+        print(f"best validation mean foreground Dice {best['mean_dice']:.4f} at step {best['step']}")
     return 0
 
 
@@ -66,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run folder for logs and checkpoints")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=10")
     add_device_arguments(parser)
+    add_distributed_arguments(parser)
     parser.set_defaults(func=_train)
 
     parser = subparsers.add_parser(
@@ -83,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compile for this GPU card or TPU slice with its own compiler here, without it: GPUs"
         " (the gpu-plan extra) h100-80gb, h200, a100-40gb, a100-80gb, a6000, v100-16gb, or a"
         " GpuTargetConfigProto .txtpb file; TPU slices (the tpu extra) tpu-v3-8, tpu-v4-8,"
-        " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8",
+        " tpu-v5p-8, tpu-v5e-8, tpu-v6e-8, and the pod slice tpu-v3-32 (4 hosts)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip XLA's compilation (fast)")
     parser.add_argument(

@@ -9,6 +9,9 @@ It gathers them (``images[idx]``: only those volumes are read from a memory map)
 ``device_put``\\ s them with the batch sharding, one step ahead in a background thread, so the
 host's reading and the transfer overlap the device's previous step.
 
+In a run of several processes (``diffseg.distributed``) every process draws the same global
+indices and gathers only the volumes of its own devices' shards (:func:`process_batch`).
+
 Shapes: ``images (N, X, Y, Z)`` float32, ``labels (N, X, Y, Z)`` uint8 on the host; each batch is
 ``(B, X, Y, Z)`` of the same dtypes on the devices, split along B.
 """
@@ -58,6 +61,21 @@ def gather(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> tuple[n
     return np.ascontiguousarray(images[index]), np.ascontiguousarray(labels[index])
 
 
+def process_batch(
+    images: np.ndarray, labels: np.ndarray, index: np.ndarray, sharding: Sharding
+) -> tuple[Any, Any]:
+    """The global batch ``images[index]``, ``labels[index]`` ``(B, ...)`` with ``sharding``, of which
+    this process reads and sends only the rows of its own devices' shards."""
+    arrays: tuple[list[Any], list[Any]] = ([], [])
+    for device, where in sharding.addressable_devices_indices_map((len(index), *images.shape[1:])).items():
+        for out, part in zip(arrays, gather(images, labels, index[where[0]]), strict=True):
+            out.append(jax.device_put(part, device))
+    return tuple(
+        jax.make_array_from_single_device_arrays((len(index), *source.shape[1:]), sharding, parts)
+        for source, parts in zip((images, labels), arrays, strict=True)
+    )
+
+
 class BatchFeeder:
     """Iterate ``(images, labels)`` device arrays ``(B, X, Y, Z)`` for steps ``first..last-1`` (0-based).
 
@@ -92,6 +110,8 @@ class BatchFeeder:
     def batch(self, step: int) -> tuple[Any, Any]:
         """Step ``step``'s batch on the devices (synchronously; the thread uses this too)."""
         index = batch_indices(self.seed, step, self.batch_size, len(self.images), self.sampling)
+        if self.sharding is not None and not self.sharding.is_fully_addressable:  # one of several processes
+            return process_batch(self.images, self.labels, index, self.sharding)
         image, label = gather(self.images, self.labels, index)
         if self.sharding is None:
             return jax.device_put(image), jax.device_put(label)

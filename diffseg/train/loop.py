@@ -11,11 +11,16 @@ it ends with the same parameters as an uninterrupted run.
 :func:`train_run` reads as its three steps: :func:`_resume_or_start` (the folder's checkpoints
 resumed, or a fresh state), :func:`_step_loop` (train, log, and :func:`_validate_and_save`), and
 one exit that closes the checkpoints, the batch feeder and the progress bar whatever ends the run.
+
+A run of several processes (``diffseg.distributed``) runs this loop in every process over one
+mesh of all their devices; only the writer (process 0: ``_Run.writer``) writes the run's files,
+and a signal stops every process after the same step (``diffseg.distributed.AgreedStop``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -36,11 +41,12 @@ from jax.sharding import Mesh
 
 from diffseg.data import load_dataset
 from diffseg.data.prepare import data_fingerprint
+from diffseg.distributed import AgreedStop
 from diffseg.errors import ConfigError
 from diffseg.evaluate.inference import Segmenter
 from diffseg.evaluate.metrics import dice
 from diffseg.io import atomic_write_json, atomic_write_text, remove_temporaries
-from diffseg.parallel import batch_sharding, data_mesh, replicated, training_devices
+from diffseg.parallel import batch_sharding, data_mesh, local_copy, place, replicated, training_devices
 from diffseg.progress import Progress
 from diffseg.runconfig import RunConfig, RunConfigLike, config_hash
 from diffseg.runs import RunCheckpoints, abstract, build_model
@@ -193,7 +199,7 @@ def train_run(run_cfg: RunConfigLike, data_dir: str | Path, run_dir: str | Path)
         run = _resume_or_start(run_cfg, data_dir, run_dir, (devices, device_note), beat, opened)
         start = int(run.state["step"])
         _step_loop(run, opened)
-    if start == total:  # already complete: the outputs Snakemake may have removed, from the logs
+    if start == total and run.writer:  # already complete: the outputs Snakemake may have removed
         _write_outputs(run_dir, run.logs)
     return run.logs["best"]
 
@@ -252,6 +258,7 @@ class _Run:
     events: EventLog  # TensorBoard
     beat: Heartbeat  # status.json
     saved_step: int | None = None
+    writer: bool = True  # writes the run's files: the only process, or process 0 of several
 
     @property
     def total(self) -> int:
@@ -275,26 +282,29 @@ def _resume_or_start(
     fingerprint = data_fingerprint(data_dir)
     identity = {"dataset": run_cfg.dataset, "run": run_cfg.run}
     chash = config_hash(run_cfg)
-    remove_temporaries(run_dir)  # atomic writers' temporaries left by a killed job
+    writer = jax.process_index() == 0
+    if writer:
+        remove_temporaries(run_dir)  # atomic writers' temporaries left by a killed job
     checkpoints = RunCheckpoints(run_dir)  # removes orbax's temporaries
     opened.callback(checkpoints.close)
     saved, restart_reason = _resume_decision(checkpoints, run_cfg, run_dir, data_dir, chash, fingerprint)
     num_classes = int(dataset.info["num_classes"])
     train_data, valid_data = dataset.split("train")[1:], dataset.split("valid")[1:]
-    _write_run_files(run_dir, run_cfg, dataset.info, fingerprint)
+    if writer:
+        _write_run_files(run_dir, run_cfg, dataset.info, fingerprint)
 
     model = build_model(run_cfg, num_classes)
     tx, schedule = build_optimizer(run_cfg)
     devices, device_note = devices_and_note  # and the line saying which
-    print(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
-    writer = jax.process_index() == 0  # one process writes a multi-process run's files
+    say = print if writer else lambda *a, **k: None  # noqa: E731 (one process speaks for the run)
+    say(f"{run_dir}: {device_note}", file=sys.stderr, flush=True)
     mesh = data_mesh(devices)
     copies = replicated(mesh)
     key_init, key_steps, key_valid = jax.random.split(jax.random.key(run_cfg.train.seed), 3)
-    state = jax.device_put(init_state(model, tx, dataset.shape, key_init, dataset.channels), copies)
+    state = place(init_state(model, tx, dataset.shape, key_init, dataset.channels), copies)
     logs = _fresh_logs(chash, fingerprint, identity)
     if restart_reason is not None:  # its own run, another experiment: the old checkpoints are obsolete
-        print(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
+        say(f"{run_dir}: {restart_reason}; starting over from step 0", file=sys.stderr, flush=True)
         checkpoints.start_over()
         if writer:
             remove_events(run_dir)  # its old curves are another experiment's
@@ -302,7 +312,7 @@ def _resume_or_start(
         # Onto this job's devices, whichever the state was saved from (train.devices may differ).
         state, saved_logs = checkpoints.restore(abstract(state), copies)
         logs = {**logs, **saved_logs, "session": int(saved_logs.get("session", 0)) + 1}
-        print(
+        say(
             f"resuming {run_dir} from step {int(state['step'])} of {run_cfg.train.steps}"
             f" (session {logs['session']})",
             file=sys.stderr,
@@ -316,7 +326,7 @@ def _resume_or_start(
         cfg=run_cfg, run_dir=run_dir, checkpoints=checkpoints, state=state, logs=logs, model=model, tx=tx,
         schedule=schedule, mesh=mesh, num_classes=num_classes, shape=dataset.shape, train_data=train_data,
         valid_data=valid_data, key_steps=key_steps, key_valid=key_valid, class_names=dataset.class_names,
-        events=events, beat=beat,
+        events=events, beat=beat, writer=writer,
     )  # fmt: skip
 
 
@@ -407,7 +417,7 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     train_cfg, total = run.cfg.train, run.total
     # The data stay on the host; each step's volumes are sent ahead of the step (train/feed.py).
     choice = choose_micro_batch(run.model, run.tx, run.cfg, run.num_classes, run.mesh, run.shape)
-    if choice.how == "auto":
+    if choice.how == "auto" and run.writer:
         print(f"{run.run_dir}: {choice.describe()}", file=sys.stderr, flush=True)
     step_fn = make_train_step(choice.model, run.tx, run.cfg, run.num_classes, run.mesh, choice.micro_batch)
     start = int(run.state["step"])
@@ -417,30 +427,33 @@ def _step_loop(run: _Run, opened: contextlib.ExitStack) -> None:
     )  # fmt: skip
     opened.callback(feeder.close)
     batches = iter(feeder)
-    segmenter = Segmenter(run.model, run.state["params"], run.cfg)  # compiled once, reused at each validation
+    # Compiled once, reused at each validation. Every process validates its own copy of the
+    # parameters on its own devices: the same score everywhere; process 0 writes it.
+    segmenter = Segmenter(run.model, local_copy(run.state["params"]), run.cfg)
     log_every, every = max(1, train_cfg.log_every), train_cfg.checkpoint_every
     now = time.perf_counter()
     clock = _Clock(now, float(run.logs["seconds"]), now, start, int(run.state["skipped"]))
     run.saved_step = start or None
-    progress = Progress(total, f"train {run.cfg.run or ''}", initial=start)
+    quiet = None if run.writer else opened.enter_context(open(os.devnull, "w"))  # noqa: SIM115
+    progress = Progress(total, f"train {run.cfg.run or ''}", initial=start, stream=quiet)
     opened.callback(progress.close)
     run.beat.update(
         step=start, saved_step=run.saved_step, session=run.logs["session"], seconds=clock.seconds_before,
         config_hash=run.logs["config_hash"], data_fingerprint=run.logs["data_fingerprint"],
         run_id=run.logs["run_id"], best=run.logs["best"], log_every=log_every,
     )  # fmt: skip
-    stop = opened.enter_context(_StopOnSignal())
+    stop = AgreedStop(opened.enter_context(_StopOnSignal()), run.mesh)
     for step in range(start + 1, total + 1):
         images, labels = next(batches)
         run.state, loss = step_fn(run.state, images, labels, run.key_steps)
         progress.update(1)
         if step % log_every == 0 or step == total:
             _log_step(run, clock, progress, step, loss)
-        due, interrupted = step % every == 0 or step == total, stop.signum is not None  # read once
-        if due or interrupted:
+        due, signum = step % every == 0 or step == total, stop.signum()  # read once
+        if due or signum:
             _validate_and_save(run, clock, progress, segmenter, step, validate_now=due)
-        if interrupted:
-            raise TrainingInterrupted(int(stop.signum), step, run.run_dir)
+        if signum:
+            raise TrainingInterrupted(signum, step, run.run_dir)
 
 
 def _log_step(run: _Run, clock: _Clock, progress: Progress, step: int, loss: jax.Array) -> None:
@@ -475,7 +488,7 @@ def _validate_and_save(
     kept) and rewrite the run's CSV/JSON outputs. A non-finite state is never saved."""
     _check_finite(run.state, run.run_dir, step, run.saved_step)
     if validate_now:
-        segmenter.params = run.state["params"]
+        segmenter.params = local_copy(run.state["params"])
         valid_images, valid_labels = run.valid_data
         key = jax.random.fold_in(run.key_valid, step)
         scores, first = validate(segmenter, valid_images, valid_labels, run.num_classes, key)
@@ -497,7 +510,8 @@ def _validate_and_save(
     run.logs["step"] = step
     run.checkpoints.save(step, run.state, run.logs)
     run.saved_step = step
-    _write_outputs(run.run_dir, run.logs)
+    if run.writer:
+        _write_outputs(run.run_dir, run.logs)
     run.beat.update(step=step, saved_step=step, seconds=run.logs["seconds"], best=run.logs["best"])
 
 

@@ -1,5 +1,6 @@
 # Shared helpers: the run matrix (from tables: + experiments:), paths and resources.
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,7 @@ def metrics_of(pairs):
 
 COMPUTE_DEFAULTS = {
     "threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0, "gpu_model": "", "slurm_extra": "", "tpu": 0,
+    "tasks": 1, "nodes": 0,
 }  # fmt: skip
 
 
@@ -69,6 +71,50 @@ def compute(stage, key):
 # TPU chips of this machine (0 off a TPU VM, e.g. a GPU box or a cluster's login node): what a job
 # of `tpu: all` holds here.
 TPU_HOST_CHIPS = len(tpu_pool())
+
+
+def tasks(stage):
+    """Processes of one job of the stage (compute.{stage}.tasks): several only for training, one run
+    over several processes on JAX's distributed runtime (diffseg.distributed), launched by srun."""
+    n = int(compute(stage, "tasks"))
+    if n > 1 and stage != "train":
+        raise ConfigError(f"compute.{stage}.tasks: {n}: only training runs as several processes")
+    if n > 1 and not shutil.which("srun"):
+        raise ConfigError(f"compute.{stage}.tasks: {n} needs SLURM (srun): --profile profiles/slurm")
+    if n > 1 and int(compute(stage, "gpu")) > 1:
+        raise ConfigError(
+            f"compute.{stage}: tasks: {n} with gpu: {compute(stage, 'gpu')}: a run of several processes"
+            " takes one GPU per process (gpu: 1, tasks: the GPUs of the job)"
+        )
+    return n
+
+
+def launcher(stage):
+    """What starts the stage's command: srun's tasks for a job of several (--kill-on-bad-exit: one
+    task failing ends the others at once), else nothing (the plugin's own srun -n1 runs the job)."""
+    n = tasks(stage)
+    return f"srun -n {n} --kill-on-bad-exit=1 " if n > 1 else ""
+
+
+def task_resources(stage):
+    """The SLURM plugin's resources of a job of several tasks: `tasks` (sbatch --ntasks), `mpi` (the
+    plugin then runs the rule's own srun instead of its srun -n1), `nodes` (--nodes; 0: SLURM's
+    choice) and, with a GPU per task, `tasks_per_gpu: 1` (else the plugin asks --ntasks-per-gpu=tasks).
+    None for one task: the job is submitted as before."""
+    n = tasks(stage)
+    if n <= 1:
+        return {}
+    res = {"tasks": n, "mpi": "srun"}
+    if int(compute(stage, "nodes")):
+        res["nodes"] = int(compute(stage, "nodes"))
+    if int(compute(stage, "gpu")):
+        res["tasks_per_gpu"] = 1
+    return res
+
+
+def job_gpus(stage):
+    """GPUs of one job of the stage: compute.{stage}.gpu, per process when it has several tasks."""
+    return int(compute(stage, "gpu")) * tasks(stage)
 
 
 def tpu_chips(stage):

@@ -29,6 +29,8 @@ rule train:
     params:
         data=lambda w: f"{RESULTS}/data/{w.dataset}",
         out=lambda w: run_dir(w.dataset, w.run),
+        # compute.train.tasks > 1: srun starts one process per task, which join one run
+        launch=launcher("train"),
     log:
         f"{RESULTS}/logs/train/{{dataset}}/{{run}}.log",
     benchmark:
@@ -38,13 +40,14 @@ rule train:
         mem_mb=compute("train", "mem_mb"),
         runtime=compute("train", "runtime"),
         cpus_per_task=compute("train", "threads"),
-        gpu=compute("train", "gpu"),
+        gpu=job_gpus("train"),
         gpu_model=compute("train", "gpu_model"),
         slurm_extra=compute("train", "slurm_extra"),
         tpu=tpu_chips("train"),
         tpus=compute("train", "tpu"),
+        **task_resources("train"),
     conda:
         conda_env("train")
     shell:
-        "diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q}"
+        "{params.launch}diffseg train --run-config {input.cfg:q} --data {params.data:q} --out {params.out:q}"
         " --gpus {resources.gpu} --tpus {resources.tpus} 2> {log:q}"
