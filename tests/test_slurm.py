@@ -106,24 +106,30 @@ def rule_of(comment: str) -> str:
     return comment.removeprefix("rule_").split("_wildcards_")[0]
 
 
-@pytest.mark.slow
-def test_tiny_workflow_on_slurm(cluster, tmp_path):
+def _slurm_workflow(cluster, tmp_path: Path, cfg: dict) -> tuple[Path, dict, str, list[str]]:
+    """``(work folder, env, sacct's --starttime, snakemake's command without targets)`` for running
+    the workflow with ``cfg`` through the SLURM profile on ``cluster``."""
     work = tmp_path / "w"
     work.mkdir()
-    cfg = work / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {
         **os.environ, **cluster.env,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }  # fmt: skip
     since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
-    time.sleep(1)
+    time.sleep(1)  # sacct's start time has a resolution of a second
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
         "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
-        "--configfile", str(cfg), "--latency-wait", "10",
+        "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
     ]  # fmt: skip
+    return work, env, since, cmd
+
+
+@pytest.mark.slow
+def test_tiny_workflow_on_slurm(cluster, tmp_path):
+    work, env, since, cmd = _slurm_workflow(cluster, tmp_path, TINY)
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=work)
     elapsed = time.monotonic() - t0
@@ -341,24 +347,10 @@ def test_preempted_training_resumes_to_the_same_parameters(cluster, tmp_path):
     cfg["training"]["train"].update(
         {"steps": PREEMPT_STEPS, "checkpoint_every": PREEMPT_EVERY, "log_every": 5}
     )
-    work = tmp_path / "w"
-    work.mkdir()
-    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    env = {
-        **os.environ, **cluster.env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
+    work, env, since, snakemake = _slurm_workflow(cluster, tmp_path, cfg)
     run = work / "results" / "runs" / "tiny" / "3d-diff"
     train_log = work / "results" / "logs" / "train" / "tiny" / "3d-diff.log"
-    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
-    time.sleep(1)
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-        "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
-        "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
-        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
-        str(run.relative_to(work) / "best.json"),
-    ]  # fmt: skip
+    cmd = [*snakemake, str(run.relative_to(work) / "best.json")]
     t0 = time.monotonic()
     out_file = tmp_path / "snakemake.out"
     with out_file.open("w") as out_fh:
@@ -463,23 +455,9 @@ def test_a_two_task_train_job_is_one_run(cluster, tmp_path):
 
     cfg = yaml.safe_load(yaml.safe_dump(TINY))
     cfg["compute"]["train"] = {"threads": 1, "mem_mb": 1500, "runtime": 15, "tasks": 2}
-    work = tmp_path / "w"
-    work.mkdir()
-    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    env = {
-        **os.environ, **cluster.env,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
+    work, env, since, snakemake = _slurm_workflow(cluster, tmp_path, cfg)
     run = work / "results" / "runs" / "tiny" / "3d-diff"
-    since = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
-    time.sleep(1)
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
-        "--profile", str(ROOT / "profiles/slurm"), "--directory", str(work),
-        "--configfile", str(work / "tiny.yaml"), "--latency-wait", "10",
-        "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2",
-        str(run.relative_to(work) / "test" / "metrics.csv"),
-    ]  # fmt: skip
+    cmd = [*snakemake, str(run.relative_to(work) / "test" / "metrics.csv")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env, cwd=work)
     logs = "\n".join(p.read_text()[-1500:] for p in (work / ".snakemake" / "slurm_logs").rglob("*.log"))
     assert res.returncode == 0, f"{(res.stdout + res.stderr)[-5000:]}\n--- job logs ---\n{logs[-5000:]}"

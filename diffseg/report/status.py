@@ -17,8 +17,8 @@ A run's ``state``:
 * ``stale``: trained for another config or other data than the config now gives (what the
   workflow would retrain), whatever it is doing.
 
-``s/step`` is the last logging window's (validation not counted) and ``ETA`` is the steps left at
-that speed. ``time`` is the training wall time of all the run's sessions; ``accel_h`` that time ×
+``s/step`` is the last logging window's (validation not counted; for runs trained before
+``status.json`` existed, their mean over the run) and ``ETA`` is the steps left at that speed. ``time`` is the training wall time of all the run's sessions; ``accel_h`` that time ×
 its accelerator devices (GPUs or TPU devices; 0 on a CPU). ``test_dice`` is the mean over the
 test cases of the mean foreground Dice (``test_hd95`` likewise, in mm), as the tables average
 them; blank when the test was of an earlier training of the run.
@@ -38,6 +38,7 @@ import pandas as pd
 from diffseg.config import resolve_run_config
 from diffseg.errors import DataError
 from diffseg.matrix import runs_needed
+from diffseg.report.cost import training_seconds
 from diffseg.report.tables import per_case, read_metrics
 from diffseg.runconfig import config_hash
 from diffseg.runs import heartbeat
@@ -55,19 +56,6 @@ def _json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _train_log(path: Path) -> dict[str, Any]:
-    """Last step, that row's s/step, and the wall seconds of every session summed."""
-    try:
-        log = pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return {}
-    if log.empty or not {"step", "seconds"} <= set(log.columns):
-        return {}
-    sessions = log.groupby("session")["seconds"].max() if "session" in log.columns else log["seconds"].tail(1)
-    rate = float(log["steps_per_s"].iloc[-1]) if "steps_per_s" in log.columns else np.nan
-    return {"step": int(log["step"].iloc[-1]), "seconds": float(sessions.sum()), "s_per_step": 1 / rate}
 
 
 def _test_metrics(run_dir: Path, best: dict[str, Any] | None) -> tuple[float, float, str]:
@@ -123,7 +111,8 @@ def run_status(
     beat, best = heartbeat.read(run_dir), _json(run_dir / "best.json")
     # Snakemake deletes a failed job's outputs (best.json among them); the heartbeat keeps the best.
     best = best or (beat or {}).get("best")
-    log = _train_log(run_dir / "train_log.csv")
+    # A run's own account of its time (each session's last `seconds`, summed), as the cost table's.
+    log_seconds, log_step, sessions = training_seconds(run_dir / "train_log.csv")
     trained = beat if beat is not None and beat.get("config_hash") else best or {}
     stale = ""
     if trained.get("config_hash") and trained["config_hash"] != expected_hash:
@@ -131,10 +120,11 @@ def run_status(
     elif fingerprint and trained.get("data_fingerprint") and trained["data_fingerprint"] != fingerprint:
         stale = "its data changed"
     beat_step = beat.get("step") if beat is not None else None
-    step = beat_step if beat_step is not None else log.get("step")
+    step = beat_step if beat_step is not None else (log_step if sessions else None)
     state, note = _state(beat, step, total, stale, now)
-    s_per_step = (beat or {}).get("s_per_step") or log.get("s_per_step", np.nan)
-    seconds = (beat or {}).get("seconds") or log.get("seconds", np.nan)
+    seconds = (beat or {}).get("seconds") or log_seconds
+    # Runs trained before status.json: their mean over the run (validation included).
+    s_per_step = (beat or {}).get("s_per_step") or (log_seconds / log_step if log_step else np.nan)
     test, hd95, test_note = _test_metrics(run_dir, best)
     best = best or {}
     return {
