@@ -18,10 +18,11 @@ A run's ``state``:
   workflow would retrain), whatever it is doing.
 
 ``s/step`` is the last logging window's (validation not counted; for runs trained before
-``status.json`` existed, their mean over the run) and ``ETA`` is the steps left at that speed. ``time`` is the training wall time of all the run's sessions; ``accel_h`` that time ×
-its accelerator devices (GPUs or TPU devices; 0 on a CPU). ``test_dice`` is the mean over the
-test cases of the mean foreground Dice (``test_hd95`` likewise, in mm), as the tables average
-them; blank when the test was of an earlier training of the run.
+``status.json`` existed, their mean over the run) and ``ETA`` is the steps left at that speed.
+``time`` is the training wall time of all the run's sessions; ``accel_h`` that time × its
+accelerator devices (GPUs or TPU devices; 0 on a CPU). ``test_dice`` is the mean over the test
+cases of the mean foreground Dice (``test_hd95`` likewise, in mm), as the tables average them;
+blank when the test was of an earlier training of the run.
 """
 
 from __future__ import annotations
